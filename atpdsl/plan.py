@@ -45,6 +45,7 @@ class ModelRef:
     device: str = "cpu"
     attention: str = "eager"
     where: SourceRef | None = None
+    trust_remote_code: bool = False  # only ever True from the CLI flag --trust-remote-code
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,56 @@
+"""The engine: runs a Plan on a model through nnsight and returns a RunResult.
+
+Structure (torch and nnsight are imported lazily, on the first `execute`):
+
+- `load.py`     ModelRef -> `Loaded`: transformers model (eager attention, eval, frozen parameters) wrapped
+                in `nnsight.TransformersModel`, its tokenizer, config, `arch.Arch` and `arch.Geometry`.
+- `data.py`     pairs -> token ids (equal lengths, or aligned through template slots), answer tokens,
+                metric positions; left-padded `Batch`es with attention mask and mask-derived position ids.
+- `nodes.py`    the plan's node groups -> `NodeTable`: every node, grouped per site into `Block`s (one kind,
+                its units, summed or per position). Per-node work is vectorized per block.
+- `trace.py`    `run_trace`: THE one generic nnsight trace. Driven by data: `TraceSite`s (module path,
+                input/output, optional `.source` ops and tuple element) read in forward order, optional patch
+                functions per site, a metric on the logits, and `Backward` blocks (`with metric.backward()`),
+                each reading gradients in reverse order and optionally zeroing some (GradDrop).
+- `context.py`  `Context` (one run's shared state), `align` (corrupt values onto clean positions),
+                `Accumulator` (streaming per-node sums over batches).
+- `atp.py`      AtP per batch: corrupt trace (no grad) + clean trace with one backward, then
+                `atp_estimates` = sum over a node's columns of (corrupt - clean) * grad.
+- `exact.py`    exact activation patching: K patched copies of the clean batch per forward (`method exact`,
+                `verify top K`).
+- `run.py`      `execute(plan)`: the above in order, ranking, verification, timings, provenance.
+- `emit.py`     `emit_python(plan)`: the same AtP as a standalone nnsight program.
+
+Extending:
+- A new site or node kind: one `SiteTemplate` row in `atpdsl/arch.py` (module path, input/output, layout
+  of units in the last dimension) and the kind in `nodes.SCORED_KINDS`; AtP, exact patching and
+  verification then work unchanged.
+- AtP* (qkfix.py, false_negatives.py): implement `atp.Correction` - extra `TraceSite`s (e.g. post-rotary
+  q/k at stage 20, the attention pattern at stage 25, with `order=(layer, stage)`), extra `Backward`
+  blocks (GradDrop: `zero={block output keys}`, `retain_graph=True`), and `apply(ctx, run, est)` which
+  edits the per-pair estimates (QK fix for query/key columns) or returns per-pair ranking magnitudes
+  (GradDrop score). `run._corrections` builds them from the plan's MethodSpec.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+    from ..scores import RunResult
+
+__all__ = ["execute", "emit_python"]
+
+
+def execute(plan: "Plan", *, progress: Callable[[str, int, int], None] | None = None, **kwargs) -> "RunResult":
+    """Run a compiled Plan and return its RunResult (nodes sorted by score, rank 1 = best)."""
+    from .run import execute as _execute
+
+    return _execute(plan, progress=progress, **kwargs)
+
+
+def emit_python(plan: "Plan") -> str:
+    """A standalone nnsight program equivalent to the plan's AtP run (prints one JSON line per node)."""
+    from .emit import emit_python as _emit
+
+    return _emit(plan)

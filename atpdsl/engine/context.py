@@ -1,0 +1,131 @@
+"""Everything one run shares: the loaded model, encoded pairs, batches, node table and trace sites."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EngineError
+from ..plan import MetricSpec, Plan
+from .data import Batch, EncodedPair, encode_pairs, make_batches, node_positions, where_text
+from .load import Loaded
+from .metrics import METRIC_KINDS, metric_rows, pick
+from .nodes import NodeTable, build_table
+from .trace import TraceSite
+
+__all__ = ["Context", "make_context", "merge_sites", "align", "Accumulator"]
+
+
+@dataclass(slots=True)
+class Context:
+    """One run's shared state (built once by `make_context`)."""
+
+    plan: Plan
+    loaded: Loaded
+    pairs: list[EncodedPair]
+    batches: list[Batch]
+    table: NodeTable
+    sites: list[TraceSite]  # node sites in forward order, keyed by Site.name
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def embed(self) -> str:
+        return self.loaded.arch.embed
+
+    def metric_fn(self, batch: Batch, spec: MetricSpec | None = None, *, eval_: bool = False,
+                  clean_logprobs: torch.Tensor | None = None, repeat: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+        """logits [rows, S, V] -> metric rows, at the batch's metric (or evaluation) position."""
+        spec = spec or self.plan.metric
+        pos = (batch.eval_pos if eval_ else batch.metric_pos).repeat(repeat)
+        answers = (batch.eval_answers if eval_ else batch.answers).repeat(repeat, 1)
+        ref = None if clean_logprobs is None else clean_logprobs.repeat(repeat, 1)
+
+        def fn(logits: torch.Tensor) -> torch.Tensor:
+            return metric_rows(spec, pick(logits, pos), answers, ref)
+
+        return fn
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+
+def align(corrupt: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Corrupt-run values moved to the clean prompt's positions ([b, S, ...]); unaligned positions copy
+    position 0 and must be masked by `batch.real`."""
+    if batch.cmap is None:
+        return corrupt
+    idx = batch.cmap.clamp(min=0)
+    shape = idx.shape + (1,) * (corrupt.dim() - 2)
+    return corrupt.gather(1, idx.view(shape).expand(*idx.shape, *corrupt.shape[2:]))
+
+
+def _check_metric(spec: MetricSpec, what: str) -> None:
+    if spec.kind not in METRIC_KINDS:
+        raise EngineError(f"{where_text(spec.where)}unknown {what} {spec.kind!r} (known: {', '.join(METRIC_KINDS)})")
+    need = {"logit_diff": (2,), "logprob": (1,), "prob": (1,), "kl": (0,), "loss": (0, 1)}[spec.kind]
+    if len(spec.args) not in need:
+        raise EngineError(
+            f"{where_text(spec.where)}{spec.kind} takes {' or '.join(map(str, need))} argument(s), got {len(spec.args)}"
+        )
+
+
+def make_context(plan: Plan, loaded: Loaded) -> Context:
+    """Encode the plan's pairs, batch them and build the node table (DataError/EngineError/ModelError)."""
+    if not plan.pairs:
+        raise EngineError("the plan has no prompt pairs")
+    _check_metric(plan.metric, "metric")
+    if plan.eval_metric is not None:
+        _check_metric(plan.eval_metric, "eval metric")
+    pairs = encode_pairs(loaded.tokenizer, plan.pairs, plan.metric, plan.eval_metric)
+    positions = node_positions(pairs) if any(g.per_position for g in plan.nodes) else None
+    table = build_table(loaded.arch, loaded.geom, plan.nodes, positions)
+    if table.size == 0:
+        raise EngineError("the plan asks for no nodes (add a `nodes { ... }` block)")
+    batches = make_batches(pairs, plan.batch, loaded.pad_id, loaded.device, positions)
+    sites = [TraceSite(key=s.name, module=s.module, attr=s.attr, order=s.order) for s in table.sites]
+    return Context(plan=plan, loaded=loaded, pairs=pairs, batches=batches, table=table, sites=sites)
+
+
+def merge_sites(base: Sequence[TraceSite], extra: Sequence[TraceSite]) -> list[TraceSite]:
+    """Base and extra sites in forward order (stable; extras after base sites of equal order)."""
+    tagged = [(s.order, 0, i, s) for i, s in enumerate(base)] + [(s.order, 1, i, s) for i, s in enumerate(extra)]
+    return [t[-1] for t in sorted(tagged, key=lambda t: t[:3])]
+
+
+@dataclass(slots=True)
+class Accumulator:
+    """Streaming per-node sums over pairs; per-pair rows only when asked for."""
+
+    n_nodes: int
+    keep_rows: bool
+    n: int = 0
+    sum_est: torch.Tensor | None = None
+    sum_abs: torch.Tensor | None = None
+    rows: list[torch.Tensor] = field(default_factory=list)
+    clean_sum: float = 0.0
+    corrupt_sum: float = 0.0
+
+    def add(self, est: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+        """Add a batch of per-pair estimates [b, N] (`magnitude` [b, N] overrides |est| for the score)."""
+        est64 = est.detach().double().cpu()
+        mag = est64.abs() if magnitude is None else magnitude.detach().double().cpu()
+        if self.sum_est is None:
+            self.sum_est = torch.zeros(self.n_nodes, dtype=torch.float64)
+            self.sum_abs = torch.zeros(self.n_nodes, dtype=torch.float64)
+        self.sum_est += est64.sum(0)
+        self.sum_abs += mag.sum(0)
+        self.n += est.shape[0]
+        if self.keep_rows:
+            self.rows.append(est64)
+
+    def add_metrics(self, clean: torch.Tensor, corrupt: torch.Tensor) -> None:
+        self.clean_sum += float(clean.double().sum())
+        self.corrupt_sum += float(corrupt.double().sum())
+
+    def per_pair(self) -> torch.Tensor | None:
+        return torch.cat(self.rows) if self.rows else None

@@ -1,0 +1,134 @@
+"""Exact activation patching: many patched copies of the clean batch per forward, one node per copy.
+
+effect(n) = M(clean run with n set to its corrupt-run value) - M(clean run), per pair. A chunk of K
+nodes runs as one forward of K copies of the batch; at each site the copies whose node lives there take
+the corrupt values on that node's columns and positions (`torch.where` with a prebuilt mask).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..plan import MetricSpec
+from .context import Context, align
+from .data import Batch
+from .metrics import metric_rows
+from .trace import TraceSite, run_trace
+
+__all__ = ["BatchRefs", "batch_refs", "exact_effects", "run_exact_all", "chunk_rows"]
+
+
+class BatchRefs:
+    """What patching one batch needs: corrupt site values (aligned), clean metric rows and log-probs."""
+
+    def __init__(self, corrupt: dict[str, torch.Tensor], clean_rows: torch.Tensor, corrupt_rows: torch.Tensor,
+                 clean_logprobs: torch.Tensor):
+        self.corrupt = corrupt
+        self.clean_rows = clean_rows
+        self.corrupt_rows = corrupt_rows
+        self.clean_logprobs = clean_logprobs
+
+
+def batch_refs(ctx: Context, batch: Batch, sites: Sequence[TraceSite], spec: MetricSpec, eval_: bool) -> BatchRefs:
+    """Corrupt forward (site values) and clean forward (metric rows) without gradients."""
+    pos = batch.eval_pos if eval_ else batch.metric_pos
+    cpos = batch.corrupt_eval_pos if eval_ else batch.corrupt_metric_pos
+    answers = batch.eval_answers if eval_ else batch.answers
+    with torch.no_grad():
+        corrupt = run_trace(ctx.model, batch.corrupt, sites, last_pos=cpos)
+        clean = run_trace(ctx.model, batch.clean, [], last_pos=pos)
+    clean_lp = torch.log_softmax(clean.last.float(), -1)
+    clean_rows = metric_rows(spec, clean.last, answers, clean_lp)
+    corrupt_rows = metric_rows(spec, corrupt.last, answers, clean_lp)
+    aligned = {k: align(v, batch) for k, v in corrupt.acts.items()}
+    return BatchRefs(aligned, clean_rows, corrupt_rows, clean_lp)
+
+
+def chunk_rows(ctx: Context, batch: Batch) -> int:
+    """How many patched rows one forward may hold (bounded activation memory)."""
+    g = ctx.loaded.geom
+    seq = batch.clean["input_ids"].shape[1]
+    per_row = seq * (g.hidden * 16 + g.mlp * 3 + g.n_heads * seq * 2) * g.n_layers + seq * int(
+        ctx.loaded.config.get("vocab_size") or 50000)
+    budget = 2.5e8  # floats, ~1 GB in float32
+    return int(max(batch.size, min(1024, budget // max(per_row, 1))))
+
+
+def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: BatchRefs, spec: MetricSpec,
+                  eval_: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Per-pair exact effects [b, len(columns)] of patching each node column on its own."""
+    table = ctx.table
+    b = batch.size
+    per_fwd = max(1, chunk_rows(ctx, batch) // b)
+    out = torch.zeros((b, len(columns)), dtype=torch.float64)
+    pos = batch.eval_pos if eval_ else batch.metric_pos
+    answers = batch.eval_answers if eval_ else batch.answers
+    real = batch.real
+    for lo in range(0, len(columns), per_fwd):
+        chunk = list(columns[lo: lo + per_fwd])
+        k = len(chunk)
+        by_site: dict[int, list[tuple[int, int]]] = {}
+        for copy, col in enumerate(chunk):
+            by_site.setdefault(table.block_of(col).site, []).append((copy, col))
+        sites, patches = [], {}
+        for si in sorted(by_site):
+            site = ctx.sites[si]
+            src = refs.corrupt[site.key]
+            width = src.shape[-1]
+            cols = torch.zeros((k, width), dtype=torch.bool, device=src.device)
+            where = torch.zeros((k, b, src.shape[1]), dtype=torch.bool, device=src.device)
+            for copy, col in by_site[si]:
+                blk = table.block_of(col)
+                unit, p = blk.locate(col)
+                c0, c1 = blk.layout.columns(unit)
+                cols[copy, c0:c1] = True
+                if p is None:
+                    where[copy] = real
+                else:
+                    onehot = torch.zeros_like(real)
+                    onehot[torch.arange(b, device=onehot.device), batch.node_pos[:, p]] = True
+                    where[copy] = onehot & real
+            mask = (where.unsqueeze(-1) & cols[:, None, None, :]).reshape(k * b, src.shape[1], width)
+            source = src.repeat(k, 1, 1)
+            sites.append(site)
+            patches[site.key] = _patcher(mask, source)
+        inputs = {name: t.repeat(k, 1) for name, t in batch.clean.items()}
+        with torch.no_grad():
+            res = run_trace(ctx.model, inputs, sites, patches=patches, last_pos=pos.repeat(k), keep=False)
+        rows = metric_rows(spec, res.last, answers.repeat(k, 1), refs.clean_logprobs.repeat(k, 1))
+        out[:, lo: lo + k] = (rows.double().view(k, b) - refs.clean_rows.double().view(1, b)).T.cpu()
+        if progress:
+            progress(lo + k)
+    return out
+
+
+def _patcher(mask: torch.Tensor, source: torch.Tensor):
+    def patch(value: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, source.to(value.dtype), value)
+
+    return patch
+
+
+def run_exact_all(ctx: Context, *, progress: Callable[[str, int, int], None] | None = None):
+    """`method exact`: every node patched on every pair. Returns (per-pair effects [n_pairs, N], clean, corrupt)."""
+    table = ctx.table
+    spec = ctx.plan.metric
+    total = len(ctx.batches) * table.size
+    done = 0
+    rows, clean_sum, corrupt_sum = [], 0.0, 0.0
+    t0 = time.perf_counter()
+    for batch in ctx.batches:
+        refs = batch_refs(ctx, batch, ctx.sites, spec, eval_=False)
+        clean_sum += float(refs.clean_rows.double().sum())
+        corrupt_sum += float(refs.corrupt_rows.double().sum())
+
+        def tick(n: int, base: int = done) -> None:
+            if progress:
+                progress("exact", base + n, total)
+
+        rows.append(exact_effects(ctx, batch, list(range(table.size)), refs, spec, progress=tick))
+        done += table.size
+    ctx.add_time("exact", time.perf_counter() - t0)
+    return torch.cat(rows), clean_sum, corrupt_sum

@@ -1,0 +1,257 @@
+"""The one generic nnsight trace: read sites in forward order, patch some, run backward blocks.
+
+Everything the engine does to a model goes through `run_trace`, driven by data: a list of `TraceSite`
+records (module path, input/output, optional `.source` ops, optional tuple element) in forward order,
+optional patch functions per site, a metric on the output logits, and `Backward` blocks, each one
+`with metric.backward(retain_graph=...)` that reads site gradients in reverse order and may replace some
+gradients by zeros (GradDrop).
+
+Two shortcuts keep plain AtP within a few percent of hand-written PyTorch hooks, and give the same numbers
+(tests/engine/test_engine_trace.py): a forward that only reads module sites records them with nnsight's
+cache (no request per site), and plain backward blocks (no gradient edits, module sites only) take
+`torch.autograd.grad` right after the trace on the recorded tensors (`FAST_BACKWARD`).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import nnsight
+import torch
+
+__all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "resolve", "FAST_BACKWARD"]
+
+# Plain backward blocks (no gradient edits) over module sites take the fast path: nnsight's cache records the
+# sites during the one clean trace and torch.autograd.grad runs right after it (nnsight.md section 4, fix B),
+# instead of one request per site inside `with metric.backward()`; ~3 ms per batch less on stories260K.
+# Blocks that edit gradients (GradDrop) and `.source` sites always run inside the trace.
+FAST_BACKWARD = True
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSite:
+    """One value read in a trace.
+
+    `module` is a dotted path for `model.get`, `source` an optional chain of `.source` op names below it
+    (e.g. ("attention_interface_1", "attn_weights_2")), `attr` "input" or "output", `item` an element of a
+    tuple value. Sites with the same (module, source, attr) share one hook point and must be adjacent.
+    `grad`: read its gradient in every backward block.
+    """
+
+    key: str
+    module: str
+    attr: str = "output"
+    source: tuple[str, ...] = ()
+    item: int | None = None
+    grad: bool = True
+    order: tuple[int, int] = (0, 0)  # (layer, stage): forward-order sort key when site lists are merged
+
+    @property
+    def point(self) -> tuple[str, tuple[str, ...], str]:
+        return self.module, self.source, self.attr
+
+
+@dataclass(frozen=True, slots=True)
+class Backward:
+    """One backward pass from the metric: grads of `read` sites (None = every site with grad=True),
+    with the gradient arriving at each `zero` site replaced by zeros before it flows on."""
+
+    name: str = "main"
+    zero: frozenset[str] = frozenset()
+    read: tuple[str, ...] | None = None
+    retain_graph: bool = False
+
+
+@dataclass(slots=True)
+class TraceOut:
+    """Detached site values, per-block gradients, metric rows and the logits at chosen positions."""
+
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    metric: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    backward_s: float = 0.0  # wall time inside the backward blocks
+
+
+def resolve(model, module: str, source: tuple[str, ...], attr: str):
+    """The envoy value of a hook point; each access is an ordered request inside a trace."""
+    env = model.get(module) if module else model
+    for op in source:
+        env = getattr(env.source, op)
+    return getattr(env, attr)
+
+
+def _assign(model, module: str, source: tuple[str, ...], attr: str, value) -> None:
+    env = model.get(module) if module else model
+    for op in source:
+        env = getattr(env.source, op)
+    setattr(env, attr, value)
+
+
+def run_trace(
+    model,
+    inputs: Mapping[str, torch.Tensor],
+    sites: Sequence[TraceSite],
+    *,
+    embed: str | None = None,
+    patches: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    last_pos: torch.Tensor | None = None,
+    backwards: Sequence[Backward] = (),
+    keep: bool = True,
+) -> TraceOut:
+    """Run one forward (and the backward blocks) through nnsight; see the module docstring.
+
+    `embed`: the embedding module whose output is made to require grad (params are frozen).
+    `metric(logits) -> [b]` rows; their sum is differentiated. `last_pos` [b]: also return the logits
+    at these positions (detached). `keep=False` returns no site values (exact patching runs).
+    """
+    patches = patches or {}
+    grad_on = bool(backwards)
+    module_sites = all(not s.source for s in sites)
+    if keep and not patches and not backwards and metric is None and module_sites:
+        return _read_only(model, inputs, sites, last_pos)
+    if (FAST_BACKWARD and keep and not patches and backwards and metric is not None and module_sites
+            and not any(b.zero for b in backwards)):
+        return _cached_backward(model, inputs, sites, embed, metric, last_pos, backwards)
+    rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
+    # Group adjacent sites that share a hook point: it is requested once, and sites reading the same tensor
+    # (same point and tuple element) share one gradient request ("units").
+    points: list[tuple[tuple[str, tuple[str, ...], str], list[TraceSite]]] = []
+    for s in sites:
+        if points and points[-1][0] == s.point:
+            points[-1][1].append(s)
+        else:
+            points.append((s.point, [s]))
+    units: list[list[str]] = []
+    for _, group in points:
+        by_item: dict[int | None, list[str]] = {}
+        for s in group:
+            by_item.setdefault(s.item, []).append(s.key)
+        units.extend(by_item.values())
+    order = [s.key for s in sites]
+    grad_keys = {s.key for s in sites if s.grad}
+    with model.trace(dict(inputs), use_cache=False):
+        if grad_on and embed is not None:
+            model.get(embed).output.requires_grad_(True)
+        acts = nnsight.save({})
+        for (module, source, attr), group in points:
+            value = resolve(model, module, source, attr)
+            changed = False
+            if isinstance(value, tuple):
+                items = list(value)
+                for s in group:
+                    fn = patches.get(s.key)
+                    if fn is not None:
+                        items[s.item] = fn(items[s.item])
+                        changed = True
+                for s in group:
+                    acts[s.key] = items[s.item]
+                if changed:
+                    _assign(model, module, source, attr, tuple(items))
+            else:
+                for s in group:
+                    fn = patches.get(s.key)
+                    if fn is not None:
+                        value = fn(value)
+                        changed = True
+                for s in group:
+                    acts[s.key] = value
+                if changed:
+                    _assign(model, module, source, attr, value)
+        logits = model.output.logits
+        out_last = nnsight.save([None])
+        if last_pos is not None:
+            out_last[0] = logits[rows, last_pos].detach()
+        out_metric = nnsight.save([None])
+        if metric is not None:
+            m_rows = metric(logits)
+            out_metric[0] = m_rows.detach()
+            total = m_rows.sum()
+            grads = nnsight.save({})
+            clock = nnsight.save([time.perf_counter(), 0.0])
+            for block in backwards:
+                with total.backward(retain_graph=block.retain_graph):
+                    wanted = set(block.read) if block.read is not None else None
+                    got = {}
+                    for unit in reversed(units):
+                        want = [k for k in unit if (k in grad_keys if wanted is None else k in wanted)]
+                        head = unit[0]
+                        if any(k in block.zero for k in unit):
+                            # GradDrop: the write is a constant for this pass, so its own gradient is 0
+                            g = torch.zeros_like(acts[head].grad)
+                            acts[head].grad = g
+                        elif want:
+                            g = acts[head].grad
+                        else:
+                            continue
+                        for k in want:
+                            got[k] = g
+                    grads[block.name] = got
+            clock[1] = time.perf_counter()
+        else:
+            grads = nnsight.save({})
+            clock = nnsight.save([0.0, 0.0])
+        if keep:
+            for key in order:
+                acts[key] = acts[key].detach()
+        else:
+            acts.clear()
+    return TraceOut(acts=dict(acts), grads=dict(grads), metric=out_metric[0], last=out_last[0],
+                    backward_s=max(0.0, clock[1] - clock[0]) if backwards else 0.0)
+
+
+def _read_only(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite],
+               last_pos: torch.Tensor | None) -> TraceOut:
+    """A forward that only reads module values: nnsight's cache records them as the run passes, without a
+    request (and greenlet switch) per site; ~1 ms per batch cheaper than reading each site."""
+    modules = sorted({s.module for s in sites})
+    inputs_needed = any(s.attr == "input" for s in sites)
+    rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
+    with model.trace(dict(inputs), use_cache=False) as tracer:
+        cache = tracer.cache(modules=["model." + m if m else "model" for m in modules], device=None,
+                             include_inputs=inputs_needed)
+        out_last = nnsight.save([None])
+        if last_pos is not None:
+            out_last[0] = model.output.logits[rows, last_pos].detach()
+    acts = {}
+    for s in sites:
+        value = getattr(cache["model." + s.module if s.module else "model"], s.attr)
+        acts[s.key] = value[s.item] if s.item is not None else value
+    return TraceOut(acts=acts, last=out_last[0])
+
+
+def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite], embed: str | None,
+                     metric: Callable[[torch.Tensor], torch.Tensor], last_pos: torch.Tensor | None,
+                     backwards: Sequence[Backward]) -> TraceOut:
+    """The clean run of plain AtP: one trace records the sites (graph kept), then autograd.grad per block."""
+    modules = sorted({s.module for s in sites})
+    rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
+    with model.trace(dict(inputs), use_cache=False) as tracer:
+        cache = tracer.cache(modules=["model." + m if m else "model" for m in modules], device=None, detach=False,
+                             include_inputs=any(s.attr == "input" for s in sites))
+        if embed is not None:
+            model.get(embed).output.requires_grad_(True)
+        logits = model.output.logits
+        out = nnsight.save([None, None])
+        out[0] = metric(logits)
+        if last_pos is not None:
+            out[1] = logits[rows, last_pos].detach()
+    values = []
+    for s in sites:
+        value = getattr(cache["model." + s.module if s.module else "model"], s.attr)
+        values.append(value[s.item] if s.item is not None else value)
+    total = out[0].sum()
+    t0 = time.perf_counter()
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    for i, block in enumerate(backwards):
+        keys = [s.key for s in sites if (s.grad if block.read is None else s.key in block.read)]
+        idx = [i_ for i_, s in enumerate(sites) if s.key in set(keys)]
+        got = torch.autograd.grad(total, [values[j] for j in idx], retain_graph=i < len(backwards) - 1
+                                  or block.retain_graph, allow_unused=True)
+        grads[block.name] = {sites[j].key: (torch.zeros_like(values[j]) if g is None else g)
+                             for j, g in zip(idx, got)}
+    backward_s = time.perf_counter() - t0
+    acts = {s.key: v.detach() for s, v in zip(sites, values)}
+    return TraceOut(acts=acts, grads=grads, metric=out[0].detach(), last=out[1], backward_s=backward_s)

@@ -1,0 +1,179 @@
+"""Run a spec end to end: compile -> execute -> select -> graph -> exports, and load saved results.
+
+Importing this module is light (no torch, no networkx, no matplotlib): each step imports what it
+needs when it runs, so `import atpdsl` stays fast.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import AtpError
+from .plan import Plan
+from .scores import RunResult
+from .select import SelectionOutcome
+
+if TYPE_CHECKING:  # pragma: no cover
+    import networkx as nx
+
+    from .export import ExportOutcome
+    from .export.table import Table
+
+__all__ = ["Result", "Progress", "run", "run_plan", "finish", "load", "compile_spec", "execute_plan"]
+
+Progress = Callable[[str, int, int], None]
+"""progress(phase, done, total), called by the engine as its loops advance."""
+
+
+@dataclass(frozen=True, eq=False)
+class Result:
+    """A finished run: the plan, the engine's numbers, the selection, the circuit graph, the exports.
+
+    `plan` is None for a result loaded from a file whose plan could not be rebuilt.
+    `timings` are the pipeline's own phases (compile, execute, select, graph, export), in seconds;
+    the engine's phases are in `result.timings`.
+    """
+
+    plan: Plan | None
+    result: RunResult
+    graph: "nx.DiGraph"
+    selection: SelectionOutcome
+    exports: tuple["ExportOutcome", ...] = ()
+    timings: tuple[tuple[str, float], ...] = ()
+    plan_dict: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def scores(self) -> "Table":
+        """Every scored node, one row each (see atpdsl.export.table.SCORE_COLUMNS)."""
+        from .export.table import scores_table
+
+        return scores_table(self.result, self.selection.selected)
+
+    @property
+    def edges(self) -> "Table":
+        """Every computed edge attribution (empty when the run computed none)."""
+        from .export.table import edges_table
+
+        return edges_table(self.result, self.graph.edges)
+
+    @property
+    def failed(self) -> tuple["ExportOutcome", ...]:
+        """The exports that could not be written."""
+        return tuple(e for e in self.exports if e.error is not None)
+
+    @property
+    def all_timings(self) -> tuple[tuple[str, float], ...]:
+        """Engine phases then pipeline phases, for `--profile`."""
+        return tuple(self.result.timings) + tuple(self.timings)
+
+    def export(self, path: str | Path, fmt: str | None = None) -> list[Path]:
+        """Write one export (format from the extension unless `fmt` is given); returns the files written."""
+        from .export import write
+
+        return write(self, path, fmt)
+
+    def to_json(self) -> str:
+        """The JSON result document (what a `.json` export holds)."""
+        from .export.jsonio import dumps
+
+        return dumps(self)
+
+
+def compile_spec(spec: str | Path | None = None, *, text: str | None = None, out_dir: str | Path | None = None) -> Plan:
+    """Parse, check and compile a spec file (or spec text) into a Plan; raises SpecError."""
+    from . import compiler  # the front end's module; imported late so that it may land after us
+
+    out = None if out_dir is None else str(out_dir)
+    if text is not None:
+        if spec is not None:
+            raise AtpError("give either a spec path or text=, not both")
+        return compiler.compile_text(text, filename="<string>", base_dir=".", out_dir=out)
+    if spec is None:
+        raise AtpError("no spec: give a path to a .atp file or text=")
+    path = Path(spec)
+    if not path.is_file():
+        raise AtpError(f"spec file not found: {str(spec)!r}")
+    return compiler.compile_file(path, out_dir=out)
+
+
+def execute_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
+    """Run the engine on a plan (imports torch and nnsight)."""
+    from .engine import execute
+
+    return execute(plan, progress=progress)
+
+
+def finish(
+    plan: Plan | None,
+    run_result: RunResult,
+    *,
+    write_exports: bool = True,
+    timings: tuple[tuple[str, float], ...] = (),
+) -> Result:
+    """Select, build the graph and write the plan's exports: everything after the engine.
+
+    Exports never stop each other: a failing one is recorded in `Result.exports` (see
+    `Result.failed`) and the others, the JSON result first, are still written.
+    """
+    from .graph import build_graph
+    from .select import select
+
+    clock = list(timings)
+    t0 = time.perf_counter()
+    aggregate = plan.method.aggregate if plan is not None else "mean_abs"
+    outcome = select(run_result, plan.selection if plan is not None else None, aggregate=aggregate)
+    t1 = time.perf_counter()
+    graph = build_graph(run_result, outcome, plan)
+    t2 = time.perf_counter()
+    clock += [("select", t1 - t0), ("graph", t2 - t1)]
+    result = Result(plan, run_result, graph, outcome, timings=tuple(clock))
+    if write_exports and plan is not None and plan.exports:
+        from .export import write_all
+
+        outcomes = write_all(result, plan.exports, spec_file=plan.spec_file)
+        clock.append(("export", time.perf_counter() - t2))
+        result = replace(result, exports=outcomes, timings=tuple(clock))
+    return result
+
+
+def run_plan(plan: Plan, *, progress: Progress | None = None, write_exports: bool = True) -> Result:
+    """Execute a compiled plan and finish it (selection, graph, exports)."""
+    t0 = time.perf_counter()
+    run_result = execute_plan(plan, progress)
+    return finish(plan, run_result, write_exports=write_exports, timings=(("execute", time.perf_counter() - t0),))
+
+
+def run(
+    spec: str | Path | None = None,
+    *,
+    text: str | None = None,
+    out_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    write_exports: bool = True,
+) -> Result:
+    """Run a spec: `atpdsl.run("spec.atp")` or `atpdsl.run(text=...)`.
+
+    Returns a `Result` with `.graph` (networkx.DiGraph), `.scores` (a Table), `.plan` and
+    `.result` (the engine's RunResult). Writes the spec's exports (under `out_dir` when given)
+    unless `write_exports=False`; a failed export is reported in `.failed` and as a
+    RuntimeWarning, never raised, so nothing computed is lost. Raises SpecError for a bad spec and other AtpErrors for bad input.
+    """
+    t0 = time.perf_counter()
+    plan = compile_spec(spec, text=text, out_dir=out_dir)
+    t1 = time.perf_counter()
+    run_result = execute_plan(plan, progress)
+    t2 = time.perf_counter()
+    result = finish(plan, run_result, write_exports=write_exports, timings=(("compile", t1 - t0), ("execute", t2 - t1)))
+    for failure in result.failed:
+        warnings.warn(f"export {failure.path} failed: {failure.error}", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def load(path: str | Path) -> Result:
+    """A saved `.json` result, ready to show or export again (no model is loaded)."""
+    from .export.jsonio import load_result
+
+    return load_result(path)

@@ -1,0 +1,297 @@
+"""What users can type, keyed by the word they type: statements, metrics, node kinds, settings, formats."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "StatementInfo", "STATEMENTS",
+    "MetricInfo", "METRICS", "ARG_FUNCTIONS",
+    "NodeKindInfo", "NODE_KINDS", "ENDPOINT_KINDS",
+    "Bound", "SettingInfo", "MODEL_SETTINGS", "METHOD_SETTINGS", "DIAGNOSE_SETTINGS",
+    "DTYPES", "ATTENTIONS", "SWITCHES", "GRADDROP_MODES",
+    "MethodInfo", "METHODS", "AGGREGATES", "KEEP_OPTIONS",
+    "SelectInfo", "SELECT_KINDS", "VERIFY_KINDS", "DIAGNOSE_TARGETS",
+    "FormatInfo", "EXPORT_FORMATS", "PAIR_FILE_TYPES",
+    "BATCH", "SEED", "TEMPLATE_COUNT", "VERIFY_TOP", "LAST",
+]
+
+LAST = "last"
+"""The default metric position: the last token of the clean prompt."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatementInfo:
+    """A top-level statement: its keyword, whether it may appear more than once, its syntax."""
+
+    keyword: str
+    repeatable: bool
+    syntax: str
+    doc: str
+
+
+STATEMENTS: dict[str, StatementInfo] = {
+    s.keyword: s
+    for s in (
+        StatementInfo("model", False, 'model "hub-id-or-folder" [{ dtype … device … revision "…" attention … }]'
+                      ' | model zoo "name"', "the model to analyse"),
+        StatementInfo("pair", True, 'pair { clean "…" corrupt "…" answer "…" wrong "…" }', "one prompt pair"),
+        StatementInfo("pairs", True, 'pairs from "file.jsonl|.csv" [{ field = "column" … }]', "pairs from a file"),
+        StatementInfo("template", True, 'template { text "…{slot}…" slot NAME [values] corrupt NAME [values]'
+                      " count N seed N FIELD \"…\" }", "pairs generated from a template"),
+        StatementInfo("metric", False, "metric EXPR [at last|SLOT]", "what the circuit explains"),
+        StatementInfo("eval metric", False, "eval metric EXPR [at last|SLOT]", "the metric `verify` reports"),
+        StatementInfo("nodes", False, "nodes { KIND [INDICES] [layers A..B] [per position] … }", "what to score"),
+        StatementInfo("method", False, "method atp | atp* [{ qk_fix on|off graddrop on|off|per layer|per sublayer }]"
+                      " | exact", "how to score"),
+        StatementInfo("aggregate", False, "aggregate mean_abs|abs_mean|per_pair", "how pair scores combine"),
+        StatementInfo("keep", False, "keep per_pair", "write each pair's estimates too"),
+        StatementInfo("batch", False, "batch N", "pairs per forward pass"),
+        StatementInfo("seed", False, "seed N", "random seed"),
+        StatementInfo("select", False, "select top K | threshold X | cumulative F", "which nodes form the circuit"),
+        StatementInfo("verify", False, "verify top K", "exactly patch the K best-ranked nodes"),
+        StatementInfo("diagnose", False, "diagnose false_negatives [{ samples N confidence P inclusion p }]",
+                      "bound the effect of nodes missed"),
+        StatementInfo("export", True, 'export "path.ext"', "write the circuit or scores"),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricInfo:
+    """A metric function: how many answer arguments it takes and what it computes."""
+
+    key: str
+    arity: int
+    params: str
+    doc: str
+
+
+METRICS: dict[str, MetricInfo] = {
+    m.key: m
+    for m in (
+        MetricInfo("logit_diff", 2, "the answer and the wrong answer", "logit(a) - logit(b) at the position"),
+        MetricInfo("logprob", 1, "the answer", "log-probability of a at the position"),
+        MetricInfo("prob", 1, "the answer", "probability of a at the position"),
+        MetricInfo("kl", 0, "no arguments", "KL divergence from the clean run's output distribution"),
+        MetricInfo("loss", 0, "no arguments", "next-token cross-entropy of the clean prompt"),
+    )
+}
+
+ARG_FUNCTIONS: dict[str, str] = {
+    "first_token": "use the first token of an answer that tokenizes to several tokens",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKindInfo:
+    """A node kind in `nodes { … }`; `unit` names what its indices count (None: whole blocks)."""
+
+    key: str
+    unit: str | None
+    doc: str
+
+
+NODE_KINDS: dict[str, NodeKindInfo] = {
+    k.key: k
+    for k in (
+        NodeKindInfo("heads", "head", "attention head outputs (input of the output projection)"),
+        NodeKindInfo("queries", "head", "query vectors per head"),
+        NodeKindInfo("keys", "head", "key vectors per head (per KV group with grouped-query attention)"),
+        NodeKindInfo("values", "head", "value vectors per head (per KV group with grouped-query attention)"),
+        NodeKindInfo("neurons", "neuron", "MLP neurons after the nonlinearity"),
+        NodeKindInfo("attn", None, "a layer's whole attention output"),
+        NodeKindInfo("mlp", None, "a layer's whole MLP output"),
+        NodeKindInfo("resid", None, "the residual stream after a layer"),
+    )
+}
+ENDPOINT_KINDS = ("embed", "logits")
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A numeric range a setting must fall in, with the phrase messages use."""
+
+    integer: bool
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def accepts(self, value: int | float) -> bool:
+        """Whether a number is allowed (never NaN or infinite)."""
+        if not isinstance(value, int) and not math.isfinite(value):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return False
+        return True
+
+    def describe(self) -> str:
+        """E.g. `a positive integer`, `a number in (0, 1)`."""
+        if self.integer:
+            if self.lo == 1 and self.hi is None:
+                return "a positive integer"
+            if self.lo == 0 and self.hi is None:
+                return "a non-negative integer"
+            if self.hi is not None:
+                return f"an integer from {_fmt(self.lo)} to {_fmt(self.hi)}"
+            return "an integer"
+        if self.lo is not None and self.hi is not None:
+            left = "(" if self.lo_open else "["
+            right = ")" if self.hi_open else "]"
+            return f"a number in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}"
+        if self.lo is not None:
+            return f"a number {'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+        return "a number"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+BATCH = Bound(True, 1, None)
+SEED = Bound(True, 0, 2**32 - 1)
+TEMPLATE_COUNT = Bound(True, 1, 100_000)
+VERIFY_TOP = Bound(True, 1, None)
+
+DTYPES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
+}
+ATTENTIONS = ("eager", "sdpa")
+SWITCHES = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+GRADDROP_MODES = ("layer", "sublayer")
+
+
+@dataclass(frozen=True, slots=True)
+class SettingInfo:
+    """A `key value` setting inside a statement's `{ … }` block.
+
+    `kind`: choice (a word from `choices`), string, device, switch (on/off), number (within `bound`),
+    graddrop (on/off or `per layer|sublayer`).
+    """
+
+    key: str
+    kind: str
+    doc: str
+    default: str
+    choices: tuple[str, ...] = ()
+    bound: Bound | None = None
+
+
+MODEL_SETTINGS: dict[str, SettingInfo] = {
+    s.key: s
+    for s in (
+        SettingInfo("dtype", "choice", "weights and activations dtype", "float32", tuple(DTYPES)),
+        SettingInfo("device", "device", "cpu, cuda, cuda:N, mps or auto", "cpu"),
+        SettingInfo("revision", "string", "hub revision (branch, tag or commit)", "none"),
+        SettingInfo("attention", "choice", "attention implementation", "eager", ATTENTIONS),
+    )
+}
+
+METHOD_SETTINGS: dict[str, SettingInfo] = {
+    s.key: s
+    for s in (
+        SettingInfo("qk_fix", "switch", "exact softmax for patched queries and keys", "on"),
+        SettingInfo("graddrop", "graddrop", "one extra backward per layer (or sublayer) with its gradient dropped",
+                    "on, per layer"),
+    )
+}
+
+DIAGNOSE_SETTINGS: dict[str, SettingInfo] = {
+    s.key: s
+    for s in (
+        SettingInfo("samples", "number", "random subsets patched", "200", bound=Bound(True, 1, 1_000_000)),
+        SettingInfo("confidence", "number", "confidence of the bound", "0.95",
+                    bound=Bound(False, 0, 1, lo_open=True, hi_open=True)),
+        SettingInfo("inclusion", "number", "probability that a node is in a subset", "0.1",
+                    bound=Bound(False, 0, 1, lo_open=True, hi_open=True)),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    """A scoring method and the settings its block takes."""
+
+    key: str
+    settings: tuple[str, ...]
+    doc: str
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.key: m
+    for m in (
+        MethodInfo("atp", (), "attribution patching: 2 forwards + 1 backward per batch"),
+        MethodInfo("atp*", ("qk_fix", "graddrop"), "AtP with the QK fix and GradDrop (Kramár et al. 2024)"),
+        MethodInfo("exact", (), "activation patching, one forward per node: the ground truth"),
+    )
+}
+
+AGGREGATES: dict[str, str] = {
+    "mean_abs": "mean over pairs of |estimate| (the paper's ranking score)",
+    "abs_mean": "|mean over pairs of the estimate|",
+    "per_pair": "keep every pair's estimate; rank by mean_abs",
+}
+KEEP_OPTIONS: dict[str, str] = {"per_pair": "write each pair's estimate into the JSON results"}
+
+
+@dataclass(frozen=True, slots=True)
+class SelectInfo:
+    """A circuit selection rule and the number it takes."""
+
+    key: str
+    bound: Bound
+    doc: str
+
+
+SELECT_KINDS: dict[str, SelectInfo] = {
+    s.key: s
+    for s in (
+        SelectInfo("top", Bound(True, 1, None), "the K best-ranked nodes"),
+        SelectInfo("threshold", Bound(False, 0, None), "nodes whose score is at least X"),
+        SelectInfo("cumulative", Bound(False, 0, 1, lo_open=True), "the best nodes carrying a fraction F of the"
+                   " total score"),
+    )
+}
+VERIFY_KINDS = ("top",)
+DIAGNOSE_TARGETS: dict[str, str] = {"false_negatives": "bound the effect of unverified nodes (AtP* section 6)"}
+
+
+@dataclass(frozen=True, slots=True)
+class FormatInfo:
+    """An export format, chosen by the file extension."""
+
+    ext: str
+    doc: str
+
+
+EXPORT_FORMATS: dict[str, FormatInfo] = {
+    f.ext: f
+    for f in (
+        FormatInfo("csv", "table of scored nodes"),
+        FormatInfo("json", "results with schema version, plan and graph"),
+        FormatInfo("graphml", "GraphML (Gephi, Cytoscape, yEd)"),
+        FormatInfo("gexf", "GEXF (Gephi)"),
+        FormatInfo("dot", "Graphviz DOT"),
+        FormatInfo("png", "picture of the circuit"),
+        FormatInfo("svg", "picture of the circuit"),
+        FormatInfo("html", "self-contained report"),
+    )
+}
+
+PAIR_FILE_TYPES: dict[str, str] = {
+    "jsonl": "JSON lines, one object per pair",
+    "ndjson": "JSON lines, one object per pair",
+    "json": "a JSON list of objects",
+    "csv": "comma-separated with a header row",
+    "tsv": "tab-separated with a header row",
+}

@@ -1,0 +1,83 @@
+"""Shared helpers for the engine tests: hand-built plans, tiny saved model folders, stories260K pairs."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny_models as tm  # noqa: E402
+
+from atpdsl.plan import (  # noqa: E402
+    MethodSpec,
+    MetricArg,
+    MetricSpec,
+    ModelRef,
+    NodeGroup,
+    Plan,
+    PromptPair,
+    SourceRef,
+    Verification,
+)
+
+STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K"
+if not STORIES.is_dir():
+    STORIES = Path("/work/shared/models/stories260K")
+SHARED = STORIES.parents[1]
+PRONOUN = SHARED / "data" / "stories260K-pronoun.jsonl"
+
+LOGIT_DIFF = MetricSpec("logit_diff", (MetricArg("answer"), MetricArg("wrong")), where=SourceRef("t.atp", 3, 8))
+
+
+def pair(d: dict[str, str], origin: str = "") -> PromptPair:
+    """A PromptPair from a dict with clean, corrupt and any further fields."""
+    fields = tuple((k, v) for k, v in d.items() if k not in ("clean", "corrupt"))
+    return PromptPair(d["clean"], d["corrupt"], fields, origin=origin)
+
+
+def stories_pairs(n: int = 20) -> list[dict[str, str]]:
+    rows = [json.loads(line) for line in PRONOUN.read_text().splitlines() if line.strip()]
+    return rows[:n]
+
+
+def make_plan(source: str | Path, pairs: list[dict[str, str]] | list[PromptPair], nodes: tuple[NodeGroup, ...], *,
+              method: str = "atp", metric: MetricSpec = LOGIT_DIFF, batch: int = 8, **kw: Any) -> Plan:
+    """A Plan built by hand (the compiler's job in production)."""
+    pp = tuple(p if isinstance(p, PromptPair) else pair(p, f"pairs.jsonl:{i + 1}") for i, p in enumerate(pairs))
+    method_spec = kw.pop("method_spec", MethodSpec(method))
+    return Plan(spec_file="test.atp", spec_text="", spec_hash="test", model=ModelRef(str(source)), pairs=pp,
+                metric=metric, nodes=nodes, method=method_spec, batch=batch, **kw)
+
+
+def with_(plan: Plan, **kw: Any) -> Plan:
+    return replace(plan, **kw)
+
+
+@lru_cache(maxsize=None)
+def tiny_folder(name: str, root: str, **kw: Any) -> Path:
+    """A tiny random model of `name` (tiny_models.BUILDERS; "neox_seq" = sequential residual) saved under root."""
+    builder = tm.make_neox if name == "neox_seq" else tm.BUILDERS[name]
+    extra = {"parallel": False} if name == "neox_seq" else {}
+    model = builder(**extra, **kw)
+    return tm.save_model(model, tm.make_tokenizer(), Path(root) / name)
+
+
+def per_pair(result) -> dict[str, tuple[float, ...]]:
+    """Node name -> per-pair estimates of a RunResult (write_per_pair=True)."""
+    return {n.name: n.per_pair for n in result.nodes}
+
+
+def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:10]
+    return max(float(torch.tensor(a[k], dtype=torch.float64).sub(torch.tensor(b[k], dtype=torch.float64))
+                     .abs().max()) for k in a)
+
+
+__all__ = ["tm", "STORIES", "PRONOUN", "SHARED", "LOGIT_DIFF", "pair", "stories_pairs", "make_plan", "with_",
+           "tiny_folder", "per_pair", "max_abs_diff", "NodeGroup", "MetricSpec", "MetricArg", "Verification",
+           "SourceRef"]
