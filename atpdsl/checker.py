@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,7 @@ from .span import Span
 
 __all__ = ["ModelInfo", "CheckResult", "check", "resolve_model", "group_indices", "MAX_INDICES"]
 
+MIN_DRAWS_PER_NODE = 20  # random subsets each node should be in (and out of) for the diagnostic to bound it
 MAX_INDICES = 1_000_000  # an index range larger than this is a typo, not a request
 _DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:[0-9]+)?)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -554,7 +556,15 @@ class _Checker:
                 self.add(error("E805", f"unknown diagnosis {quote(stmt.target.name)}", stmt.target.span,
                                _guess_hint(stmt.target.name, DIAGNOSE_TARGETS, "expected")))
             else:
-                self.settings("diagnose", stmt.settings, DIAGNOSE_SETTINGS)
+                values = self.settings("diagnose", stmt.settings, DIAGNOSE_SETTINGS)
+                samples = float(values.get("samples", 200))
+                inclusion = float(values.get("inclusion", 0.1))
+                if samples * min(inclusion, 1 - inclusion) < MIN_DRAWS_PER_NODE:
+                    self.add(warning(
+                        "W502", f"{samples:g} samples at inclusion {inclusion:g} put each node in (or out of) about "
+                        f"{samples * min(inclusion, 1 - inclusion):.3g} subsets: too few to bound anything",
+                        stmt.span, f"use samples x inclusion >= {MIN_DRAWS_PER_NODE}, e.g. "
+                        f"`samples {math.ceil(MIN_DRAWS_PER_NODE / min(inclusion, 1 - inclusion))}`"))
 
     def check_exports(self) -> None:
         seen: dict[str, n.Export] = {}

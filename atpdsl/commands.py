@@ -158,8 +158,22 @@ def print_summary(res: "Result", console: "Console") -> None:
     if sel.dropped:
         names = ", ".join(f"{d.node} (measured {d.verified:.3g})" for d in sel.dropped)
         console.print(f"dropped after verification (below the cut {sel.cut:.3g}): {escape(names)}", highlight=False, soft_wrap=True)
+    ver = result.extras.get("verification") if isinstance(result.extras, dict) else None
+    if ver:
+        ranks = ", ".join(str(r) for r in ver.get("exceeding_ranks", []))
+        console.print(f"[bold]verification[/]: {ver['exceeding']} of {ver['top']} verified node(s) reach the cut "
+                      f"{ver['cut']:.3g} ({escape(str(ver['rule']))}) with their measured effect"
+                      + (f", at rank(s) {ranks}" if ranks else ""), highlight=False, soft_wrap=True)
     if result.false_negatives is not None:
-        console.print(f"[bold]diagnostic[/]: {escape(result.false_negatives.sentence)}", highlight=False, soft_wrap=True)
+        diag = result.extras.get("diagnosis") if isinstance(result.extras, dict) else None
+        note = ""
+        if diag and diag.get("untestable"):
+            note += f"; {diag['untestable']} node(s) fell in too few or too many subsets to test (raise `samples`)"
+        if diag and diag.get("largest_subsample_estimate"):
+            big = diag["largest_subsample_estimate"]
+            note += f"; largest subset-based estimate {big['node']} {big['effect']:+.3g}"
+        console.print(f"[bold]diagnostic[/]: {escape(result.false_negatives.sentence + note)}", highlight=False,
+                      soft_wrap=True)
     for outcome in res.exports:
         if outcome.error is None:
             note = "" if outcome.requested else "  (result, for `atpdsl show` / `atpdsl export`)"

@@ -169,8 +169,15 @@ def node_count(groups: tuple[NodeGroup, ...], geom: Any) -> int | None:
     return total
 
 
+def computes_edges(method: MethodSpec, metric_kind: str) -> bool:
+    """Whether a run computes edge attributions among its selected nodes: gradient methods only, and not
+    for `kl`, whose gradient at the clean run is zero."""
+    return method.name in ("atp", "atp*") and metric_kind != "kl"
+
+
 def _passes(method: MethodSpec, groups: tuple[NodeGroup, ...], n_layers: int | None, nodes: int | None,
-            verification: Verification | None, diagnosis: Diagnosis | None) -> tuple[Pass, ...]:
+            verification: Verification | None, diagnosis: Diagnosis | None,
+            metric_kind: str = "logit_diff") -> tuple[Pass, ...]:
     """What the engine runs per batch, costed in forward-equivalent passes."""
     layers = n_layers if n_layers is not None else max((g.layers[1] + 1 for g in groups if g.layers), default=1)
     depth_note = "" if n_layers is not None else " (model depth unknown offline: estimated from the node groups)"
@@ -196,6 +203,9 @@ def _passes(method: MethodSpec, groups: tuple[NodeGroup, ...], n_layers: int | N
             unit = "sublayer (attention and MLP apart)" if method.graddrop_mode == "sublayer" else "layer"
             passes.append(Pass("graddrop", 2.0 * drops,
                                f"{drops} extra backward passes, one per {unit} with its gradient dropped{depth_note}"))
+    if computes_edges(method, metric_kind):
+        passes.append(Pass("edges", 4.0, "edge attribution among the selected nodes: corrupt forward, clean forward"
+                                         " and one backward reading every block's input gradient"))
     if verification is not None:
         passes.append(Pass("verify", float(verification.top),
                            f"exact patching of the {verification.top} best-ranked nodes, one forward each"))
@@ -272,7 +282,7 @@ def build_plan(result: CheckResult) -> Plan:
         diagnosis=diagnosis,
         exports=tuple(exports),
         write_per_pair=bool(spec.of(n.Keep)) or aggregate == "per_pair",
-        passes=_passes(method, groups, n_layers, nodes, verification, diagnosis),
+        passes=_passes(method, groups, n_layers, nodes, verification, diagnosis, metric.kind),
         sites=sites,
         extras=tuple(extras),
     )

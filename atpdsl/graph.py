@@ -17,11 +17,14 @@ value also feeds its own head (or, for a KV group, the heads listed in its `head
 its layer's `attn`. Between per-position nodes at two integer positions of the same sign, an
 edge never runs from a later position to an earlier one (causal attention).
 
-Integration note (edge attribution, to come from the engine): an edge's weight is the upstream
-node's change (corrupt - clean) times the gradient of the metric at the downstream node's input,
-along that edge only. When every downstream component (logits included) is scored, a node's
-outgoing edge weights sum to its node AtP estimate; a test on a tiny model should check this to
-1e-5 once `RunResult.edges` is filled in.
+Edge attributions (atpdsl/engine/edges.py, computed by the pipeline for `method atp` / `atp*` when at
+most 200 nodes are selected): weight(u -> v) = mean over pairs of (u's write to the residual stream on the
+corrupt prompt minus on the clean one) . dM/d(the input of v's block, through that block's input norm only),
+at the clean run. Heads, queries, keys, values and `attn` of one layer share the attention block's input
+gradient (neurons and `mlp` the MLP block's), so they get block-level weights; a query, key or value has
+one out-edge, to its own head(s), carrying its plain AtP estimate. The graph attribute `edge_semantics`
+states this (EDGE_SEMANTICS) whenever the edges are weighted. A node's out-edges to every later block
+and `logits` sum to its node AtP estimate (tests/engine/test_edges.py).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from .scores import SCHEMA_VERSION, SIGN_CONVENTION, NodeScore, RunResult
 from .select import SelectionOutcome, ranked
 
 __all__ = [
+    "EDGE_SEMANTICS",
     "EMBED",
     "LOGITS",
     "NODE_FIELDS",
@@ -53,6 +57,15 @@ __all__ = [
 
 EMBED = "embed"
 LOGITS = "logits"
+
+EDGE_SEMANTICS = (
+    "weight(u->v) = mean over pairs of (write_u(corrupt) - write_u(clean)) . dM/d(input of v's block, through "
+    "its input norm only), at the clean run; heads/q/k/v/attn of a layer share the attention block's input "
+    "gradient and neurons/mlp the MLP block's (block-level weights); L.resid targets take the full residual "
+    "gradient; q/k/v -> own head(s) carry the q/k/v node's AtP estimate; a node's out-edges to every later "
+    "block and logits sum to its node AtP estimate"
+)
+"""What a weighted edge means (the graph attribute `edge_semantics` when the run computed edge attributions)."""
 
 ScalarAttr = str | int | float | bool
 
@@ -226,6 +239,8 @@ def graph_attributes(result: RunResult, outcome: SelectionOutcome, plan: Plan | 
         "dropped_verified": ",".join(d.node for d in outcome.dropped),
         "edge_rule": "attribution" if result.edges else "residual",
     }
+    if result.edges:
+        attrs["edge_semantics"] = EDGE_SEMANTICS
     if plan is not None:
         attrs.update(
             spec_file=plan.spec_file,
@@ -242,8 +257,9 @@ def graph_attributes(result: RunResult, outcome: SelectionOutcome, plan: Plan | 
             attrs["model_revision"] = plan.model.revision
     bound = result.false_negatives
     if bound is not None:
+        if bound.bounded:  # an unbounded result has no number to store (graph formats and JSON lack inf)
+            attrs["fn_bound"] = float(bound.bound)
         attrs.update(
-            fn_bound=float(bound.bound),
             fn_confidence=float(bound.confidence),
             fn_samples=int(bound.samples),
             fn_nodes_tested=int(bound.nodes_tested),

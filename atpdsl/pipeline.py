@@ -1,4 +1,4 @@
-"""Run a spec end to end: compile -> execute -> select -> graph -> exports, and load saved results.
+"""Run a spec end to end: compile -> execute (+ edges) -> select -> graph -> exports, and load saved results.
 
 Importing this module is light (no torch, no networkx, no matplotlib): each step imports what it
 needs when it runs, so `import atpdsl` stays fast.
@@ -22,7 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .export import ExportOutcome
     from .export.table import Table
 
-__all__ = ["Result", "Progress", "run", "run_plan", "finish", "load", "compile_spec", "execute_plan"]
+__all__ = [
+    "Result", "Progress", "run", "run_plan", "finish", "load", "compile_spec", "execute_plan", "add_edges",
+    "wants_edges", "EDGE_LIMIT",
+]
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total), called by the engine as its loops advance."""
@@ -99,11 +102,69 @@ def compile_spec(spec: str | Path | None = None, *, text: str | None = None, out
     return compiler.compile_file(path, out_dir=out)
 
 
+EDGE_LIMIT = 200
+"""Edge attributions are computed when at most this many nodes are selected (and the method is atp or atp*)."""
+
+
+def wants_edges(plan: Plan) -> bool:
+    """Whether a run of this plan computes edge attributions among its selected nodes (a `kl` metric is
+    refused by the engine before any model loads, so it gets none)."""
+    from .compiler import computes_edges
+
+    return computes_edges(plan.method, plan.metric.kind)
+
+
 def execute_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
-    """Run the engine on a plan (imports torch and nnsight)."""
+    """Run the engine on a plan (imports torch and nnsight), then edge attributions among the selected nodes.
+
+    The model is loaded once and shared by both steps. Edges come only for `method atp` / `atp*` with at
+    most EDGE_LIMIT selected nodes; otherwise `RunResult.edges` stays empty and the graph falls back to
+    unweighted residual-stream edges.
+    """
     from .engine import execute
 
-    return execute(plan, progress=progress)
+    if not wants_edges(plan):
+        return execute(plan, progress=progress)
+    from .engine.load import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(plan.model)
+    load_s = time.perf_counter() - t0
+    run_result = execute(plan, progress=progress, loaded=loaded)
+    timings = dict(run_result.timings)
+    timings["load"] = timings.get("load", 0.0) + load_s
+    if "total" in timings:
+        timings["total"] += load_s
+    run_result = replace(run_result, timings=tuple(timings.items()))
+    return add_edges(plan, run_result, loaded=loaded, progress=progress)
+
+
+def add_edges(plan: Plan, run_result: RunResult, *, loaded: Any = None, progress: Progress | None = None) -> RunResult:
+    """The run result with edge attributions among the nodes the plan's selection keeps (see EDGE_LIMIT).
+
+    `loaded` is the engine's loaded model (`atpdsl.engine.load.Loaded`), reused when given. The selection
+    is the one `finish` makes (same rule, same scores), so every computed edge has both ends in the graph.
+    """
+    from .select import select
+
+    if not wants_edges(plan):
+        return run_result
+    outcome = select(run_result, plan.selection, aggregate=plan.method.aggregate)
+    if len(outcome.selected) > EDGE_LIMIT:
+        return run_result
+    from .engine.edges import edge_scores
+
+    by_name = run_result.by_name()
+    nodes = [by_name[name].node for name in outcome.selected]
+    t0 = time.perf_counter()
+    edges = edge_scores(plan, nodes, loaded=loaded, progress=progress)
+    seconds = time.perf_counter() - t0
+    timings = [(k, v) for k, v in run_result.timings if k != "total"]
+    timings.append(("edges", round(seconds, 6)))
+    total = dict(run_result.timings).get("total")
+    if total is not None:
+        timings.append(("total", round(total + seconds, 6)))
+    return replace(run_result, edges=edges, timings=tuple(timings))
 
 
 def finish(

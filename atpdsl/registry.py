@@ -166,7 +166,7 @@ DTYPES: dict[str, str] = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float64": "float64", "fp64": "float64", "double": "float64",
 }
-ATTENTIONS = ("eager", "sdpa")
+ATTENTIONS = ("eager",)  # the QK fix and the exact patch both read the explicit attention pattern
 SWITCHES = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 GRADDROP_MODES = ("layer", "sublayer")
 

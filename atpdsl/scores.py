@@ -1,6 +1,7 @@
 """What a run produces: per-node scores, verification, the diagnostic bound, edges, timings."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -72,7 +73,19 @@ class FalseNegativeBound:
     inclusion: float
 
     @property
+    def bounded(self) -> bool:
+        """False when some unverified node was (almost) never in, or never out of, a random subset."""
+        return math.isfinite(self.bound)
+
+    @property
     def sentence(self) -> str:
+        """The result in plain words."""
+        if not self.bounded:
+            return (
+                f"the diagnostic could not bound the {self.nodes_tested} unverified nodes: with "
+                f"{self.samples} samples at inclusion {self.inclusion:g} some node was in (or out of) fewer "
+                f"than 2 random subsets; raise samples so that samples x inclusion is at least 20"
+            )
         return (
             f"with {self.confidence:.0%} confidence no unverified node changes the metric "
             f"by more than {self.bound:.3g}"

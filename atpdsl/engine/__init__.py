@@ -17,19 +17,23 @@ Structure (torch and nnsight are imported lazily, on the first `execute`):
 - `atp.py`      AtP per batch: corrupt trace (no grad) + clean trace with one backward, then
                 `atp_estimates` = sum over a node's columns of (corrupt - clean) * grad.
 - `exact.py`    exact activation patching: K patched copies of the clean batch per forward (`method exact`,
-                `verify top K`).
-- `run.py`      `execute(plan)`: the above in order, ranking, verification, timings, provenance.
+                `verify top K`, and random node subsets for the false-negative diagnostic); nodes whose corrupt
+                value equals the clean one are not run (effect 0).
+- `atpstar.py`  AtP*: the QK fix and GradDrop as one `atp.Correction` on the kept clean graph, and `diagnose`
+                (the false-negative bound); the math lives in qkfix.py, graddrop.py, false_negatives.py.
+- `run.py`      `execute(plan)`: the above in order, ranking (aggregate mean_abs / abs_mean / per_pair),
+                verification and its summary, the diagnostic, timings, provenance.
 - `emit.py`     `emit_python(plan)`: the same AtP as a standalone nnsight program.
 
 Extending:
 - A new site or node kind: one `SiteTemplate` row in `atpdsl/arch.py` (module path, input/output, layout
   of units in the last dimension) and the kind in `nodes.SCORED_KINDS`; AtP, exact patching and
   verification then work unchanged.
-- AtP* (qkfix.py, false_negatives.py): implement `atp.Correction` - extra `TraceSite`s (e.g. post-rotary
-  q/k at stage 20, the attention pattern at stage 25, with `order=(layer, stage)`), extra `Backward`
-  blocks (GradDrop: `zero={block output keys}`, `retain_graph=True`), and `apply(ctx, run, est)` which
-  edits the per-pair estimates (QK fix for query/key columns) or returns per-pair ranking magnitudes
-  (GradDrop score). `run._corrections` builds them from the plan's MethodSpec.
+- A correction (atp.Correction, as atpstar.AtpStar): extra `TraceSite`s (`order=(layer, stage)`), extra
+  `Backward` blocks (run_trace supports `zero={site keys}` to cut gradients inside nnsight backward blocks),
+  or `keep_graph = True` to get the clean run's graph-attached values in `apply(ctx, run, est)`, which edits
+  the per-pair estimates and may return per-pair ranking magnitudes; optional `scores(ctx, aggregate, n)`.
+  `run._corrections` builds them from the plan's MethodSpec (atpstar.corrections_for).
 """
 from __future__ import annotations
 

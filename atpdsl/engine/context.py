@@ -107,6 +107,7 @@ class Accumulator:
     sum_est: torch.Tensor | None = None
     sum_abs: torch.Tensor | None = None
     rows: list[torch.Tensor] = field(default_factory=list)
+    mag_rows: list[torch.Tensor] = field(default_factory=list)  # per-pair ranking magnitudes, when they differ
     clean_sum: float = 0.0
     corrupt_sum: float = 0.0
 
@@ -122,6 +123,8 @@ class Accumulator:
         self.n += est.shape[0]
         if self.keep_rows:
             self.rows.append(est64)
+            if magnitude is not None:
+                self.mag_rows.append(mag)
 
     def add_metrics(self, clean: torch.Tensor, corrupt: torch.Tensor) -> None:
         self.clean_sum += float(clean.double().sum())
@@ -129,3 +132,10 @@ class Accumulator:
 
     def per_pair(self) -> torch.Tensor | None:
         return torch.cat(self.rows) if self.rows else None
+
+    def per_pair_magnitude(self) -> torch.Tensor | None:
+        """Per-pair ranking magnitudes [n_pairs, N] (|estimate| unless a correction supplied its own)."""
+        if self.mag_rows:
+            return torch.cat(self.mag_rows)
+        rows = self.per_pair()
+        return None if rows is None else rows.abs()

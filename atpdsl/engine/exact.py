@@ -15,20 +15,23 @@ from ..plan import MetricSpec
 from .context import Context, align
 from .data import Batch
 from .metrics import metric_rows
+from .nodes import block_estimates, unit_values
 from .trace import TraceSite, run_trace
 
-__all__ = ["BatchRefs", "batch_refs", "exact_effects", "run_exact_all", "chunk_rows"]
+__all__ = ["BatchRefs", "batch_refs", "changed_columns", "exact_effects", "subset_effects", "run_exact_all", "chunk_rows"]
 
 
 class BatchRefs:
-    """What patching one batch needs: corrupt site values (aligned), clean metric rows and log-probs."""
+    """What patching one batch needs: corrupt site values (aligned), clean metric rows and log-probs, and the
+    clean site values (to skip nodes whose corrupt value is their clean value: their effect is exactly 0)."""
 
     def __init__(self, corrupt: dict[str, torch.Tensor], clean_rows: torch.Tensor, corrupt_rows: torch.Tensor,
-                 clean_logprobs: torch.Tensor):
+                 clean_logprobs: torch.Tensor, clean: dict[str, torch.Tensor] | None = None):
         self.corrupt = corrupt
         self.clean_rows = clean_rows
         self.corrupt_rows = corrupt_rows
         self.clean_logprobs = clean_logprobs
+        self.clean = clean or {}
 
 
 def batch_refs(ctx: Context, batch: Batch, sites: Sequence[TraceSite], spec: MetricSpec, eval_: bool) -> BatchRefs:
@@ -38,12 +41,28 @@ def batch_refs(ctx: Context, batch: Batch, sites: Sequence[TraceSite], spec: Met
     answers = batch.eval_answers if eval_ else batch.answers
     with torch.no_grad():
         corrupt = run_trace(ctx.model, batch.corrupt, sites, last_pos=cpos)
-        clean = run_trace(ctx.model, batch.clean, [], last_pos=pos)
+        clean = run_trace(ctx.model, batch.clean, sites, last_pos=pos)
     clean_lp = torch.log_softmax(clean.last.float(), -1)
     clean_rows = metric_rows(spec, clean.last, answers, clean_lp)
     corrupt_rows = metric_rows(spec, corrupt.last, answers, clean_lp)
     aligned = {k: align(v, batch) for k, v in corrupt.acts.items()}
-    return BatchRefs(aligned, clean_rows, corrupt_rows, clean_lp)
+    return BatchRefs(aligned, clean_rows, corrupt_rows, clean_lp, clean.acts)
+
+
+def changed_columns(ctx: Context, batch: Batch, refs: BatchRefs) -> torch.Tensor:
+    """Bool [N]: table columns whose corrupt value differs from the clean one in some pair of the batch (at the
+    node's position, or anywhere for summed nodes). Patching any other node changes nothing: its effect is 0.
+    Columns at sites without clean values count as changed."""
+    out = torch.ones(ctx.table.size, dtype=torch.bool)
+    real = batch.real
+    for si, site in enumerate(ctx.sites):
+        if site.key not in refs.clean or site.key not in refs.corrupt:
+            continue
+        diff = (refs.corrupt[site.key] != refs.clean[site.key]) & real.unsqueeze(-1)
+        for blk in ctx.table.blocks_at(si):
+            hits = block_estimates(blk, unit_values(diff.float(), blk.layout), real, batch.node_pos)
+            out[blk.first: blk.first + blk.size] = (hits > 0).any(0).cpu()
+    return out
 
 
 def chunk_rows(ctx: Context, batch: Batch) -> int:
@@ -66,6 +85,12 @@ def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: Batc
     pos = batch.eval_pos if eval_ else batch.metric_pos
     answers = batch.eval_answers if eval_ else batch.answers
     real = batch.real
+    changed = changed_columns(ctx, batch, refs)
+    slots = [j for j, col in enumerate(columns) if changed[col]]  # the others' effect is exactly 0
+    skipped = len(columns) - len(slots)
+    columns = [columns[j] for j in slots]
+    if progress and not columns:
+        progress(skipped)
     for lo in range(0, len(columns), per_fwd):
         chunk = list(columns[lo: lo + per_fwd])
         k = len(chunk)
@@ -98,9 +123,70 @@ def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: Batc
         with torch.no_grad():
             res = run_trace(ctx.model, inputs, sites, patches=patches, last_pos=pos.repeat(k), keep=False)
         rows = metric_rows(spec, res.last, answers.repeat(k, 1), refs.clean_logprobs.repeat(k, 1))
-        out[:, lo: lo + k] = (rows.double().view(k, b) - refs.clean_rows.double().view(1, b)).T.cpu()
+        out[:, slots[lo: lo + k]] = (rows.double().view(k, b) - refs.clean_rows.double().view(1, b)).T.cpu()
         if progress:
-            progress(lo + k)
+            progress(skipped + lo + k)
+    return out
+
+
+def _site_mask(ctx: Context, batch: Batch, si: int, subsets: torch.Tensor, width: int) -> torch.Tensor | None:
+    """Patch mask [k, b, S, W] at table site `si`: copy j patches every node of row j of `subsets` [k, N] there."""
+    table = ctx.table
+    k, b, seq = subsets.shape[0], batch.size, batch.real.shape[1]
+    device = batch.real.device
+    out = torch.zeros((k, b, seq, width), dtype=torch.bool, device=device)
+    hit = False
+    for blk in table.blocks_at(si):
+        sub = subsets[:, blk.first: blk.first + blk.size].to(device)
+        if not bool(sub.any()):
+            continue
+        hit = True
+        sub = sub.reshape(k, len(blk.units), blk.n_positions).float()
+        if blk.per_position:
+            onehot = torch.zeros((blk.n_positions, b, seq), dtype=torch.float32, device=device)
+            rows = torch.arange(b, device=device)
+            for p in range(blk.n_positions):
+                onehot[p, rows, batch.node_pos[:, p]] = 1.0
+            onehot = onehot * batch.real.float()
+            at = torch.einsum("kup,pbs->kbsu", sub, onehot) > 0  # [k, b, S, units]
+        else:
+            at = (sub[..., 0][:, None, None, :] > 0) & batch.real[None, :, :, None]
+        cols = torch.zeros((len(blk.units), width), dtype=torch.float32, device=device)
+        for i, unit in enumerate(blk.units):
+            c0, c1 = blk.layout.columns(unit)
+            cols[i, c0:c1] = 1.0
+        out |= torch.einsum("kbsu,uw->kbsw", at.float(), cols) > 0
+    return out if hit else None
+
+
+def subset_effects(ctx: Context, batch: Batch, subsets: torch.Tensor, refs: BatchRefs, spec: MetricSpec,
+                   eval_: bool = False) -> torch.Tensor:
+    """Per-pair effects [b, k] of patching, for each row of `subsets` (bool [k, N] over table columns), every
+    node of that row at once (the false-negative diagnostic's random subsets); many rows per forward."""
+    b = batch.size
+    k_all = subsets.shape[0]
+    per_fwd = max(1, chunk_rows(ctx, batch) // b)
+    out = torch.zeros((b, k_all), dtype=torch.float64)
+    pos = batch.eval_pos if eval_ else batch.metric_pos
+    answers = batch.eval_answers if eval_ else batch.answers
+    for lo in range(0, k_all, per_fwd):
+        chunk = subsets[lo: lo + per_fwd]
+        k = chunk.shape[0]
+        sites, patches = [], {}
+        for si, site in enumerate(ctx.sites):
+            if site.key not in refs.corrupt:
+                continue
+            src = refs.corrupt[site.key]
+            mask = _site_mask(ctx, batch, si, chunk, src.shape[-1])
+            if mask is None:
+                continue
+            sites.append(site)
+            patches[site.key] = _patcher(mask.reshape(k * b, src.shape[1], src.shape[-1]), src.repeat(k, 1, 1))
+        inputs = {name: t.repeat(k, 1) for name, t in batch.clean.items()}
+        with torch.no_grad():
+            res = run_trace(ctx.model, inputs, sites, patches=patches, last_pos=pos.repeat(k), keep=False)
+        rows = metric_rows(spec, res.last, answers.repeat(k, 1), refs.clean_logprobs.repeat(k, 1))
+        out[:, lo: lo + k] = (rows.double().view(k, b) - refs.clean_rows.double().view(1, b)).T.cpu()
     return out
 
 

@@ -73,6 +73,17 @@ def _hub_error(ref: ModelRef, err: Exception) -> ModelError:
     return ModelError(f"{where_text(ref.where)}cannot load model {ref.source!r}: {text.splitlines()[0] if text else err!r}")
 
 
+def _resolve_device(name: str) -> str:
+    """`auto` picks the best accelerator present (cuda, then mps), else the CPU."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def load_model(ref: ModelRef, *, trust_remote_code: bool | None = None) -> Loaded:
     """Load `ref` with eager attention, eval mode, frozen parameters (ModelError on any failure)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -82,7 +93,7 @@ def load_model(ref: ModelRef, *, trust_remote_code: bool | None = None) -> Loade
         raise ModelError(f"{where_text(ref.where)}unknown dtype {ref.dtype!r} (known: {', '.join(DTYPES)})")
     dtype = DTYPES[ref.dtype]
     try:
-        device = torch.device(ref.device)
+        device = torch.device(_resolve_device(ref.device))
     except (RuntimeError, ValueError):
         raise ModelError(f"{where_text(ref.where)}unknown device {ref.device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -21,6 +21,8 @@ d head dim. Keys and values must already be expanded per query head (repeat_kv) 
         the estimate for patching a group's key is the sum of its heads' key estimates, because after the
         pattern everything is linear and each head's pattern only sees its own view of the key.
     visible_mask(mask, t, s) -> bool [B|1, H|1, T, S]   which entries of an additive mask are attended
+    QKFix(q, k, scale, mask, q_corrupt=, k_corrupt=)     the gradient-independent part, built once per layer
+        .queries(G) / .keys(G) / .all_keys(G)          = the three fixes above for one G (GradDrop: one per term)
 
 mask: additive [B|1, 1|H, T, S] with 0 for visible entries and -inf or a very negative value (finfo.min) for
 hidden ones; None means causal. Entries below HIDDEN_BELOW (-3e4) count as hidden: their gradient is
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["query_fix", "key_fix", "all_keys_fix", "reduce_groups", "visible_mask", "HIDDEN_BELOW"]
+__all__ = ["QKFix", "query_fix", "key_fix", "all_keys_fix", "reduce_groups", "visible_mask", "HIDDEN_BELOW"]
 
 _F = torch.float64
 HIDDEN_BELOW = -3.0e4
@@ -72,19 +74,111 @@ def _check(name: str, x: torch.Tensor, ndim: int = 4) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
+class QKFix:
+    """The gradient-independent part of the QK fix for one layer and batch, in float64.
+
+    Everything but G = dM/dA is fixed per layer and batch: the clean and patched patterns, and for single keys
+    the sigmoid step and the stable weights over the other keys. Build it once, then each gradient (the plain
+    one and every GradDrop term's) costs a few elementwise products: `queries(G)`, `keys(G)` and
+    `all_keys(G)` return exactly what `query_fix`, `key_fix` and `all_keys_fix` return for that G.
+    Pass `q_corrupt` for the query fix and `k_corrupt` for the key fixes; `per_key` / `all_keys` choose which
+    key fixes to prepare.
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None, *,
+                 q_corrupt: torch.Tensor | None = None, k_corrupt: torch.Tensor | None = None,
+                 per_key: bool = True, all_keys: bool = True) -> None:
+        for name, x in (("q", q), ("k", k), ("q_corrupt", q_corrupt), ("k_corrupt", k_corrupt)):
+            if x is not None:
+                _check(name, x)
+        if q_corrupt is not None and q.shape != q_corrupt.shape:
+            raise ValueError(f"q and q_corrupt differ in shape: {tuple(q.shape)} vs {tuple(q_corrupt.shape)}")
+        if k_corrupt is not None and k.shape != k_corrupt.shape:
+            raise ValueError(f"k and k_corrupt differ in shape: {tuple(k.shape)} vs {tuple(k_corrupt.shape)}")
+        self.dtype = q.dtype
+        t, s = q.shape[-2], k.shape[-2]
+        self.vis = vis = visible_mask(mask, t, s, q.device)
+        hidden = ~vis
+        self._empty = ~vis.any(-1, keepdim=True)  # query rows that see no key
+        a = _logits(q, k, scale, mask, vis)  # [B,H,T,S], -inf where hidden
+        top = a.max(-1, keepdim=True)
+        m1 = top.values.masked_fill(self._empty, 0.0)  # row max (0 for empty rows)
+        w1 = torch.exp(a - m1)  # 0 where hidden
+        tot_w1 = w1.sum(-1, keepdim=True)
+        self.pattern = self._normalise(w1, tot_w1)  # the clean pattern A
+        self.d_query = self.d_all_keys = self.key = None
+        if q_corrupt is not None:
+            self.d_query = self._softmax(_logits(q_corrupt, k, scale, mask, vis)) - self.pattern
+        if k_corrupt is not None and all_keys:
+            self.d_all_keys = self._softmax(_logits(q, k_corrupt, scale, mask, vis)) - self.pattern
+        if k_corrupt is not None and per_key:
+            self.key = self._prepare_keys(q, k, k_corrupt, scale, a, vis, hidden, top.indices, m1, w1, tot_w1)
+
+    def _normalise(self, w: torch.Tensor, tot: torch.Tensor) -> torch.Tensor:
+        return (w / tot.masked_fill(self._empty, 1.0)).masked_fill(self._empty, 0.0)
+
+    def _softmax(self, a: torch.Tensor) -> torch.Tensor:
+        """Row softmax with zeros (not NaN) for rows that see no key."""
+        w = torch.exp(a - a.max(-1, keepdim=True).values.masked_fill(self._empty, 0.0))
+        return self._normalise(w, w.sum(-1, keepdim=True))
+
+    @staticmethod
+    def _prepare_keys(q, k, k_corrupt, scale, a, vis, hidden, arg, m1, w1, tot_w1):
+        """Stability: for each (t, s) the weights over r != s are taken relative to a shift that is the row
+        maximum when s is not the row's arg-max, and the second largest logit when it is, so neither 1 - A_ts
+        nor sum_{r!=s} A_tr G_tr is formed by cancellation."""
+        delta = torch.matmul(q.to(_F), (k_corrupt.to(_F) - k.to(_F)).transpose(-1, -2)) * scale
+        vis = torch.broadcast_to(vis, a.shape)
+        is_arg = torch.zeros_like(vis).scatter_(-1, arg, True) & vis
+        m2 = a.masked_fill(is_arg, float("-inf")).max(-1, keepdim=True).values  # second largest (-inf if alone)
+        m2 = m2.masked_fill(torch.isinf(m2), 0.0)
+        # Non-arg-max columns: shift by m1 (the row max). D_ts = sum_{r!=s} e^{a_tr - m1} >= 1: no cancellation.
+        # Arg-max column: shift by m2 and drop the arg-max entry explicitly.
+        w2 = torch.exp(a - m2).masked_fill(is_arg, 0.0)
+        d = torch.where(is_arg, w2.sum(-1, keepdim=True), tot_w1 - w1)
+        shift = torch.where(is_arg, m2, m1)
+        no_rest = d <= 0  # s is the row's only visible key (or hidden)
+        d_safe = d.masked_fill(no_rest, 1.0)
+        # logit(A_ts) = a_ts - log sum_{r!=s} e^{a_tr}
+        logit = a - (torch.log(d_safe) + shift)
+        diff = _sigmoid_diff(logit, delta).masked_fill(no_rest | hidden, 0.0)  # A'_ts - A_ts
+        inv_d = d_safe.reciprocal().masked_fill(no_rest, 0.0)
+        return w1, w2, is_arg, inv_d, diff
+
+    def _grad(self, grad_pattern: torch.Tensor) -> torch.Tensor:
+        _check("grad_pattern", grad_pattern)
+        return grad_pattern.to(_F).masked_fill(~self.vis, 0.0)
+
+    def queries(self, grad_pattern: torch.Tensor) -> torch.Tensor:
+        """= query_fix: [B, H, T]."""
+        if self.d_query is None:
+            raise ValueError("QKFix was built without q_corrupt")
+        return (self.d_query * self._grad(grad_pattern)).sum(-1).to(self.dtype)
+
+    def keys(self, grad_pattern: torch.Tensor) -> torch.Tensor:
+        """= key_fix: [B, H, S]."""
+        if self.key is None:
+            raise ValueError("QKFix was built without k_corrupt (or with per_key=False)")
+        w1, w2, is_arg, inv_d, diff = self.key
+        g = self._grad(grad_pattern)
+        wg = w1 * g
+        n_non = wg.sum(-1, keepdim=True) - wg
+        n_arg = (w2 * g).sum(-1, keepdim=True)
+        g_rest = torch.where(is_arg, n_arg, n_non) * inv_d  # sum_{r!=s} A_tr G_tr / (1 - A_ts)
+        return (diff * (g - g_rest)).sum(-2).to(self.dtype)
+
+    def all_keys(self, grad_pattern: torch.Tensor) -> torch.Tensor:
+        """= all_keys_fix: [B, H]."""
+        if self.d_all_keys is None:
+            raise ValueError("QKFix was built without k_corrupt (or with all_keys=False)")
+        return (self.d_all_keys * self._grad(grad_pattern)).sum((-1, -2)).to(self.dtype)
+
+
 def query_fix(q: torch.Tensor, q_corrupt: torch.Tensor, k: torch.Tensor, grad_pattern: torch.Tensor,
               scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """QK-fixed estimate for every query node: [B, H, T] from q, q_corrupt [B,H,T,d], k [B,H,S,d], G [B,H,T,S]."""
-    for name, x in (("q", q), ("q_corrupt", q_corrupt), ("k", k), ("grad_pattern", grad_pattern)):
-        _check(name, x)
-    if q.shape != q_corrupt.shape:
-        raise ValueError(f"q and q_corrupt differ in shape: {tuple(q.shape)} vs {tuple(q_corrupt.shape)}")
-    t, s = q.shape[-2], k.shape[-2]
-    vis = visible_mask(mask, t, s, q.device)
-    g = grad_pattern.to(_F).masked_fill(~vis, 0.0)
-    a_clean = _softmax(_logits(q, k, scale, mask, vis))
-    a_new = _softmax(_logits(q_corrupt, k, scale, mask, vis))
-    return ((a_new - a_clean) * g).sum(-1).to(q.dtype)
+    _check("grad_pattern", grad_pattern)
+    return QKFix(q, k, scale, mask, q_corrupt=q_corrupt).queries(grad_pattern)
 
 
 def _sigmoid_diff(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -97,69 +191,16 @@ def _sigmoid_diff(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def key_fix(q: torch.Tensor, k: torch.Tensor, k_corrupt: torch.Tensor, grad_pattern: torch.Tensor,
             scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """QK-fixed estimate for every key node (per query head's view): [B, H, S].
-
-    Stability: for each (t, s) the weights over r != s are taken relative to a shift that is the row maximum
-    when s is not the row's arg-max, and the second largest logit when it is, so neither 1 - A_ts nor
-    sum_{r!=s} A_tr G_tr is formed by cancellation.
-    """
-    for name, x in (("q", q), ("k", k), ("k_corrupt", k_corrupt), ("grad_pattern", grad_pattern)):
-        _check(name, x)
-    if k.shape != k_corrupt.shape:
-        raise ValueError(f"k and k_corrupt differ in shape: {tuple(k.shape)} vs {tuple(k_corrupt.shape)}")
-    t, s = q.shape[-2], k.shape[-2]
-    vis = visible_mask(mask, t, s, q.device)
-    a = _logits(q, k, scale, mask, vis)  # [B,H,T,S], -inf where hidden
-    vis = torch.broadcast_to(vis, a.shape)
-    g = grad_pattern.to(_F).masked_fill(~vis, 0.0)
-    delta = torch.matmul(q.to(_F), (k_corrupt.to(_F) - k.to(_F)).transpose(-1, -2)) * scale
-
-    ninf = torch.tensor(float("-inf"), dtype=_F, device=a.device)
-    top = a.max(-1, keepdim=True)
-    m1, arg = top.values, top.indices  # row max and its position
-    is_arg = torch.zeros_like(vis).scatter_(-1, arg, True) & vis
-    m2 = a.scatter(-1, arg, ninf.expand(arg.shape)).max(-1, keepdim=True).values  # second largest (-inf if a single key)
-    safe = lambda m: torch.where(torch.isinf(m), torch.zeros_like(m), m)  # noqa: E731
-    m1s, m2s = safe(m1), safe(m2)
-
-    # Non-arg-max columns: shift by m1. D_ts = sum_{r!=s} e^{a_tr - m1} >= 1, so no cancellation.
-    w1 = torch.exp(a - m1s)  # 0 where hidden
-    tot_w1 = w1.sum(-1, keepdim=True)
-    tot_wg1 = (w1 * g).sum(-1, keepdim=True)
-    d_non = tot_w1 - w1
-    n_non = tot_wg1 - w1 * g
-    # Arg-max column: shift by m2 and drop the arg-max entry explicitly.
-    w2 = torch.exp(a - m2s).masked_fill(is_arg, 0.0)
-    d_arg = w2.sum(-1, keepdim=True).expand_as(a)
-    n_arg = (w2 * g).sum(-1, keepdim=True).expand_as(a)
-
-    d = torch.where(is_arg, d_arg, d_non)
-    n = torch.where(is_arg, n_arg, n_non)
-    shift = torch.where(is_arg, m2s.expand_as(a), m1s.expand_as(a))
-    has_rest = d > 0
-    d_safe = torch.where(has_rest, d, torch.ones_like(d))
-    # logit(A_ts) = a_ts - log sum_{r!=s} e^{a_tr}; +inf when s is the only visible key.
-    logit = torch.where(has_rest, a - (torch.log(d_safe) + shift), torch.full_like(a, float("inf")))
-    g_rest = torch.where(has_rest, n / d_safe, torch.zeros_like(n))  # sum_{r!=s} A_tr G_tr / (1 - A_ts)
-    diff = _sigmoid_diff(logit, delta)  # A'_ts - A_ts
-    e = diff * (g - g_rest)
-    e = torch.where(vis & has_rest, e, torch.zeros_like(e))
-    return e.sum(-2).to(q.dtype)
+    """QK-fixed estimate for every key node (per query head's view): [B, H, S] (see QKFix._prepare_keys)."""
+    _check("grad_pattern", grad_pattern)
+    return QKFix(q, k, scale, mask, k_corrupt=k_corrupt, all_keys=False).keys(grad_pattern)
 
 
 def all_keys_fix(q: torch.Tensor, k: torch.Tensor, k_corrupt: torch.Tensor, grad_pattern: torch.Tensor,
                  scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """QK-fixed estimate for patching all of a head's keys at once (summed key node): [B, H]."""
-    for name, x in (("q", q), ("k", k), ("k_corrupt", k_corrupt), ("grad_pattern", grad_pattern)):
-        _check(name, x)
-    if k.shape != k_corrupt.shape:
-        raise ValueError(f"k and k_corrupt differ in shape: {tuple(k.shape)} vs {tuple(k_corrupt.shape)}")
-    t, s = q.shape[-2], k.shape[-2]
-    vis = visible_mask(mask, t, s, q.device)
-    g = grad_pattern.to(_F).masked_fill(~vis, 0.0)
-    a_clean = _softmax(_logits(q, k, scale, mask, vis))
-    a_new = _softmax(_logits(q, k_corrupt, scale, mask, vis))
-    return ((a_new - a_clean) * g).sum((-1, -2)).to(q.dtype)
+    _check("grad_pattern", grad_pattern)
+    return QKFix(q, k, scale, mask, k_corrupt=k_corrupt, per_key=False).all_keys(grad_pattern)
 
 
 def reduce_groups(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:

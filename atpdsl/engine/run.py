@@ -53,7 +53,58 @@ def verify(ctx: Context, columns: Sequence[int], *, progress: Progress | None = 
     return torch.cat(out) if out else torch.zeros((0, len(columns)), dtype=torch.float64)
 
 
-def _corrections(ctx: Context) -> list[Correction]:
+PAIR_TOP = 20  # names listed per pair in extras["per_pair_ranks"]["top"]
+
+
+def _pair_ranks(mags: torch.Tensor) -> torch.Tensor:
+    """Per-pair 1-based ranks [n_pairs, N] by descending magnitude (ties: table order, as `rank`)."""
+    order = torch.sort(-mags.double(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(1, mags.shape[1] + 1).expand_as(order).contiguous())
+    return ranks
+
+
+def _pair_rank_extras(ctx: Context, ranks: torch.Tensor) -> dict:
+    """`aggregate per_pair`: every node's rank in each pair's own ranking, and each pair's top names."""
+    names = [n.name for n in ctx.table.nodes]
+    top = []
+    for row in ranks:
+        best = torch.argsort(row)[:PAIR_TOP].tolist()
+        top.append([names[c] for c in best])
+    return {
+        "pairs": [p.origin for p in ctx.pairs],
+        "ranks": {name: ranks[:, c].tolist() for c, name in enumerate(names)},
+        "top": top,
+    }
+
+
+def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
+    """How many verified nodes reach the selection cut with their measured effect, and their ranks."""
+    from ..select import DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude
+
+    selection = plan.selection or DEFAULT_SELECTION
+    _, cut = candidates(nodes, selection)
+    rows = []
+    for node in nodes:
+        if node.verified_effect is None:
+            continue
+        measured = verified_magnitude(node, plan.method.aggregate)
+        rows.append({"node": node.name, "rank": node.rank, "estimate": node.estimate, "score": node.score,
+                     "verified_effect": node.verified_effect, "measured": measured,
+                     "exceeds": bool(measured is not None and measured >= cut)})
+    ranks = [r["rank"] for r in rows if r["exceeds"]]
+    return {
+        "top": len(rows),
+        "rule": describe_rule(selection),
+        "cut": cut,
+        "exceeding": len(ranks),
+        "exceeding_ranks": ranks,
+        "deepest_exceeding_rank": max(ranks) if ranks else None,
+        "nodes": rows,
+    }
+
+
+def _corrections(ctx: Context, progress: Progress | None = None) -> list[Correction]:
     """The AtP* corrections a plan asks for (none for plain AtP)."""
     m = ctx.plan.method
     if not (m.qk_fix or m.graddrop):
@@ -65,7 +116,7 @@ def _corrections(ctx: Context) -> list[Correction]:
             "method atp* with qk_fix/graddrop is not available in this build yet; use `method atp` "
             "(or `method atp* { qk_fix off graddrop off }`)"
         ) from None
-    return list(corrections_for(ctx))
+    return list(corrections_for(ctx, progress=progress))
 
 
 def _provenance(plan: Plan, loaded: Loaded) -> tuple[tuple[str, str | int | float | bool], ...]:
@@ -121,13 +172,18 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
         rows = exact_rows if keep else None
         label = "exact"
     else:
-        corr = _corrections(ctx) if method == "atp*" else []
+        corr = _corrections(ctx, progress) if method == "atp*" else []
         acc = run_atp(ctx, corr, progress=progress, keep_rows=keep)
         sum_est, sum_abs = acc.sum_est, acc.sum_abs
         clean_sum, corrupt_sum = acc.clean_sum, acc.corrupt_sum
         rows = acc.per_pair()
         label = "atp*" if corr else "atp"
     mean, score = _scores(sum_est, sum_abs, n, plan.method.aggregate)
+    if method != "exact":
+        for c in corr:
+            custom = c.scores(ctx, plan.method.aggregate, n) if hasattr(c, "scores") else None
+            if custom is not None:
+                score = custom
     order = rank(score)
     verified: dict[int, torch.Tensor] = {}
     if plan.verification is not None and plan.verification.top > 0:
@@ -141,7 +197,14 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
     table = ctx.table
     means, scores = mean.tolist(), score.tolist()
     columns = rows.T.tolist() if rows is not None else None
+    pair_ranks = None
+    if plan.method.aggregate == "per_pair":
+        mags = exact_rows.abs() if method == "exact" else acc.per_pair_magnitude()
+        pair_ranks = _pair_ranks(mags)
     for r, col in enumerate(order, start=1):
+        attrs = table.attrs[col]
+        if pair_ranks is not None:
+            attrs = attrs + (("best_pair_rank", int(pair_ranks[:, col].min())),)
         ns = NodeScore(
             node=table.nodes[col],
             estimate=means[col],
@@ -149,14 +212,23 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
             method=label,
             rank=r,
             per_pair=tuple(columns[col]) if columns is not None else None,
-            attrs=table.attrs[col],
+            attrs=attrs,
         )
         if col in verified:
             eff = verified[col]
             ns = ns.with_verification(float(eff.mean()), tuple(eff.tolist()))
         nodes.append(ns)
+    false_negatives, diagnosis = None, None
+    if plan.diagnosis is not None:
+        from .atpstar import diagnose
+
+        d = plan.diagnosis
+        unverified = [c for c in order if c not in verified]
+        false_negatives, diagnosis = diagnose(ctx, unverified, samples=d.samples, confidence=d.confidence,
+                                              inclusion=d.inclusion, seed=plan.seed, progress=progress)
     ctx.timings["total"] = time.perf_counter() - t_start
-    timing_order = ("load", "tokenize", "forward", "backward", "estimate", "exact", "verify", "total")
+    timing_order = ("load", "tokenize", "forward", "backward", "estimate", "qk_fix", "graddrop", "exact", "verify",
+                    "diagnose", "total")
     timings = tuple((k, round(ctx.timings[k], 6)) for k in timing_order if k in ctx.timings)
     extras = {
         "aggregate": plan.method.aggregate,
@@ -167,6 +239,17 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
         "eval_metric": describe(plan.eval_metric) if plan.eval_metric else None,
         "batches": len(ctx.batches),
     }
+    if label == "atp*":
+        m = plan.method
+        extras["atp_star"] = {"qk_fix": m.qk_fix, "graddrop": m.graddrop,
+                              "graddrop_mode": m.graddrop_mode if m.graddrop else None,
+                              "graddrop_terms": [t.name for c in corr for t in getattr(c, "terms", [])]}
+    if pair_ranks is not None:
+        extras["per_pair_ranks"] = _pair_rank_extras(ctx, pair_ranks)
+    if verified:
+        extras["verification"] = verification_summary(plan, nodes)
+    if diagnosis is not None:
+        extras["diagnosis"] = diagnosis
     return RunResult(
         model_id=plan.model.source,
         spec_hash=plan.spec_hash,
@@ -176,6 +259,7 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
         n_pairs=n,
         clean_metric=clean_sum / n,
         corrupt_metric=corrupt_sum / n,
+        false_negatives=false_negatives,
         timings=timings,
         provenance=_provenance(plan, loaded),
         extras=extras,

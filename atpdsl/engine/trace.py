@@ -9,7 +9,8 @@ gradients by zeros (GradDrop).
 Two shortcuts keep plain AtP within a few percent of hand-written PyTorch hooks, and give the same numbers
 (tests/engine/test_engine_trace.py): a forward that only reads module sites records them with nnsight's
 cache (no request per site), and plain backward blocks (no gradient edits, module sites only) take
-`torch.autograd.grad` right after the trace on the recorded tensors (`FAST_BACKWARD`).
+`torch.autograd.grad` right after the trace on the recorded tensors (`FAST_BACKWARD`). The same path with
+`keep_graph=True` hands the graph-attached values back (`TraceOut.live`) for AtP*'s GradDrop terms.
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class TraceOut:
     metric: torch.Tensor | None = None
     last: torch.Tensor | None = None
     backward_s: float = 0.0  # wall time inside the backward blocks
+    live: dict[str, torch.Tensor] = field(default_factory=dict)  # graph-attached site values (keep_graph)
 
 
 def resolve(model, module: str, source: tuple[str, ...], attr: str):
@@ -100,14 +102,23 @@ def run_trace(
     last_pos: torch.Tensor | None = None,
     backwards: Sequence[Backward] = (),
     keep: bool = True,
+    keep_graph: bool = False,
 ) -> TraceOut:
     """Run one forward (and the backward blocks) through nnsight; see the module docstring.
 
     `embed`: the embedding module whose output is made to require grad (params are frozen).
     `metric(logits) -> [b]` rows; their sum is differentiated. `last_pos` [b]: also return the logits
     at these positions (detached). `keep=False` returns no site values (exact patching runs).
+    `keep_graph`: keep the clean graph after the backward blocks and return the graph-attached site values
+    in `TraceOut.live`, so that further gradients (AtP*'s GradDrop terms) can be taken with
+    `torch.autograd.grad` from any recorded tensor. Module sites and plain backward blocks only; the caller
+    drops `live` when done (that frees the graph).
     """
     patches = patches or {}
+    if keep_graph:
+        if not backwards or metric is None or patches or any(s.source for s in sites) or any(b.zero for b in backwards):
+            raise ValueError("keep_graph needs a metric, plain backward blocks, module sites and no patches")
+        return _cached_backward(model, inputs, sites, embed, metric, last_pos, backwards, keep_graph=True)
     grad_on = bool(backwards)
     module_sites = all(not s.source for s in sites)
     if keep and not patches and not backwards and metric is None and module_sites:
@@ -224,7 +235,7 @@ def _read_only(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
 
 def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite], embed: str | None,
                      metric: Callable[[torch.Tensor], torch.Tensor], last_pos: torch.Tensor | None,
-                     backwards: Sequence[Backward]) -> TraceOut:
+                     backwards: Sequence[Backward], keep_graph: bool = False) -> TraceOut:
     """The clean run of plain AtP: one trace records the sites (graph kept), then autograd.grad per block."""
     modules = sorted({s.module for s in sites})
     rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
@@ -249,9 +260,10 @@ def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[
         keys = [s.key for s in sites if (s.grad if block.read is None else s.key in block.read)]
         idx = [i_ for i_, s in enumerate(sites) if s.key in set(keys)]
         got = torch.autograd.grad(total, [values[j] for j in idx], retain_graph=i < len(backwards) - 1
-                                  or block.retain_graph, allow_unused=True)
+                                  or block.retain_graph or keep_graph, allow_unused=True)
         grads[block.name] = {sites[j].key: (torch.zeros_like(values[j]) if g is None else g)
                              for j, g in zip(idx, got)}
     backward_s = time.perf_counter() - t0
     acts = {s.key: v.detach() for s, v in zip(sites, values)}
-    return TraceOut(acts=acts, grads=grads, metric=out[0].detach(), last=out[1], backward_s=backward_s)
+    live = {s.key: v for s, v in zip(sites, values)} if keep_graph else {}
+    return TraceOut(acts=acts, grads=grads, metric=out[0].detach(), last=out[1], backward_s=backward_s, live=live)

@@ -89,6 +89,14 @@ def _score_row(base: dict[str, Any], score: NodeScore) -> dict[str, Any]:
     return row
 
 
+def _bound_document(bound: FalseNegativeBound) -> dict[str, Any]:
+    """The diagnostic's numbers; an unbounded result is null (JSON has no infinity)."""
+    doc = {**dataclasses.asdict(bound), "sentence": bound.sentence}
+    if not math.isfinite(bound.bound):
+        doc["bound"] = None
+    return doc
+
+
 def document(res: "Result") -> dict[str, Any]:
     """The JSON document for a result (see the module docstring for its fields)."""
     from ..graph import package_versions
@@ -121,7 +129,7 @@ def document(res: "Result") -> dict[str, Any]:
             "selected": list(res.selection.selected),
             "dropped": [dataclasses.asdict(d) for d in res.selection.dropped],
         },
-        "false_negatives": None if bound is None else {**dataclasses.asdict(bound), "sentence": bound.sentence},
+        "false_negatives": None if bound is None else _bound_document(bound),
         "diagnostic": None if bound is None else bound.sentence,
         "timings": {"engine": _pairs_to_dict(result.timings), "pipeline": _pairs_to_dict(res.timings)},
         "provenance": _pairs_to_dict(result.provenance),
@@ -204,7 +212,10 @@ def _run_result(doc: dict[str, Any], name: str) -> RunResult:
     bound = None
     if fn is not None:
         fields = {f.name for f in dataclasses.fields(FalseNegativeBound)}
-        bound = FalseNegativeBound(**{k: v for k, v in fn.items() if k in fields})
+        values = {k: v for k, v in fn.items() if k in fields}
+        if values.get("bound") is None:  # written as null when the diagnostic could not bound anything
+            values["bound"] = math.inf
+        bound = FalseNegativeBound(**values)
     return RunResult(
         model_id=doc["model_id"],
         spec_hash=doc.get("spec_hash", ""),

@@ -237,3 +237,24 @@ def test_selection_with_nothing_selected_still_exports(tmp_path):
     for ext in ("graphml", "gexf", "dot", "json"):
         write(res, tmp_path / f"empty.{ext}")
     assert_same_graph(res.graph, read_dot(tmp_path / "empty.dot"))
+
+
+def test_an_unbounded_diagnostic_is_written_as_standard_json(tmp_path):
+    """A diagnostic that could not bound anything is `null` in the JSON (JSON has no Infinity) and reads back."""
+    from dataclasses import replace
+
+    run = mixed_result()
+    run = replace(run, false_negatives=replace(run.false_negatives, bound=math.inf))
+    res = finish(make_plan(tmp_path), run, write_exports=False)
+    path = tmp_path / "c.json"
+    write(res, path)
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    doc = json.loads(path.read_text(), parse_constant=no_constants)
+    assert doc["false_negatives"]["bound"] is None
+    assert "could not bound" in doc["false_negatives"]["sentence"]
+    assert "inf" not in doc["false_negatives"]["sentence"]
+    back, _ = read_result(path)
+    assert math.isinf(back.false_negatives.bound) and not back.false_negatives.bounded

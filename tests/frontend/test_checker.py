@@ -121,7 +121,7 @@ def test_huge_index_range_without_a_model_is_refused():
     ("diagnose false_negatives", []),
     ("diagnose false_negatives { samples 0 inclusion 1 }", ["E106", "E106"]),
     ("diagnose false_negatives { samples \"ten\" }", ["E106"]),
-    ('model "model" { device "cuda:3" revision "v1" attention sdpa dtype bf16 }', ["E101"]),
+    ('model "model" { device "cuda:3" revision "v1" attention eager dtype bf16 }', ["E101"]),
     ("export \"a.CSV\" export \"b.png\" export \"c.svg\" export \"d.html\" export \"e.gexf\" export \"f.dot\"", []),
     ("export \"\"", ["E803"]),
     ("export \"out/\"", ["E803"]),
@@ -134,8 +134,14 @@ def test_statements(body, expected):
     assert codes(r) == expected, r.diagnostics
 
 
+def test_only_eager_attention_is_accepted():
+    r = check("", model='model "model" { attention sdpa }')
+    assert codes(r) == ["E104"], r.diagnostics
+    assert check("", model='model "model" { device auto }').ok
+
+
 def test_model_settings_accepted():
-    r = check("", model='model "model" { device "cuda:3" revision "v1" attention sdpa dtype bf16 }')
+    r = check("", model='model "model" { device "cuda:3" revision "v1" attention eager dtype bf16 }')
     assert r.ok, r.diagnostics
 
 

@@ -114,7 +114,9 @@ def test_measured_magnitude_matches_the_aggregate():
     assert select(run, Selection("threshold", 0.25), aggregate="abs_mean").selected == ()
 
 
-magnitudes = st.lists(st.floats(min_value=0.0, max_value=10.0, allow_nan=False), min_size=1, max_size=12)
+# Subnormal magnitudes are excluded: f * total underflows to 0 there and "covers" loses its meaning.
+magnitudes = st.lists(st.floats(min_value=0.0, max_value=10.0, allow_nan=False, allow_subnormal=False), min_size=1,
+                      max_size=12)
 
 
 @settings(max_examples=60, deadline=None)

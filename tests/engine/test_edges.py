@@ -1,0 +1,303 @@
+"""Edge attribution: a node's products over every later reader block add up to its node AtP estimate (GPT-2,
+parallel and sequential GPT-NeoX, grouped-query Llama, summed and per-position nodes); the branch-only gradients
+and write vectors equal a plain-PyTorch computation with hooks; edge scores are the derivative of the metric
+when u's change is added to one block's input only (finite differences); and a pipeline run on the zoo model
+exports weighted edges that sum to the node estimates."""
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine_support import NodeGroup, make_plan, per_pair, tm
+
+from atpdsl.engine import execute
+from atpdsl.engine.edges import edge_matrix, readers, weighted_edges
+from atpdsl.engine.load import wrap_model
+from atpdsl.names import NodeKind, parse_node
+
+QKV = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
+MIXED = (NodeGroup("heads"), NodeGroup("neurons", heads=(0, 5, 7)), NodeGroup("attn"), NodeGroup("mlp"),
+         NodeGroup("resid"), NodeGroup("keys", (1, 1)), NodeGroup("queries", (0, 0), (1,)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _loaded(name: str, dtype=torch.float32):
+    builder = tm.make_neox if name == "neox_seq" else tm.BUILDERS[name]
+    model = builder(**({"parallel": False} if name == "neox_seq" else {}))
+    if dtype == torch.float64:
+        model = tm.to_float64(model)
+    return wrap_model(model, tm.make_tokenizer())
+
+
+def _identity(plan, loaded):
+    """(worst |sum over readers - node AtP|, worst |q/k/v estimate - node AtP|, the matrix)."""
+    res = execute(plan, loaded=loaded)
+    pp = per_pair(res)
+    m = edge_matrix(plan, [n.node for n in res.nodes], loaded=loaded)
+    totals = m.totals()
+    worst = worst_qkv = 0.0
+    for i, s in enumerate(m.sources[1:], start=1):
+        ref = torch.tensor(pp[s.name], dtype=torch.float64)
+        got = m.qkv[:, i] if s.kind in QKV else totals[:, i]
+        if s.kind in QKV:
+            worst_qkv = max(worst_qkv, float((got - ref).abs().max()))
+        else:
+            worst = max(worst, float((got - ref).abs().max()))
+    assert {s.name for s in m.sources} == {"embed"} | set(pp)
+    return worst, worst_qkv, m
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox", "neox_seq", "llama"])
+def test_out_edges_over_all_readers_sum_to_node_atp(name):
+    """Three pairs in batches of two (left padding), heads / neurons / attn / mlp / resid / q / k summed."""
+    loaded = _loaded(name)
+    plan = make_plan("tiny", tm.TINY_PAIRS, MIXED, batch=2, write_per_pair=True)
+    worst, worst_qkv, m = _identity(plan, loaded)
+    assert worst < 1e-5 and worst_qkv < 1e-6, (worst, worst_qkv)
+    names = [r.name for r in m.readers]
+    src = {s.name: i for i, s in enumerate(m.sources)}
+    # not vacuous: a layer-0 head reaches several readers, and readers before a source see nothing of it
+    assert int((m.per_pair[:, src["L0.H1"]].abs() > 1e-4).any(0).sum()) >= 3
+    assert float(m.per_pair[:, src["L1.H0"], names.index("L0.mlp-in")].abs().max()) == 0.0
+    assert float(m.per_pair[:, src["L1.mlp"], names.index("L1.mlp-in")].abs().max()) == 0.0
+    same_layer = float(m.per_pair[:, src["L0.attn"], names.index("L0.mlp-in")].abs().max())
+    assert (same_layer == 0.0) == (name == "neox")  # parallel residual: L0's MLP does not read L0's attention
+
+
+def test_per_position_nodes_and_position_rules():
+    """Per-position sources and targets (two 12-token pairs): identity per position, summed sources split over
+    positions, and edges between per-position nodes only at one position."""
+    loaded = _loaded("llama")
+    groups = (NodeGroup("heads", (1, 1), (0, 3), True), NodeGroup("mlp", (0, 0), None, True), NodeGroup("attn"),
+              NodeGroup("neurons", (0, 0), (2, 9)), NodeGroup("keys", (0, 0), (1,), True))
+    plan = make_plan("tiny", tm.TINY_PAIRS[1:], groups, batch=2, write_per_pair=True)
+    worst, worst_qkv, m = _identity(plan, loaded)
+    assert worst < 1e-5 and worst_qkv < 1e-6, (worst, worst_qkv)
+    summed = [i for i, s in enumerate(m.sources) if s.position is None]
+    # every token is a node position ("index" mode): a summed source's per-position products add up to its total
+    assert torch.allclose(m.at[summed].sum(-1), m.mean[summed], atol=1e-6)
+    edges = {(e.source, e.target): e.weight for e in weighted_edges(m, m.sources[1:])}
+    assert ("L0.mlp@3", "L1.H0@3") in edges and ("L0.mlp@3", "L1.H0@4") not in edges
+    assert ("L1.H0@3", "L0.mlp@5") not in edges and ("L1.attn", "L0.mlp@3") not in edges  # never backwards
+    reader = [r.name for r in m.readers].index("L1.attn-in")
+    i_n, i_m = m.sources.index(parse_node("L0.N2")), m.sources.index(parse_node("L0.mlp@3"))
+    j = m.positions.index(3)
+    assert edges[("L0.N2", "L1.H3@3")] == pytest.approx(float(m.at[i_n, reader, j]), abs=1e-12)
+    assert edges[("L0.mlp@3", "L1.attn")] == pytest.approx(float(m.mean[i_m, reader]), abs=1e-12)
+    # a KV group's key at one position feeds both heads of its group at that position, with its own estimate
+    key = parse_node("L0.G1.k@4")
+    assert key.grouped and not [t for (s, t) in edges if s == key.name and ".H" in t]  # no layer-0 head in the set
+    assert edges[("L0.G1.k@4", "L0.attn")] == pytest.approx(float(m.qkv[:, m.sources.index(key)].mean()))
+
+
+def _reference_products(model, tok, pair, sources):
+    """Plain PyTorch: clone every block-input norm's argument in forward pre-hooks, take autograd.grad of the
+    metric at the clones, build each source's write vector explicitly from captured activations and weights,
+    and return {(source, reader): (corrupt - clean write) . branch gradient}."""
+    mt = model.config.model_type
+    layers = model.transformer.h if mt == "gpt2" else model.model.layers
+    attn_norm, mlp_norm = ("ln_1", "ln_2") if mt == "gpt2" else ("input_layernorm", "post_attention_layernorm")
+    final = model.transformer.ln_f if mt == "gpt2" else model.model.norm
+    embed = model.get_input_embeddings()
+    clones, caught, hooks = {}, {}, []
+
+    def clone_hook(name):
+        def pre(mod, args):
+            x = args[0].clone()
+            clones[name] = x
+            return (x,) + tuple(args[1:])
+        return pre
+
+    def catch_in(name):
+        return lambda mod, args: caught.__setitem__(name, args[0])
+
+    for m_, layer in enumerate(layers):
+        hooks.append(getattr(layer, attn_norm).register_forward_pre_hook(clone_hook(f"L{m_}.attn-in")))
+        hooks.append(getattr(layer, mlp_norm).register_forward_pre_hook(clone_hook(f"L{m_}.mlp-in")))
+        o = layer.attn.c_proj if mt == "gpt2" else layer.self_attn.o_proj
+        down = layer.mlp.c_proj if mt == "gpt2" else layer.mlp.down_proj
+        hooks.append(o.register_forward_pre_hook(catch_in(f"z{m_}")))
+        hooks.append(down.register_forward_pre_hook(catch_in(f"act{m_}")))
+    hooks.append(final.register_forward_pre_hook(clone_hook("logits")))
+
+    def emb_hook(mod, args, out):
+        out = out.clone().requires_grad_(True)
+        caught["embed"] = out
+        return out
+
+    hooks.append(embed.register_forward_hook(emb_hook))
+    ids = {k: tok(pair[k], return_tensors="pt").input_ids for k in ("clean", "corrupt")}
+    answer, wrong = (tok(pair[k], add_special_tokens=False).input_ids[0] for k in ("answer", "wrong"))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids["corrupt"])
+        corrupt = {k: v.detach().clone() for k, v in caught.items()}
+        logits = model(input_ids=ids["clean"]).logits
+        metric = logits[0, -1, answer] - logits[0, -1, wrong]
+        names = list(clones)
+        grads = dict(zip(names, torch.autograd.grad(metric, [clones[n] for n in names])))
+    finally:
+        for h in hooks:
+            h.remove()
+    clean = {k: v.detach() for k, v in caught.items()}
+    out = {}
+    for src in sources:
+        node = parse_node(src)
+        if node.kind is NodeKind.EMBED:
+            write = corrupt["embed"] - clean["embed"]
+        elif node.kind is NodeKind.HEAD:
+            dh = model.config.hidden_size // model.config.num_attention_heads
+            cols = slice(node.index * dh, (node.index + 1) * dh)
+            dz = (corrupt[f"z{node.layer}"] - clean[f"z{node.layer}"])[..., cols]
+            layer = layers[node.layer]
+            w = layer.attn.c_proj.weight[cols, :] if mt == "gpt2" else layer.self_attn.o_proj.weight[:, cols].T
+            write = dz @ w
+        else:  # neuron
+            da = (corrupt[f"act{node.layer}"] - clean[f"act{node.layer}"])[..., node.index: node.index + 1]
+            layer = layers[node.layer]
+            w = layer.mlp.c_proj.weight[node.index] if mt == "gpt2" else layer.mlp.down_proj.weight[:, node.index]
+            write = da * w
+        for r, g in grads.items():
+            out[(src, r)] = float((write * g).sum())
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_branch_gradients_and_writes_equal_plain_pytorch(name):
+    """GPT-2 (Conv1D projections) and GQA Llama (Linear): every (source, reader) product of one pair equals the
+    hooks reference, where a reader's gradient is taken at a clone of its norm's input."""
+    loaded = _loaded(name)
+    pair = tm.TINY_PAIRS[0]
+    sources = ["embed", "L0.H1", "L0.H3", "L1.H2", "L0.N5", "L1.N7"]
+    nodes = [parse_node(s) for s in sources[1:]]
+    plan = make_plan("tiny", [pair], (NodeGroup("heads"),), batch=1)
+    m = edge_matrix(plan, nodes, loaded=loaded)
+    ref = _reference_products(loaded.hf, loaded.tokenizer, pair, sources)
+    worst, biggest = 0.0, 0.0
+    for i, s in enumerate(m.sources):
+        # sequential blocks: embed writes at point 0, a layer-l head at 2l+1, a neuron at 2l+2
+        write = 0 if s.kind is NodeKind.EMBED else 2 * s.layer + (1 if s.kind is NodeKind.HEAD else 2)
+        for j, r in enumerate(m.readers):
+            got = float(m.per_pair[0, i, j])
+            if r.point < write:  # a reader before the source: masked out on purpose
+                assert got == 0.0
+                continue
+            worst = max(worst, abs(got - ref[(s.name, r.name)]))
+            biggest = max(biggest, abs(got))
+    assert biggest > 1e-2 and worst < 1e-5, (worst, biggest)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox"])
+def test_edge_is_derivative_through_one_block_input(name, monkeypatch):
+    """float64: edge(u -> block r) = d/da M(clean run with a * (u's corrupt - clean write) added to the input of
+    r's norm only), by central differences; the skip path is untouched."""
+    softmax = torch.nn.functional.softmax
+
+    def softmax64(x, dim=None, _stacklevel=3, dtype=None):  # GPT-NeoX takes the softmax in float32: keep float64
+        return softmax(x, dim=dim) if x.dtype == torch.float64 else softmax(x, dim=dim, dtype=dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+    loaded = _loaded(name, torch.float64)
+    model, tok = loaded.hf, loaded.tokenizer
+    pair = tm.TINY_PAIRS[0]
+    nodes = [parse_node(s) for s in ("L0.H1", "L0.N5", "L0.mlp")]
+    plan = make_plan("tiny", [pair], (NodeGroup("heads"),), batch=1)
+    m = edge_matrix(plan, nodes, loaded=loaded)
+    # the write vectors, from the hooks reference's captured values (heads, neurons) or the block output (mlp)
+    mt = model.config.model_type
+    layer0 = model.transformer.h[0] if mt == "gpt2" else model.gpt_neox.layers[0]
+    attn_o = layer0.attn.c_proj if mt == "gpt2" else layer0.attention.dense
+    down = layer0.mlp.c_proj if mt == "gpt2" else layer0.mlp.dense_4h_to_h
+    ids = {k: tok(pair[k], return_tensors="pt").input_ids for k in ("clean", "corrupt")}
+    answer, wrong = (tok(pair[k], add_special_tokens=False).input_ids[0] for k in ("answer", "wrong"))
+    caught = {}
+    hooks = [attn_o.register_forward_pre_hook(lambda mod, a: caught.__setitem__("z", a[0])),
+             down.register_forward_pre_hook(lambda mod, a: caught.__setitem__("act", a[0])),
+             layer0.mlp.register_forward_hook(lambda mod, a, o: caught.__setitem__("mlp", o))]
+    vals = {}
+    with torch.no_grad():
+        for k in ("clean", "corrupt"):
+            model(input_ids=ids[k])
+            vals[k] = dict(caught)
+    for h in hooks:
+        h.remove()
+    dh = model.config.hidden_size // model.config.num_attention_heads
+    dz = (vals["corrupt"]["z"] - vals["clean"]["z"])[..., dh: 2 * dh]
+    w_o = attn_o.weight[dh: 2 * dh, :] if mt == "gpt2" else attn_o.weight[:, dh: 2 * dh].T
+    da = (vals["corrupt"]["act"] - vals["clean"]["act"])[..., 5:6]
+    w_d = down.weight[5] if mt == "gpt2" else down.weight[:, 5]
+    writes = {"L0.H1": dz @ w_o, "L0.N5": da * w_d, "L0.mlp": vals["corrupt"]["mlp"] - vals["clean"]["mlp"]}
+    norm_of = {r.name: loaded.hf.get_submodule(r.module) for r in readers(loaded)}
+
+    def metric_with(reader: str, shift: torch.Tensor) -> float:
+        h = norm_of[reader].register_forward_pre_hook(lambda mod, a: (a[0] + shift,) + tuple(a[1:]))
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=ids["clean"]).logits
+        finally:
+            h.remove()
+        return float(logits[0, -1, answer] - logits[0, -1, wrong])
+
+    eps, checked, worst = 1e-4, 0, 0.0
+    for i, s in enumerate(m.sources[1:], start=1):
+        for j, r in enumerate(m.readers):
+            if float(m.per_pair[0, i, j]) == 0.0:  # a reader before the source, or no overlap in positions
+                continue
+            fd = (metric_with(r.name, eps * writes[s.name]) - metric_with(r.name, -eps * writes[s.name])) / (2 * eps)
+            worst = max(worst, abs(fd - float(m.per_pair[0, i, j])))
+            checked += 1
+    assert checked >= 5 and worst < 1e-6, (checked, worst)
+
+
+def test_pipeline_exports_weighted_edges_that_sum_to_node_estimates(tmp_path):
+    """`atpdsl.run` on the zoo model (parallel GPT-NeoX): every attention and MLP block is a node, so each
+    node's out-edges cover every later reader and add up to its estimate; graphml and the edge CSV carry them."""
+    import atpdsl
+    from atpdsl import pipeline
+    from atpdsl.export.graphml import read_graphml
+
+    spec = (
+        'model zoo "induction-2l"\n'
+        'pair { clean "t1 t2 t3 t4 t5 t6 t7 t8 t1 t2 t3" corrupt "t1 t2 t9 t4 t5 t6 t7 t8 t1 t2 t3" '
+        'answer " t4" wrong " t9" }\n'
+        'pair { clean "t10 t11 t12 t13 t14 t15 t10 t11 t12" corrupt "t10 t11 t20 t13 t14 t15 t10 t11 t12" '
+        'answer " t13" wrong " t20" }\n'
+        "metric logit_diff(answer, wrong) at last\n"
+        "nodes { attn ; mlp ; heads layers 1..1 }\nmethod atp\nselect top 6\n"
+        'export "e.csv"\nexport "e.graphml"\n'
+    )
+    res = atpdsl.run(text=spec, out_dir=tmp_path)
+    G = res.graph
+    assert G.graph["edge_rule"] == "attribution" and "edge_semantics" in G.graph
+    assert res.result.edges and all(e.weight is not None for e in res.result.edges)
+    assert "edges" in dict(res.result.timings)
+    assert ("L0.attn", "L0.mlp") not in G.edges  # parallel residual
+    for u in ("L0.attn", "L0.mlp", "L1.attn", "L1.mlp"):
+        targets = [v for v in G.successors(u) if G.nodes[v]["kind"] in ("attn", "mlp", "logits")]
+        total = sum(G.edges[u, v]["weight"] for v in targets)
+        assert total == pytest.approx(G.nodes[u]["estimate"], abs=1e-5)
+    heads = [v for v in G.successors("L0.attn") if G.nodes[v]["kind"] == "heads"]
+    assert heads and {G.edges["L0.attn", v]["weight"] for v in heads} == {G.edges["L0.attn", "L1.attn"]["weight"]}
+    assert abs(G.edges["L1.attn", "logits"]["weight"]) > 1e-2  # the corrupted token matters
+    H = read_graphml(tmp_path / "e.graphml")
+    assert {(a, b): round(d["weight"], 9) for a, b, d in H.edges(data=True)} == {
+        (a, b): round(d["weight"], 9) for a, b, d in G.edges(data=True)}
+    with open(tmp_path / "e-edges.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(res.result.edges) and all(r["weight"] not in ("", None) for r in rows)
+    # no edges for more than EDGE_LIMIT selected nodes or for method exact (the model is not even loaded)
+    bare = replace(res.result, edges=())
+    assert pipeline.add_edges(replace(res.plan, method=replace(res.plan.method, name="exact")), bare).edges == ()
+    original = pipeline.EDGE_LIMIT
+    try:
+        pipeline.EDGE_LIMIT = 3
+        assert pipeline.add_edges(res.plan, bare).edges == ()
+    finally:
+        pipeline.EDGE_LIMIT = original
