@@ -158,6 +158,12 @@ def print_summary(res: "Result", console: "Console") -> None:
     if sel.dropped:
         names = ", ".join(f"{d.node} (measured {d.verified:.3g})" for d in sel.dropped)
         console.print(f"dropped after verification (below the cut {sel.cut:.3g}): {escape(names)}", highlight=False, soft_wrap=True)
+    positions = result.extras.get("positions") if isinstance(result.extras, dict) else None
+    if positions and positions.get("mode") == "end":
+        console.print("[yellow]note[/]: the prompts differ in length, so per-position nodes count from the end "
+                      "(@-1 = last token); @-k names the same word in every pair only where the prompts share "
+                      "their last k tokens. Equal-length prompts or template slots (@slot) align exactly.",
+                      highlight=False, soft_wrap=True)
     ver = result.extras.get("verification") if isinstance(result.extras, dict) else None
     if ver:
         ranks = ", ".join(str(r) for r in ver.get("exceeding_ranks", []))

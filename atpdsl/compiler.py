@@ -13,7 +13,7 @@ from .errors import AtpError, SpecError
 from .parser import parse
 from .plan import (
     Diagnosis, ExportTarget, MetricArg, MetricSpec, MethodSpec, ModelRef, NodeGroup, Pass, Plan, Selection,
-    SourceRef, Verification,
+    SourceRef, Verification, graddrop_cost,
 )
 from .registry import DIAGNOSE_SETTINGS, DTYPES, LAST, SWITCHES
 
@@ -201,8 +201,9 @@ def _passes(method: MethodSpec, groups: tuple[NodeGroup, ...], n_layers: int | N
         if method.name == "atp*" and method.graddrop:
             drops = layers * (2 if method.graddrop_mode == "sublayer" else 1)
             unit = "sublayer (attention and MLP apart)" if method.graddrop_mode == "sublayer" else "layer"
-            passes.append(Pass("graddrop", 2.0 * drops,
-                               f"{drops} extra backward passes, one per {unit} with its gradient dropped{depth_note}"))
+            passes.append(Pass("graddrop", round(2.0 * graddrop_cost(layers, method.graddrop_mode), 6),
+                               f"{drops} extra backward terms, one per {unit} with its gradient dropped; each"
+                               f" recomputes only the layers below its cut{depth_note}"))
     if computes_edges(method, metric_kind):
         passes.append(Pass("edges", 4.0, "edge attribution among the selected nodes: corrupt forward, clean forward"
                                          " and one backward reading every block's input gradient"))

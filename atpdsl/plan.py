@@ -20,7 +20,17 @@ __all__ = [
     "Pass",
     "Plan",
     "SourceRef",
+    "graddrop_cost",
 ]
+
+
+def graddrop_cost(n_layers: int, mode: str = "layer") -> float:
+    """Backward-pass equivalents of all GradDrop terms as the engine runs them: gradients above a cut are
+    shared with the plain backward, so term l recomputes only layers < l (per sublayer: < l, plus layer l's
+    attention for the MLP cut)."""
+    if mode == "layer":
+        return sum(range(n_layers)) / n_layers
+    return sum(2 * layer + 0.5 for layer in range(n_layers)) / n_layers
 
 
 @dataclass(frozen=True, slots=True)

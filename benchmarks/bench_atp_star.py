@@ -9,7 +9,7 @@ recall against exhaustive exact patching (not a test; prints ratios from one run
    verified. Per pair (each pair's own ranking: `aggregate per_pair`) and for the dataset (mean |.| over pairs).
    Method costs in forward-equivalents: corrupt forward 1 + clean forward 1 + backward 2; QK fix 0.05 per layer
    (the compiler's figure); GradDrop 2 x the backward-equivalents of its terms as the engine runs them
-   (atpstar.graddrop_cost: gradients above a cut are shared, so term l only recomputes layers below l).
+   (atpdsl.plan.graddrop_cost: gradients above a cut are shared, so term l only recomputes layers below l).
    Exhaustive exact patching: 2 + one forward per node (every node; also shown: only the nodes whose value
    changes between the prompts, which is what the engine actually runs). Target: >= 200x less than exhaustive.
 
@@ -35,7 +35,7 @@ from engine_support import STORIES, NodeGroup, make_plan, stories_pairs, with_  
 
 from atpdsl.compiler import QK_FIX_COST_PER_LAYER  # noqa: E402
 from atpdsl.engine import execute  # noqa: E402
-from atpdsl.engine.atpstar import graddrop_cost  # noqa: E402
+from atpdsl.plan import graddrop_cost  # noqa: E402
 from atpdsl.engine.load import load_model  # noqa: E402
 from atpdsl.plan import MethodSpec  # noqa: E402
 

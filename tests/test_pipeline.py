@@ -248,3 +248,13 @@ def test_end_to_end_through_the_cli_on_the_zoo_model(tmp_path, capsys):
     assert "Circuit:" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "o" / "e2e.json"), "--to", "gexf"]) == 0
     assert (tmp_path / "o" / "e2e.gexf").is_file()
+
+
+def test_cli_says_when_positions_count_from_the_end(tmp_path, shared_dir, capsys):
+    """inline.atp's prompts differ in length: the run must say that @-k positions count from the end."""
+    from atpdsl.cli import main
+
+    code = main(["run", str(shared_dir / "specs" / "inline.atp"), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "count from the end" in " ".join(out.split())

@@ -41,7 +41,7 @@ from .nodes import Block, block_estimates
 from .qkfix import QKFix, reduce_groups
 from .trace import TraceSite
 
-__all__ = ["AtpStar", "Term", "corrections_for", "diagnose", "graddrop_cost", "PATTERN_TOLERANCE"]
+__all__ = ["AtpStar", "Term", "corrections_for", "diagnose", "PATTERN_TOLERANCE"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -60,14 +60,6 @@ for _name in ("Llama", "Qwen2", "Mistral", "Gemma"):
 
 # Stages (arch.STAGES numbering) of the extra sites; only their relative order matters.
 _PATTERN_STAGE, _MID_STAGE = 32, 40
-
-
-def graddrop_cost(n_layers: int, mode: str = "layer") -> float:
-    """Backward-pass equivalents of the GradDrop terms as implemented here (shared gradients above the cut):
-    term l recomputes layers < l (per sublayer: < l, or < l plus layer l's attention for the MLP cut)."""
-    if mode == "layer":
-        return sum(range(n_layers)) / n_layers
-    return sum(2 * l + 0.5 for l in range(n_layers)) / n_layers
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,7 +85,7 @@ def test_plan_prints_tables(capsys, spec):
     code, out, _ = run(capsys, "plan", spec)
     assert code == 0
     for word in ("Plan for", "logit_diff(answer, wrong) at last", "atp* (qk_fix on, graddrop per layer)",
-                 "graddrop", "x 3 batches = 144 forward-equivalents", "model.layers.0.self_attn.o_proj.input"):
+                 "graddrop", "x 3 batches = 126 forward-equivalents", "model.layers.0.self_attn.o_proj.input"):
         assert word in out, word
 
 
