@@ -27,9 +27,7 @@ from atpdsl.engine.nodes import build_table
 from atpdsl.engine.trace import TraceSite
 from atpdsl.plan import MetricArg, MetricSpec, MethodSpec, ModelRef, NodeGroup, Plan, PromptPair
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
-if not STORIES.is_dir():
-    STORIES = Path("/work/shared/models/stories260K")
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"  # ../shared beside the checkout
 
 
 def random_pairs(vocab: int, n: int, seq: int, seed: int = 0) -> list[EncodedPair]:

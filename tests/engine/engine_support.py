@@ -25,9 +25,7 @@ from atpdsl.plan import (  # noqa: E402
     Verification,
 )
 
-STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K"
-if not STORIES.is_dir():
-    STORIES = Path("/work/shared/models/stories260K")
+STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K"  # ../shared beside the checkout
 SHARED = STORIES.parents[1]
 PRONOUN = SHARED / "data" / "stories260K-pronoun.jsonl"
 
