@@ -229,6 +229,9 @@ class Arch:
     embed: str
     final_norm: str
     templates: tuple[SiteTemplate, ...]
+    attn_norm: str = ""  # input norm of the attention block (edge attribution reads its input's gradient)
+    mlp_norm: str = ""  # input norm of the MLP block
+    neuron_proj: str = ""  # the down projection, where the neuron site is an activation output instead of its input
     notes: str = ""
 
     def template(self, kind: str) -> SiteTemplate:
@@ -284,6 +287,9 @@ _GPT2 = Arch(
     layers="transformer.h",
     embed="transformer.wte",
     final_norm="transformer.ln_f",
+    attn_norm="transformer.h.{layer}.ln_1",
+    mlp_norm="transformer.h.{layer}.ln_2",
+    neuron_proj="transformer.h.{layer}.mlp.c_proj",
     templates=_templates([
         ("queries", "transformer.h.{layer}.attn.c_attn", "output", "gpt2_q"),
         ("keys", "transformer.h.{layer}.attn.c_attn", "output", "gpt2_k"),
@@ -302,6 +308,9 @@ _NEOX = Arch(
     layers="gpt_neox.layers",
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
+    attn_norm="gpt_neox.layers.{layer}.input_layernorm",
+    mlp_norm="gpt_neox.layers.{layer}.post_attention_layernorm",
+    neuron_proj="gpt_neox.layers.{layer}.mlp.dense_4h_to_h",
     templates=_templates([
         ("queries", "gpt_neox.layers.{layer}.attention.query_key_value", "output", "neox_q"),
         ("keys", "gpt_neox.layers.{layer}.attention.query_key_value", "output", "neox_k"),
@@ -336,6 +345,8 @@ def _llama_like(name: str, model_types: tuple[str, ...], notes: str = "") -> Arc
         embed="model.embed_tokens",
         final_norm="model.norm",
         templates=_templates(_LLAMA_ROWS),
+        attn_norm="model.layers.{layer}.input_layernorm",
+        mlp_norm="model.layers.{layer}.post_attention_layernorm",
         notes=notes,
     )
 

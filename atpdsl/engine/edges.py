@@ -65,21 +65,6 @@ __all__ = ["Reader", "EdgeMatrix", "edge_matrix", "edge_scores", "weighted_edges
 Progress = Callable[[str, int, int], None]
 
 
-# Input norms of the attention and MLP blocks, per architecture (Arch.name); the final norm is Arch.final_norm.
-_NORMS: dict[str, tuple[str, str]] = {
-    "GPT-2": ("transformer.h.{layer}.ln_1", "transformer.h.{layer}.ln_2"),
-    "GPT-NeoX": ("gpt_neox.layers.{layer}.input_layernorm", "gpt_neox.layers.{layer}.post_attention_layernorm"),
-}
-_LLAMA_NORMS = ("model.layers.{layer}.input_layernorm", "model.layers.{layer}.post_attention_layernorm")
-for _name in ("Llama", "Qwen2", "Mistral", "Gemma"):
-    _NORMS[_name] = _LLAMA_NORMS
-
-# Where a neuron site is an activation output (not the down projection's input), the down projection.
-_NEURON_PROJ: dict[str, str] = {
-    "GPT-2": "transformer.h.{layer}.mlp.c_proj",
-    "GPT-NeoX": "gpt_neox.layers.{layer}.mlp.dense_4h_to_h",
-}
-
 _ATTN_SIDE = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTN)
 _MLP_SIDE = (NodeKind.NEURON, NodeKind.MLP)
 _QKV = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
@@ -107,9 +92,11 @@ def _parallel(loaded: Loaded) -> bool:
 
 def readers(loaded: Loaded) -> list[Reader]:
     """Every reader block of the model in forward order (EngineError for an architecture without norms listed)."""
-    norms = _NORMS.get(loaded.arch.name)
-    if norms is None:
-        raise EngineError(f"edge attribution does not know the block input norms of {loaded.arch.name} models")
+    arch = loaded.arch
+    if not (arch.attn_norm and arch.mlp_norm):
+        raise EngineError(f"edge attribution does not know the block input norms of {arch.name} models "
+                          f"(add attn_norm and mlp_norm to its entry in atpdsl/arch.py)")
+    norms = (arch.attn_norm, arch.mlp_norm)
     parallel = _parallel(loaded)
     n = loaded.geom.n_layers
     out = []
@@ -319,7 +306,7 @@ def _edge_batch(st: _Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, t
             if bl.kind in ("heads", "neurons"):
                 cols = _unit_columns(bl).to(d.device)
                 module = (site.module if site.attr == "input"
-                          else _NEURON_PROJ[loaded.arch.name].format(layer=site.layer))
+                          else loaded.arch.neuron_proj.format(layer=site.layer))
                 proj = G @ _backprojection(loaded.hf.get_submodule(module), cols)  # [R, b, S, k]
                 per_unit = (d[..., cols].unsqueeze(0) * proj).unflatten(-1, (len(bl.units), bl.layout.width)).sum(-1)
             else:  # attn, mlp, resid: the whole vector is the write
