@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "graph"))
-from synthetic_circuits import make_plan, mixed_result  # noqa: E402
+from synthetic_circuits import make_plan, mixed_result
 
-import atpdsl  # noqa: E402
-from atpdsl import commands, pipeline  # noqa: E402
-from atpdsl.errors import ModelError, SpecError  # noqa: E402
-from atpdsl.export.gexf import read_gexf  # noqa: E402
+import atpdsl
+from atpdsl import commands, pipeline
+from atpdsl.errors import ModelError, SpecError
+from atpdsl.export.gexf import read_gexf
 
 ALL = ("json", "csv", "graphml", "gexf", "dot")
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -10,10 +9,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_models as tm  # noqa: E402
+import tiny_models as tm
 
-from atpdsl.plan import (  # noqa: E402
+from atpdsl.plan import (
     MethodSpec,
     MetricArg,
     MetricSpec,

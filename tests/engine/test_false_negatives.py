@@ -168,12 +168,9 @@ def test_stories260k_heads_diagnostic_bounds_the_unverified_heads():
     L1.H3 -0.51), random-subset patching of the other 37 bounds them (measured: 0.58-0.69 over seeds 0-2 with 200
     samples; the largest remaining single-head effect is 0.413)."""
     import json
-    import sys
     from pathlib import Path
 
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch_reference as R
 
     from atpdsl.names import NodeId, NodeKind

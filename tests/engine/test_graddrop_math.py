@@ -1,17 +1,14 @@
 """GradDrop: hook vs autograd.Function cutting, the zero / plain-AtP terms, and the scoring rule."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_models as tm  # noqa: E402
-import torch_reference as R  # noqa: E402
+import tiny_models as tm
+import torch_reference as R
 
-from atpdsl.engine.graddrop import (  # noqa: E402
+from atpdsl.engine.graddrop import (
     DropGradient,
     graddrop_score,
     n_terms,

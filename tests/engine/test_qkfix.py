@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import mpmath
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_models as tm  # noqa: E402
-import torch_reference as R  # noqa: E402
+import tiny_models as tm
+import torch_reference as R
 
-from atpdsl.engine.qkfix import all_keys_fix, key_fix, query_fix, reduce_groups, visible_mask  # noqa: E402
-from atpdsl.names import NodeId, NodeKind  # noqa: E402
+from atpdsl.engine.qkfix import all_keys_fix, key_fix, query_fix, reduce_groups, visible_mask
+from atpdsl.names import NodeId, NodeKind
 
 F = torch.float64
 NEG = torch.finfo(torch.float32).min

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_models as tm  # noqa: E402
-import torch_reference as R  # noqa: E402
+import tiny_models as tm
+import torch_reference as R
 
-from atpdsl.names import NodeId, NodeKind, parse_node  # noqa: E402
+from atpdsl.names import NodeId, NodeKind, parse_node
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # as tests/conftest.py
 STORIES = SHARED / "models" / "stories260K"

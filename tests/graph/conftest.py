@@ -1,5 +1,0 @@
-"""Make the hand-built runs in synthetic_circuits.py importable from every test folder."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
