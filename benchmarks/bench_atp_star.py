@@ -58,6 +58,11 @@ def method_cost(m: MethodSpec, n_layers: int) -> float:
     return cost
 
 
+MISS_MIN_EFFECT = 0.2  # a missed node must change the metric by at least this much when patched
+MISS_RATIO = 0.1  # ...while plain AtP estimates less than this fraction of it
+MISS_SHOWN = 3
+
+
 def worst_rank(truth: dict[str, float], ranks: dict[str, int]) -> int:
     top = sorted(truth, key=lambda n: -abs(truth[n]))[:TOP]
     return max(ranks[n] for n in top)
@@ -114,8 +119,9 @@ def main() -> None:
           f"exhaustive = {exhaustive} ({exhaustive_changed:.0f} counting only changed nodes):")
     print(f"  {'method':14s} {'cost':>6s} {'per pair: worst rank mean [min-max]':>38s} {'x less':>8s}"
           f" {'dataset: worst rank':>20s} {'x less':>8s}")
+    results = {}
     for name, m in METHODS.items():
-        res = execute(with_(plan, method=m), loaded=loaded)
+        res = results[name] = execute(with_(plan, method=m), loaded=loaded)
         pr = res.extras["per_pair_ranks"]["ranks"]
         worst = [worst_rank(per_pair_truth[p], {k: v[p] for k, v in pr.items()}) for p in range(len(pairs))]
         cost = method_cost(m, n_layers)
@@ -127,6 +133,17 @@ def main() -> None:
     print(f"  {'exhaustive':14s} {exhaustive:6d}  (x1; {exhaustive / exhaustive_changed:.2f} if only changed nodes "
           f"are patched)")
     print("  target: >= 200x less than exhaustive")
+
+    # ---- 3. cancellation: the (node, pair) that plain AtP misses worst, and where each method ranks it
+    atp_est = {n.name: n.per_pair for n in results["AtP"].nodes}
+    missed = [(abs(per_pair_truth[p][k]), k, p) for k in names for p in range(len(pairs))
+              if abs(per_pair_truth[p][k]) >= MISS_MIN_EFFECT and abs(atp_est[k][p]) < MISS_RATIO * abs(per_pair_truth[p][k])]
+    print(f"\nnodes plain AtP misses (|exact| >= {MISS_MIN_EFFECT}, |AtP| < {MISS_RATIO:.0%} of it): {len(missed)}")
+    for _, k, p in sorted(missed, reverse=True)[:MISS_SHOWN]:
+        ranks = ", ".join(f"{name} {res.extras['per_pair_ranks']['ranks'][k][p]}" for name, res in results.items())
+        true_rank = 1 + sum(abs(v) > abs(per_pair_truth[p][k]) for v in per_pair_truth[p].values())
+        print(f"  {k} in pair {p}: exact {per_pair_truth[p][k]:+.3f} (true rank {true_rank}), AtP {atp_est[k][p]:+.3f};"
+              f" rank under {ranks} (of {n_nodes})")
 
 
 if __name__ == "__main__":
