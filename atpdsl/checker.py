@@ -518,7 +518,7 @@ class _Checker:
             elif stmt.settings and not info.settings:
                 belongs = any(s.key.name in METHOD_SETTINGS for s in stmt.settings)
                 self.add(error("E702", f"`method {name}` takes no settings", stmt.settings[0].key.span,
-                               "qk_fix and graddrop belong to `method atp*`" if belongs else ""))
+                               "qk_fix, graddrop and norm_fix belong to `method atp*`" if belongs else ""))
             elif info.settings:
                 self.settings("method", stmt.settings, METHOD_SETTINGS)
         for stmt in self.spec.of(n.Aggregate)[:1]:

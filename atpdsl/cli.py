@@ -221,6 +221,8 @@ def print_plan(plan: Plan, console: Console) -> None:
     if method.name == "atp*":
         parts = [f"qk_fix {'on' if method.qk_fix else 'off'}",
                  f"graddrop {'per ' + method.graddrop_mode if method.graddrop else 'off'}"]
+        if method.norm_fix:
+            parts.append("norm_fix on")
         how += f" ({', '.join(parts)})"
     how += f", aggregate {method.aggregate}"
     if plan.write_per_pair:

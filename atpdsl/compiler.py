@@ -13,7 +13,7 @@ from .errors import AtpError, SpecError
 from .parser import parse
 from .plan import (
     Diagnosis, ExportTarget, MetricArg, MetricSpec, MethodSpec, ModelRef, NodeGroup, Pass, Plan, Selection,
-    SourceRef, Verification, graddrop_cost,
+    SourceRef, Verification, graddrop_cost, norm_fix_cost,
 )
 from .registry import DIAGNOSE_SETTINGS, DTYPES, LAST, SWITCHES
 
@@ -30,6 +30,8 @@ __all__ = [
 
 QK_FIX_COST_PER_LAYER = 0.05
 """Forward-equivalents of one layer's attention-pattern recomputation (small next to a forward)."""
+NORM_FIX_KINDS = ("heads", "values", "neurons", "attn", "mlp", "resid")
+"""Node kinds the norm fix rewrites (the engine's atpstar.NORM_FIX_KINDS)."""
 
 
 def read_spec(path: str | Path) -> str:
@@ -128,7 +130,9 @@ def _method(stmt: n.Method | None, aggregate: str) -> MethodSpec:
             mode = g[1]
         else:
             graddrop = SWITCHES[g]
-    return MethodSpec("atp*", qk_fix=qk_fix, graddrop=graddrop, graddrop_mode=mode, aggregate=aggregate)
+    norm_fix = SWITCHES[values["norm_fix"]] if "norm_fix" in values else False
+    return MethodSpec("atp*", qk_fix=qk_fix, graddrop=graddrop, graddrop_mode=mode, norm_fix=norm_fix,
+                      aggregate=aggregate)
 
 
 def _groups(stmt: n.Nodes | None) -> tuple[NodeGroup, ...]:
@@ -198,6 +202,10 @@ def _passes(method: MethodSpec, groups: tuple[NodeGroup, ...], n_layers: int | N
             passes.append(Pass("qk fix", round(QK_FIX_COST_PER_LAYER * layers, 6),
                                f"exact softmax for patched queries and keys: one attention-pattern recomputation"
                                f" per layer x {layers}{depth_note}"))
+        if method.name == "atp*" and method.norm_fix and any(g.kind in NORM_FIX_KINDS for g in groups):
+            passes.append(Pass("norm fix", round(norm_fix_cost(layers, method.graddrop, method.graddrop_mode), 6),
+                               f"exact block-input and final norms on every node's own write, per layer x {layers}"
+                               f"{' and per GradDrop term' if method.graddrop else ''}{depth_note}"))
         if method.name == "atp*" and method.graddrop:
             drops = layers * (2 if method.graddrop_mode == "sublayer" else 1)
             unit = "sublayer (attention and MLP apart)" if method.graddrop_mode == "sublayer" else "layer"

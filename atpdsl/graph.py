@@ -218,6 +218,8 @@ def _corrections(plan: Plan | None) -> str:
         parts.append("qk_fix")
     if method.graddrop:
         parts.append(f"graddrop per {method.graddrop_mode}")
+    if method.norm_fix:
+        parts.append("norm_fix")
     return ", ".join(parts) if parts else "none"
 
 
@@ -250,6 +252,7 @@ def graph_attributes(result: RunResult, outcome: SelectionOutcome, plan: Plan | 
             qk_fix=bool(plan.method.qk_fix),
             graddrop=bool(plan.method.graddrop),
             graddrop_mode=plan.method.graddrop_mode,
+            norm_fix=bool(plan.method.norm_fix),
             corrections=_corrections(plan),
             model_dtype=plan.model.dtype,
         )

@@ -21,6 +21,7 @@ __all__ = [
     "Plan",
     "SourceRef",
     "graddrop_cost",
+    "norm_fix_cost",
 ]
 
 
@@ -31,6 +32,25 @@ def graddrop_cost(n_layers: int, mode: str = "layer") -> float:
     if mode == "layer":
         return sum(range(n_layers)) / n_layers
     return sum(2 * layer + 0.5 for layer in range(n_layers)) / n_layers
+
+
+NORM_FIX_PAIR_COST = 0.5
+"""Forward-equivalents of the norm fix per (MLP layer, later norm) pair, divided by the layer count: two
+[tokens, d] x [d, neurons] matmuls, against a forward's ~(3 d neurons + 4 d^2) per layer with neurons ~ 4 d."""
+
+
+def norm_fix_cost(n_layers: int, graddrop: bool = False, mode: str = "layer") -> float:
+    """Forward-equivalents of the norm fix as the engine runs it, dominated by the neurons: each MLP layer's writes
+    against every later norm; with GradDrop each term also redoes the norms between a lower layer and its cut
+    (the norms above a cut reuse the plain pass's contributions)."""
+    readers = sorted([2 * m for m in range(n_layers)] + [2 * m + 1 for m in range(n_layers)] + [2 * n_layers])
+    writes = [2 * m + 2 for m in range(n_layers)]
+    pairs = sum(1 for w in writes for r in readers if r >= w)
+    if graddrop:
+        cuts = ([2 * l + 2 for l in range(n_layers)] if mode == "layer"
+                else [c for l in range(n_layers) for c in (2 * l + 1, 2 * l + 2)])
+        pairs += sum(1 for c in cuts for w in writes if w < c for r in readers if w <= r < c)
+    return NORM_FIX_PAIR_COST * pairs / n_layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +163,7 @@ class MethodSpec:
     qk_fix: bool = False
     graddrop: bool = False
     graddrop_mode: str = "layer"  # layer | sublayer
+    norm_fix: bool = False  # atpdsl extension: exact norms on each node's own write (engine/normfix.py)
     aggregate: str = "mean_abs"  # mean_abs | abs_mean | per_pair
 
 

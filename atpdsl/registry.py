@@ -42,7 +42,7 @@ STATEMENTS: dict[str, StatementInfo] = {
         StatementInfo("metric", False, "metric EXPR [at last|SLOT]", "what the circuit explains"),
         StatementInfo("eval metric", False, "eval metric EXPR [at last|SLOT]", "the metric `verify` reports"),
         StatementInfo("nodes", False, "nodes { KIND [INDICES] [layers A..B] [per position] … }", "what to score"),
-        StatementInfo("method", False, "method atp | atp* [{ qk_fix on|off graddrop on|off|per layer|per sublayer }]"
+        StatementInfo("method", False, "method atp | atp* [{ qk_fix on|off graddrop on|off|per layer|per sublayer norm_fix on|off }]"
                       " | exact", "how to score"),
         StatementInfo("aggregate", False, "aggregate mean_abs|abs_mean|per_pair", "how pair scores combine"),
         StatementInfo("keep", False, "keep per_pair", "write each pair's estimates too"),
@@ -203,6 +203,8 @@ METHOD_SETTINGS: dict[str, SettingInfo] = {
         SettingInfo("qk_fix", "switch", "exact softmax for patched queries and keys", "on"),
         SettingInfo("graddrop", "graddrop", "one extra backward per layer (or sublayer) with its gradient dropped",
                     "on, per layer"),
+        SettingInfo("norm_fix", "switch", "exact norms on each node's own write (atpdsl extension, not in the paper)",
+                    "off"),
     )
 }
 
@@ -231,7 +233,7 @@ METHODS: dict[str, MethodInfo] = {
     m.key: m
     for m in (
         MethodInfo("atp", (), "attribution patching: 2 forwards + 1 backward per batch"),
-        MethodInfo("atp*", ("qk_fix", "graddrop"), "AtP with the QK fix and GradDrop (Kramár et al. 2024)"),
+        MethodInfo("atp*", ("qk_fix", "graddrop", "norm_fix"), "AtP with the QK fix and GradDrop (Kramár et al. 2024)"),
         MethodInfo("exact", (), "activation patching, one forward per node: the ground truth"),
     )
 }

@@ -1,9 +1,10 @@
 """AtP* benchmark on stories260K and the pronoun pairs: wall time against plain AtP, and the cost of verified
 recall against exhaustive exact patching (not a test; prints ratios from one run).
 
-1. Wall time: one `execute` of AtP, AtP + QK fix, AtP* (GradDrop per layer) and AtP* (per sublayer) on all
-   20 pairs in one batch, per-position heads / queries / keys / neurons (18,240 nodes); median of interleaved
-   rounds. Target: AtP* / AtP <= 1 + L/2 (L = 5 layers).
+1. Wall time: one `execute` of AtP, AtP + QK fix, AtP* (GradDrop per layer), AtP* (per sublayer) and AtP* with
+   atpdsl's norm fix (both GradDrop modes) on all 20 pairs in one batch, per-position heads / queries / keys /
+   neurons (18,240 nodes); median of interleaved rounds. Target (the paper's AtP*): AtP* / AtP <= 1 + L/2
+   (L = 5 layers).
 2. Cost of verified recall (the paper's figure of merit): forward-equivalent passes until all of the true top 10
    (by |exact effect|) are verified, walking down a method's ranking: method cost + one forward per node
    verified. Per pair (each pair's own ranking: `aggregate per_pair`) and for the dataset (mean |.| over pairs).
@@ -12,12 +13,19 @@ recall against exhaustive exact patching (not a test; prints ratios from one run
    (atpdsl.plan.graddrop_cost: gradients above a cut are shared, so term l only recomputes layers below l).
    Exhaustive exact patching: 2 + one forward per node (every node; also shown: only the nodes whose value
    changes between the prompts, which is what the engine actually runs). Target: >= 200x less than exhaustive.
+   The norm fix adds atpdsl.plan.norm_fix_cost.
+3. The (node, pair)s plain AtP misses worst, and where each method ranks them.
+4. Pearson correlation of each method's per-pair estimates with exact patching, per node kind, over all pairs.
+5. Why the worst miss is missed: for the worst (node, pair) of section 3, the exact effect of patching a fraction
+   of the way (an independent plain-PyTorch hook implementation, tests/torch_reference.py) and its GradDrop terms
+   per sublayer: a curve that starts flat, and terms that are all small, mean curvature rather than cancellation.
 
 Run: .venv/bin/python benchmarks/bench_atp_star.py [--pairs 20] [--rounds 5] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -35,7 +43,8 @@ from engine_support import STORIES, NodeGroup, make_plan, stories_pairs, with_  
 
 from atpdsl.compiler import QK_FIX_COST_PER_LAYER  # noqa: E402
 from atpdsl.engine import execute  # noqa: E402
-from atpdsl.plan import graddrop_cost  # noqa: E402
+from atpdsl.names import parse_node  # noqa: E402
+from atpdsl.plan import graddrop_cost, norm_fix_cost  # noqa: E402
 from atpdsl.engine.load import load_model  # noqa: E402
 from atpdsl.plan import MethodSpec  # noqa: E402
 
@@ -45,6 +54,9 @@ METHODS = {
     "AtP+QK": MethodSpec("atp*", qk_fix=True, aggregate="per_pair"),
     "AtP* layer": MethodSpec("atp*", qk_fix=True, graddrop=True, aggregate="per_pair"),
     "AtP* sublayer": MethodSpec("atp*", qk_fix=True, graddrop=True, graddrop_mode="sublayer", aggregate="per_pair"),
+    "AtP*+norm": MethodSpec("atp*", qk_fix=True, graddrop=True, norm_fix=True, aggregate="per_pair"),
+    "AtP*+norm sub": MethodSpec("atp*", qk_fix=True, graddrop=True, graddrop_mode="sublayer", norm_fix=True,
+                                aggregate="per_pair"),
 }
 TOP = 10
 
@@ -55,6 +67,8 @@ def method_cost(m: MethodSpec, n_layers: int) -> float:
         cost += QK_FIX_COST_PER_LAYER * n_layers
     if m.graddrop:
         cost += 2.0 * graddrop_cost(n_layers, m.graddrop_mode)
+    if m.norm_fix:
+        cost += norm_fix_cost(n_layers, m.graddrop, m.graddrop_mode)
     return cost
 
 
@@ -81,11 +95,12 @@ def main() -> None:
     n_layers = loaded.geom.n_layers
 
     # ---- 1. wall time
-    loop_phases = ("forward", "backward", "estimate", "qk_fix", "graddrop")
+    loop_phases = ("forward", "backward", "estimate", "qk_fix", "norm_fix", "graddrop")
     times: dict[str, list[float]] = {k: [] for k in METHODS}
     loops: dict[str, list[float]] = {k: [] for k in METHODS}
     for _ in range(args.rounds + 1):
         for name, m in METHODS.items():
+            gc.collect()  # a collection inside one method's timing would be charged to it
             t0 = time.perf_counter()
             res = execute(with_(plan, method=with_(m, aggregate="mean_abs"), write_per_pair=False), loaded=loaded)
             times[name].append(time.perf_counter() - t0)
@@ -98,9 +113,9 @@ def main() -> None:
     for k in METHODS:
         print(f"  {k:14s} {loop[k] * 1000:9.1f} ms {loop[k] / loop['AtP']:7.2f} {med[k] * 1000:11.1f} ms "
               f"{med[k] / med['AtP']:7.2f}")
-    print("  (attribution = the engine's forward + backward + estimate + qk_fix + graddrop phases; whole execute adds"
-          " tokenizing, ranking and building one NodeScore per node)")
-    print(f"  target: AtP* / AtP <= 1 + L/2 = {1 + n_layers / 2:.1f}")
+    print("  (attribution = the engine's forward + backward + estimate + qk_fix + norm_fix + graddrop phases; whole"
+          " execute adds tokenizing, ranking and building one NodeScore per node)")
+    print(f"  target (the paper's AtP*, without the norm fix): AtP* / AtP <= 1 + L/2 = {1 + n_layers / 2:.1f}")
 
     # ---- 2. cost of verified recall
     t0 = time.perf_counter()
@@ -144,6 +159,81 @@ def main() -> None:
         true_rank = 1 + sum(abs(v) > abs(per_pair_truth[p][k]) for v in per_pair_truth[p].values())
         print(f"  {k} in pair {p}: exact {per_pair_truth[p][k]:+.3f} (true rank {true_rank}), AtP {atp_est[k][p]:+.3f};"
               f" rank under {ranks} (of {n_nodes})")
+
+    # ---- 4. Pearson correlation with exact patching, per node kind, over every (node, pair)
+    print(f"\nPearson(per-pair estimate, exact effect) over all {len(pairs)} pairs:")
+    kinds = sorted({n.node.kind.value for n in exact.nodes})
+    print(f"  {'method':14s} " + " ".join(f"{k:>9s}" for k in kinds))
+    estimates = {name: {n.name: n.per_pair for n in res.nodes} for name, res in results.items()}
+    for name in ("AtP", "AtP+QK", "AtP*+norm"):
+        row = []
+        for kind in kinds:
+            keys = [n.name for n in exact.nodes if n.node.kind.value == kind]
+            est = [v for k in keys for v in estimates[name][k]]
+            ref = [per_pair_truth[q][k] for k in keys for q in range(len(pairs))]
+            x = torch.tensor([est, ref], dtype=torch.float64)
+            row.append(float(torch.corrcoef(x)[0, 1]))
+        print(f"  {name:14s} " + " ".join(f"{r:9.3f}" for r in row))
+    print("  (AtP* reports the QK-fixed estimate; the norm fix rewrites heads and neurons, the QK fix queries and keys)")
+
+    # ---- 5. the worst miss: curvature or cancellation?
+    if missed:
+        curvature(pairs, sorted(missed, reverse=True)[0], per_pair_truth, estimates)
+
+
+def curvature(pairs: list[dict], miss: tuple[float, str, int], truth: list[dict], estimates: dict) -> None:
+    """Section 5, with the independent hook implementation (tests/torch_reference.py)."""
+    import torch_reference as R
+
+    _, name, p = miss
+    node = parse_node(name)
+    model, tok = R.load_model(STORIES)
+    mf = R.logit_diff(tok)
+    pair = pairs[p]
+    n_tokens = R.encode_pair(tok, pair)[0].shape[1]
+    at = node.position if node.position >= 0 else n_tokens + node.position
+    node = type(node)(node.layer, node.kind, node.index, at, node.grouped)
+    fractions = (0.1, 0.25, 0.5, 0.75, 1.0)
+    curve = [R.exact_patches(model, tok, pair, mf, [node], alpha=a)[0] for a in fractions]
+    kind = {"neurons": "neurons", "heads": "heads"}.get(node.kind.value)
+    print(f"\n{name} in pair {p} (token {at} of {n_tokens}): exact effect of patching a fraction of the way"
+          f" (hooks, float32):")
+    print("  " + "  ".join(f"{a:.0%}: {v:+.4f}" for a, v in zip(fractions, curve)))
+    atp = estimates["AtP"][name][p]
+    print(f"  a straight line from AtP ({atp:+.4f}) would give {atp * 0.1:+.4f} at 10% and {atp:+.4f} at 100%")
+    if kind is not None:
+        terms, _ = R.graddrop_reference(model, tok, pair, mf, mode="sublayer", kinds=(kind,))
+        values = terms[kind][:, node.layer, at, node.index].tolist()
+        print("  GradDrop terms per sublayer (attn / mlp cut of layers 0..L-1): "
+              + " ".join(f"{v:+.3f}" for v in values))
+        print(f"  largest |term| {max(abs(v) for v in values):.3f} against |exact| {abs(truth[p][name]):.3f}:"
+              f" no cancellation for GradDrop to undo")
+    if node.kind.value == "neurons" and node.layer + 1 < len(model.model.layers):
+        print(f"  cosine between its write and the residual stream it lands in: {write_cosine(model, tok, pair, node):+.3f}")
+    print(f"  norm fix (AtP*+norm estimate): {estimates['AtP*+norm'][name][p]:+.4f}")
+
+
+def write_cosine(model, tok, pair: dict, node) -> float:
+    """cos(neuron's write when patched, clean residual stream at its position after its layer) - Llama layout."""
+    import torch_reference as R
+
+    clean_ids, corrupt_ids = R.encode_pair(tok, pair)
+    seen: dict[str, torch.Tensor] = {}
+    layer = model.model.layers[node.layer]
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("n", a[0].detach())),
+             layer.register_forward_hook(lambda m, a, o: seen.__setitem__("r", (o[0] if isinstance(o, tuple) else o)))]
+    try:
+        with torch.no_grad():
+            model(input_ids=corrupt_ids)
+            corrupt = seen["n"][0, node.position, node.index]
+            model(input_ids=clean_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    clean = seen["n"][0, node.position, node.index]
+    write = (corrupt - clean) * layer.mlp.down_proj.weight[:, node.index].detach()
+    stream = seen["r"][0, node.position]
+    return float(torch.nn.functional.cosine_similarity(write, stream, dim=0))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""AtP* in the engine: the QK fix and GradDrop as one `atp.Correction`, and the false-negative diagnostic.
+"""AtP* in the engine: the QK fix, GradDrop and the norm fix as one `atp.Correction`, and the false-negative
+diagnostic.
 
 QK fix (qkfix.py): per layer with query or key nodes, the clean and corrupt post-rotary q / k are rebuilt from
 the projection outputs the engine already reads (the rotation is the model's own `apply_rotary_pos_emb` with
@@ -16,7 +17,14 @@ layers < l only, about (L - 1) / 2 full backwards for all L terms instead of L. 
 above it keep their (QK-fixed) plain estimate. Per pair: score = sum_t |estimate_t| / (n_terms - 1)
 (/ n_terms for `resid` nodes, which no term cuts, so that a direct-only node scores |AtP| either way).
 
-Both run on the clean trace's graph kept by `run_trace(keep_graph=True)` (module sites only, no `.source`).
+Norm fix (normfix.py; atpdsl's addition, `norm_fix on`): the inputs and output gradients of every norm that
+reads the residual stream (each block's input norm and the final norm) are read in the clean run, and the
+columns of heads, values, neurons, attn, mlp and resid nodes are rewritten with the closed-form exact-norm
+estimates (the norms' closed forms are checked against the model's own outputs on the first batch). Under
+GradDrop each term redoes it with the term's gradients, for the nodes below the cut only and, per node, only
+for the norms below the cut: the contributions of the norms above it are the plain pass's, kept as suffix sums.
+
+All three run on the clean trace's graph kept by `run_trace(keep_graph=True)` (module sites only, no `.source`).
 
 Diagnostic: `diagnose(ctx, unverified, ...)` patches random subsets of the unverified nodes (many patched
 copies per forward, `exact.subset_effects`) and bounds what they could still hide (false_negatives.py).
@@ -38,6 +46,9 @@ from .atp import MAIN, BatchRun, site_delta, site_estimates
 from .context import Context, align
 from .graddrop import n_terms as count_terms
 from .nodes import Block, block_estimates
+from .normfix import (
+    NormBlock, NormMap, NormReader, center_columns, norm_inputs, norm_map, rank1_change, stack_norms, write_change,
+)
 from .qkfix import QKFix, reduce_groups
 from .trace import TraceSite
 
@@ -60,6 +71,12 @@ for _name in ("Llama", "Qwen2", "Mistral", "Gemma"):
 
 # Stages (arch.STAGES numbering) of the extra sites; only their relative order matters.
 _PATTERN_STAGE, _MID_STAGE = 32, 40
+_NORM_STAGE = {"attn-in": 5, "mlp-in": _MID_STAGE, "logits": 0}  # a reader norm's input; its output is + 1
+NORM_SUFFIX_LIMIT = 1 << 26
+"""Largest per-block cache (elements) of main-pass norm-fix contributions that GradDrop terms reuse."""
+NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
+"""Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
+norm fix rewrites. Queries and keys keep their (QK-fixed) estimates."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +125,7 @@ class AtpStar:
     qk_fix: bool
     graddrop: bool
     mode: str = "layer"
+    norm_fix: bool = False
     progress: Progress | None = None
     keep_graph: bool = True  # the correction runs on the cached clean graph (atp.atp_batch reads this)
     terms: list[Term] = field(default_factory=list)
@@ -115,8 +133,13 @@ class AtpStar:
     _sites: list[TraceSite] = field(default_factory=list)
     _site_where: dict[int, tuple[int, str]] = field(default_factory=dict)  # table site -> (layer, side)
     _checked: bool = False
+    _norms_checked: bool = False
     _batches_done: int = 0
     term_sums: torch.Tensor | None = None  # [n_terms, N] float64: signed per-term sums over pairs
+    norm_readers: list[NormReader] = field(default_factory=list)
+    norm_blocks: list[NormBlock] = field(default_factory=list)
+    norm_stack: NormMap | None = None
+    _norm_suffix: dict[str, torch.Tensor] = field(default_factory=dict)  # this batch's main-pass suffix sums
 
     def __post_init__(self) -> None:
         ctx = self.ctx
@@ -196,8 +219,133 @@ class AtpStar:
             for b in table.blocks:
                 if self._site_where[b.site][1] == "out":
                     self.divisor[b.first: b.first + b.size] = float(len(self.terms))
+        # ---- norm fix
+        if self.norm_fix:
+            self._norm_setup(add)
         self._sites = list(extra.values())
         self.pattern_where = {q.pattern_key: (q.layer, "attn") for q in self.qk_layers}
+        self.norm_where = {r.out_key: r.where for r in self.norm_readers}
+
+    # ------------------------------------------------------------------------------------- norm fix
+    def _norm_setup(self, add: Callable[..., str]) -> None:
+        """Reader norms (input values, output gradients) and the node blocks whose writes they read."""
+        from .edges import readers, write_matrix
+
+        loaded, table = self.ctx.loaded, self.ctx.table
+        arch, geom = loaded.arch, loaded.geom
+        dtype = torch.promote_types(loaded.dtype, torch.float32)
+        all_readers = readers(loaded)
+        norms = [norm_map(loaded.hf.get_submodule(r.module), dtype) for r in all_readers]
+        self.norm_stack = stack_norms(norms)
+        blocks = []
+        for b in table.blocks:
+            if b.kind not in NORM_FIX_KINDS:
+                continue
+            site = table.sites[b.site]
+            layer = site.layer
+            columns = cols = centered = pattern_key = None
+            if b.kind in ("heads", "neurons", "values"):
+                cols = torch.cat([torch.arange(*b.layout.columns(u)) for u in b.units]).to(loaded.device)
+                if b.kind == "neurons":
+                    module = site.module if site.attr == "input" else arch.neuron_proj.format(layer=layer)
+                    columns = write_matrix(loaded.hf.get_submodule(module), cols)
+                else:
+                    heads = arch.template("heads")
+                    out_cols = cols if b.kind == "heads" else torch.arange(geom.n_heads * geom.head_dim)
+                    columns = write_matrix(loaded.hf.get_submodule(heads.path(layer)), out_cols.to(loaded.device))
+                columns = columns.detach().to(dtype)
+                if b.kind == "values":
+                    attn = heads.path(layer).rsplit(".", 1)[0]
+                    pattern_key = add(f"{attn}.output.1", attn, "output", (layer, _PATTERN_STAGE), 1, grad=False)
+            point = 2 * layer + (1 + self.parallel if b.kind in ("heads", "attn", "values") else 2)
+            first = next(i for i, r in enumerate(all_readers) if r.point >= point)  # readers come in forward order
+            if b.kind == "neurons" and b.layout.width == 1:
+                centered = center_columns(self.norm_stack, columns)
+            value_heads = None
+            if b.kind == "values":
+                rep = geom.group_size if geom.grouped else 1
+                value_heads = torch.tensor([[u * rep + r for r in range(rep)] for u in b.units], device=loaded.device)
+            blocks.append(NormBlock(b, site.name, cols, columns, centered, first, pattern_key, value_heads))
+        if not blocks:
+            return  # no node writes to the residual stream (only queries / keys): nothing to fix
+        for r, norm in zip(all_readers, norms):
+            kind = r.name.rsplit(".", 1)[-1]
+            stage = _NORM_STAGE[kind]
+            in_key = add(f"{r.module}.input", r.module, "input", (r.layer, stage), grad=False)
+            out_key = add(f"{r.module}.output", r.module, "output", (r.layer, stage + 1))
+            side = "mlp" if kind == "mlp-in" else "attn"
+            self.norm_readers.append(NormReader(r.name, r.point, in_key, out_key, (r.layer, side), norm))
+        self.norm_blocks = blocks
+
+    def _check_norms(self, run: BatchRun) -> None:
+        """Each reader norm's closed form must give the model's own output (first batch only)."""
+        tol = PATTERN_TOLERANCE.get(self.ctx.loaded.dtype, 1e-4)
+        acts = run.clean.acts
+        for r in self.norm_readers:
+            out = acts[r.out_key].to(r.norm.gain.dtype)
+            diff = float((r.norm(acts[r.in_key].to(r.norm.gain.dtype)) - out).abs().max())
+            if not diff <= tol * max(1.0, float(out.abs().max())):
+                raise EngineError(f"norm fix: the closed form of {r.name}'s norm differs from the model's own output "
+                                  f"(max |diff| {diff:.3g}); this norm variant is not modelled: use `norm_fix off`")
+
+    def _norm_write(self, run: BatchRun, grad_of: Callable[[str], torch.Tensor | None], est: torch.Tensor,
+                    only: set[str] | None = None, deltas: dict[str, torch.Tensor] | None = None,
+                    term: Term | None = None) -> None:
+        """Overwrite the norm-fixed blocks' columns of est [b, N] (those at sites in `only`, or all) using the
+        reader-output gradients `grad_of(key)` (None: no gradient reaches that reader).
+
+        Main pass with GradDrop on: keep each block's per-reader contributions as suffix sums (when small enough,
+        `NORM_SUFFIX_LIMIT`), so that a term (`term`) recomputes only the readers below its cut and takes the
+        readers above it, whose gradients are the main ones, from the cache."""
+        batch = run.batch
+        acts = run.clean.acts
+        deltas = {} if deltas is None else deltas
+        dtype = self.norm_stack.gain.dtype
+        readers = self.norm_readers
+        x = torch.stack([acts[r.in_key].to(dtype) for r in readers])  # [R, b, S, d]
+        grads = [grad_of(r.out_key) for r in readers]
+        h = torch.stack([torch.zeros_like(x[0]) if g is None else g.to(dtype) for g in grads])
+        keep = term is None and self.graddrop
+        above = len(readers)
+        if term is not None:  # the longest suffix of readers above the cut (in a parallel layer the MLP's norm can
+            while above > 0 and self.place(*readers[above - 1].where, term) == "above":  # be cut after an uncut one)
+                above -= 1
+        for nb in self.norm_blocks:
+            if only is not None and nb.key not in only:
+                continue
+            if nb.key not in deltas:
+                deltas[nb.key] = site_delta(self.ctx, run, nb.key)
+            delta = deltas[nb.key].to(dtype)
+            if nb.cols is not None:
+                delta = delta[..., nb.cols]
+            pattern = acts[nb.pattern_key].to(dtype) if nb.pattern_key is not None else None
+            read_pos, payload, finish = norm_inputs(nb, delta, pattern)
+            k = nb.first_reader
+            cached = self._norm_suffix.get(nb.key) if term is not None else None
+            stop = max(k, above) if cached is not None else len(readers)
+            change = self._norm_change(nb, x[k:stop, :, read_pos], h[k:stop, :, read_pos], payload, k, stop,
+                                       sum_readers=not keep)
+            if keep:
+                suffix = change.flip(0).cumsum(0).flip(0)  # readers i.. of the block
+                if suffix.numel() <= NORM_SUFFIX_LIMIT:
+                    self._norm_suffix[nb.key] = suffix
+                change = suffix[0]
+            elif cached is not None and stop - k < cached.shape[0]:
+                change = change + cached[stop - k]
+            b = nb.block
+            est[:, b.first: b.first + b.size] = block_estimates(b, finish(change).float(), batch.real, batch.node_pos)
+
+    def _norm_change(self, nb: NormBlock, x: torch.Tensor, h: torch.Tensor, payload: torch.Tensor, start: int,
+                     stop: int, sum_readers: bool) -> torch.Tensor:
+        """Readers start..stop-1's h . (n(x + write) - n(x)) per write: [b, P, U] or, kept per reader, [R', b, P, U]."""
+        st = self.norm_stack
+        if stop <= start:
+            return x.new_zeros(payload.shape[:3])
+        norm = NormMap(st.centered, st.gain[start:stop], None, st.eps[start:stop])
+        if nb.centered is not None:  # neurons: rank-1 writes along fixed columns; payload = their changes
+            cw, ww = nb.centered
+            return rank1_change(norm, x, h, cw, ww, payload, sum_readers)
+        return write_change(norm, x, h, payload, sum_readers)  # payload = explicit writes [b, P, U, d]
 
     # ------------------------------------------------------------------------------------ Correction API
     def sites(self, ctx: Context) -> Sequence[TraceSite]:
@@ -216,6 +364,14 @@ class AtpStar:
                 self._qk_write(run, q, qk[q.layer], main[q.pattern_key], est)
             t1 = time.perf_counter()
             ctx.add_time("qk_fix", t1 - t0)
+            if self.norm_blocks:
+                if self._batches_done == 0 and not self._norms_checked:
+                    self._check_norms(run)
+                    self._norms_checked = True
+                self._norm_suffix.clear()
+                self._norm_write(run, main.get, est)
+                ctx.add_time("norm_fix", time.perf_counter() - t1)
+                t1 = time.perf_counter()
             if not self.graddrop:
                 return None
             total = torch.zeros_like(est)
@@ -229,6 +385,7 @@ class AtpStar:
             return total / self.divisor.to(total.device)
         finally:
             run.clean.live.clear()  # frees the clean graph
+            self._norm_suffix.clear()
 
     def scores(self, ctx: Context, aggregate: str, n_pairs: int) -> torch.Tensor | None:
         """`aggregate abs_mean` with GradDrop: sum_t |mean over pairs of estimate_t| / (n_terms - 1)."""
@@ -254,7 +411,7 @@ class AtpStar:
         term = self.terms[j]
         table = self.ctx.table
         grad_keys = [(table.sites[si].name, where) for si, where in self._site_where.items()]
-        grad_keys += list(self.pattern_where.items())
+        grad_keys += list(self.pattern_where.items()) + list(self.norm_where.items())
         below = [k for k, (layer, side) in grad_keys if self.place(layer, side, term) == "below"]
         cut = {k for k, (layer, side) in grad_keys if self.place(layer, side, term) == "cut"}
         if not below or not term.frontier:
@@ -297,6 +454,16 @@ class AtpStar:
                 elif q.pattern_key in cut:
                     for b in q.q_blocks + q.k_blocks:
                         est_j[:, b.first: b.first + b.size] = 0.0
+            todo = {nb.key for nb in self.norm_blocks if nb.key in grads}
+            if todo:  # nodes below the cut: their readers' gradients are this term's (0 at the cut)
+                main = run.clean.grads[MAIN]
+
+                def grad_of(key: str, grads=grads, cut=cut, main=main) -> torch.Tensor | None:
+                    if key in grads:
+                        return grads[key]
+                    return None if key in cut else main[key]
+
+                self._norm_write(run, grad_of, est_j, todo, deltas, term=self.terms[j])
             yield est_j
 
     # ---------------------------------------------------------------------------------------- QK fix
@@ -381,9 +548,10 @@ class AtpStar:
 def corrections_for(ctx: Context, progress: Progress | None = None) -> list[AtpStar]:
     """The AtP* correction a plan's `method atp* { ... }` asks for (empty when both parts are off)."""
     m = ctx.plan.method
-    if not (m.qk_fix or m.graddrop):
+    if not (m.qk_fix or m.graddrop or m.norm_fix):
         return []
-    return [AtpStar(ctx, qk_fix=m.qk_fix, graddrop=m.graddrop, mode=m.graddrop_mode, progress=progress)]
+    return [AtpStar(ctx, qk_fix=m.qk_fix, graddrop=m.graddrop, mode=m.graddrop_mode, norm_fix=m.norm_fix,
+                    progress=progress)]
 
 
 # ------------------------------------------------------------------------------------------- diagnostic

@@ -39,7 +39,7 @@ Cost per batch: one corrupt forward (reads only) and one clean forward with one 
 engine's one generic trace (`trace.run_trace`, norm inputs patched with clones); then per source site one
 matmul of the stacked reader gradients [2L+1, b, S, d] (held for the batch) onto the source's columns.
 Edge weight = mean over pairs of the per-pair edge score (signed, same convention as node estimates).
-The weights are plain first-order products: AtP*'s QK fix and GradDrop do not apply to edges.
+The weights are plain first-order products: AtP*'s QK fix and GradDrop, and the norm fix, do not apply to edges.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ from .load import Loaded, load_model
 from .nodes import Block, build_table, unit_values
 from .trace import Backward, TraceSite, run_trace
 
-__all__ = ["Reader", "EdgeMatrix", "edge_matrix", "edge_scores", "weighted_edges", "readers", "EDGE_SEMANTICS"]
+__all__ = ["Reader", "EdgeMatrix", "edge_matrix", "edge_scores", "weighted_edges", "readers", "write_matrix",
+           "EDGE_SEMANTICS"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -173,8 +174,9 @@ def _groups(nodes: Sequence[NodeId]) -> tuple[NodeGroup, ...]:
     return tuple(groups)
 
 
-def _backprojection(module: torch.nn.Module, cols: torch.Tensor) -> torch.Tensor:
-    """[d_model, k]: maps a gradient at the module's output to the gradient at input columns `cols`."""
+def write_matrix(module: torch.nn.Module, cols: torch.Tensor) -> torch.Tensor:
+    """[d_model, k]: a linear output projection restricted to its input columns `cols`. It maps a change at those
+    inputs to the write into the residual stream, and (transposed) the gradient at the output back to them."""
     weight = module.weight
     if isinstance(module, torch.nn.Linear):
         return _f(weight[:, cols])
@@ -307,7 +309,7 @@ def _edge_batch(st: _Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, t
                 cols = _unit_columns(bl).to(d.device)
                 module = (site.module if site.attr == "input"
                           else loaded.arch.neuron_proj.format(layer=site.layer))
-                proj = G @ _backprojection(loaded.hf.get_submodule(module), cols)  # [R, b, S, k]
+                proj = G @ write_matrix(loaded.hf.get_submodule(module), cols)  # [R, b, S, k]
                 per_unit = (d[..., cols].unsqueeze(0) * proj).unflatten(-1, (len(bl.units), bl.layout.width)).sum(-1)
             else:  # attn, mlp, resid: the whole vector is the write
                 per_unit = (d.unsqueeze(0) * G).sum(-1, keepdim=True)

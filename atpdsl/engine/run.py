@@ -106,16 +106,8 @@ def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
 
 def _corrections(ctx: Context, progress: Progress | None = None) -> list[Correction]:
     """The AtP* corrections a plan asks for (none for plain AtP)."""
-    m = ctx.plan.method
-    if not (m.qk_fix or m.graddrop):
-        return []
-    try:
-        from .atpstar import corrections_for  # provided with the AtP* corrections
-    except ImportError:
-        raise EngineError(
-            "method atp* with qk_fix/graddrop is not available in this build yet; use `method atp` "
-            "(or `method atp* { qk_fix off graddrop off }`)"
-        ) from None
+    from .atpstar import corrections_for
+
     return list(corrections_for(ctx, progress=progress))
 
 
@@ -227,7 +219,7 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
         false_negatives, diagnosis = diagnose(ctx, unverified, samples=d.samples, confidence=d.confidence,
                                               inclusion=d.inclusion, seed=plan.seed, progress=progress)
     ctx.timings["total"] = time.perf_counter() - t_start
-    timing_order = ("load", "tokenize", "forward", "backward", "estimate", "qk_fix", "graddrop", "exact", "verify",
+    timing_order = ("load", "tokenize", "forward", "backward", "estimate", "qk_fix", "norm_fix", "graddrop", "exact", "verify",
                     "diagnose", "total")
     timings = tuple((k, round(ctx.timings[k], 6)) for k in timing_order if k in ctx.timings)
     extras = {
@@ -241,7 +233,7 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
     }
     if label == "atp*":
         m = plan.method
-        extras["atp_star"] = {"qk_fix": m.qk_fix, "graddrop": m.graddrop,
+        extras["atp_star"] = {"qk_fix": m.qk_fix, "norm_fix": m.norm_fix, "graddrop": m.graddrop,
                               "graddrop_mode": m.graddrop_mode if m.graddrop else None,
                               "graddrop_terms": [t.name for c in corr for t in getattr(c, "terms", [])]}
     if pair_ranks is not None:

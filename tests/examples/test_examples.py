@@ -203,12 +203,30 @@ def check_induction_prev(out: Path) -> None:
     assert "L1.H0.k@6" in _selected(doc)
 
 
+def check_pronoun_neurons(out: Path) -> None:
+    """AtP* with the norm fix finds the layer-0 neuron at "girl" that plain AtP and AtP* miss (one pair, the paper's
+    single-pair setting), and verification measures it.
+
+    Measured: exact patching of L0.N64@10 moves the metric by -0.63; its AtP estimate is -0.027 (rank 204 of 18,900
+    under AtP* without the norm fix), the norm-fixed estimate -0.131 (rank 42, inside `verify top 50`)."""
+    doc = _json(out, "pronoun-neurons.json")
+    assert doc["method"] == "atp*" and doc["n_pairs"] == 1
+    assert doc["extras"]["atp_star"]["norm_fix"] is True
+    rows = doc["scores"]["rows"]
+    assert len(rows) == 5 * (8 + 172) * 21
+    neuron = _rows(doc)["L0.N64@10"]
+    assert neuron["estimate"] == pytest.approx(-0.131, abs=0.01)
+    assert neuron["rank"] <= 50 and neuron["verified_effect"] == pytest.approx(-0.630, abs=0.01)
+    assert rows[0]["node"] == "L4.H2@20"
+
+
 CHECKS: dict[str, Callable[[Path], None]] = {
     "exact-induction.atp": check_exact_induction,
     "export-all.atp": check_export_all,
     "pronoun-template.atp": check_pronoun_template,
     "pronoun-positions.atp": check_pronoun_positions,
     "pronoun-jsonl.atp": check_pronoun_jsonl,
+    "pronoun-neurons.atp": check_pronoun_neurons,
     "induction.atp": check_induction,
     "induction-prev.atp": check_induction_prev,
 }

@@ -89,6 +89,13 @@ def test_plan_prints_tables(capsys, spec):
         assert word in out, word
 
 
+def test_plan_shows_the_norm_fix(capsys, project_root):
+    code, out, _ = run(capsys, "plan", str(project_root / "examples" / "pronoun-neurons.atp"))
+    assert code == 0
+    for word in ("atp* (qk_fix on, graddrop per layer, norm_fix on)", "norm fix", "6.5", "exact block-input and final"):
+        assert word in out, word
+
+
 def test_plan_json_and_errors(capsys, spec, bad):
     code, out, _ = run(capsys, "plan", spec, "--json")
     assert code == 0 and json.loads(out)["method"]["name"] == "atp*"

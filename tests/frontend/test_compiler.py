@@ -99,6 +99,20 @@ def test_costs_of_atp_star_variants():
     assert "edges" not in [p.name for p in plan.passes]
 
 
+def test_norm_fix_is_off_unless_asked_and_costed_when_on():
+    assert not plan_of("method atp*").method.norm_fix
+    plan = plan_of("nodes { neurons queries } method atp* { norm_fix on graddrop off }")
+    assert plan.method.norm_fix and not plan.method.graddrop
+    # 4 layers: the MLP writes of layers 0..3 against 7, 5, 3 and 1 later norms -> 0.5 x 16 / 4
+    assert [(p.name, p.cost) for p in plan.passes][3:5] == [("qk fix", 0.2), ("norm fix", 2.0)]
+    with_drop = plan_of("nodes { neurons } method atp* { norm_fix on }")
+    # + each GradDrop term l redoes the writes of layers m < l against the 2 (l - m) norms up to its cut:
+    # 2 + 6 + 12 = 20 more pairs -> 0.5 x 36 / 4
+    assert dict((p.name, p.cost) for p in with_drop.passes)["norm fix"] == 4.5
+    only_qk = plan_of("nodes { queries keys } method atp* { norm_fix on }")
+    assert "norm fix" not in [p.name for p in only_qk.passes]  # no node with a write of its own
+
+
 def test_exact_costs_one_forward_per_node():
     plan = plan_of("nodes { heads 0, 1 layers 1..2 ; mlp ; keys } method exact")
     # 2 heads x 2 layers + 4 mlp + 2 KV groups x 4 layers

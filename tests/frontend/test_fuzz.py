@@ -24,7 +24,7 @@ SEEDS.append((ROOT / "examples", TEMPLATE_SPEC))
 
 WORDS = sorted({w for k in STATEMENTS for w in k.split()} | set(METRICS) | set(NODE_KINDS) | {
     "zoo", "from", "at", "last", "layers", "per", "position", "top", "threshold", "cumulative", "text", "slot",
-    "corrupt", "count", "seed", "first_token", "atp", "exact", "qk_fix", "graddrop", "on", "off", "sublayer",
+    "corrupt", "count", "seed", "first_token", "atp", "exact", "qk_fix", "graddrop", "norm_fix", "on", "off", "sublayer",
     "false_negatives", "samples", "confidence", "inclusion", "dtype", "device", "embed", "answer", "wrong"})
 PIECES = WORDS + ["{", "}", "(", ")", "[", "]", ",", ";", "..", "...", "*", "=", ":", "#", '"', "\n", " ", "\t",
                   "0", "1", "-1", "4..0", "0.5", "1e9", "99999999999999999999", '"x"', '""', '"{a}"', '"{"',
