@@ -31,7 +31,7 @@ __all__ = [
 QK_FIX_COST_PER_LAYER = 0.05
 """Forward-equivalents of one layer's attention-pattern recomputation (small next to a forward)."""
 NORM_FIX_KINDS = ("heads", "values", "neurons", "attn", "mlp", "resid")
-"""Node kinds the norm fix rewrites (the engine's atpstar.NORM_FIX_KINDS)."""
+"""Node kinds the norm fix rewrites (the engine's atpstar.NORM_FIX_KINDS; queries and keys too with the QK fix)."""
 
 
 def read_spec(path: str | Path) -> str:
@@ -202,7 +202,8 @@ def _passes(method: MethodSpec, groups: tuple[NodeGroup, ...], n_layers: int | N
             passes.append(Pass("qk fix", round(QK_FIX_COST_PER_LAYER * layers, 6),
                                f"exact softmax for patched queries and keys: one attention-pattern recomputation"
                                f" per layer x {layers}{depth_note}"))
-        if method.name == "atp*" and method.norm_fix and any(g.kind in NORM_FIX_KINDS for g in groups):
+        fixed = NORM_FIX_KINDS + (("queries", "keys") if method.qk_fix else ())
+        if method.name == "atp*" and method.norm_fix and any(g.kind in fixed for g in groups):
             passes.append(Pass("norm fix", round(norm_fix_cost(layers, method.graddrop, method.graddrop_mode), 6),
                                f"exact block-input and final norms on every node's own write, per layer x {layers}"
                                f"{' and per GradDrop term' if method.graddrop else ''}{depth_note}"))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..arch import Layout
+from ..arch import STAGES, Layout
 from ..errors import EngineError
 from ..scores import FalseNegativeBound
 from .atp import MAIN, BatchRun, site_delta, site_estimates
@@ -76,7 +76,7 @@ NORM_SUFFIX_LIMIT = 1 << 26
 """Largest per-block cache (elements) of main-pass norm-fix contributions that GradDrop terms reuse."""
 NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
 """Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
-norm fix rewrites. Queries and keys keep their (QK-fixed) estimates."""
+norm fix rewrites. Queries and keys join them when the QK fix is on (their exact head-output change)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +139,8 @@ class AtpStar:
     norm_readers: list[NormReader] = field(default_factory=list)
     norm_blocks: list[NormBlock] = field(default_factory=list)
     norm_stack: NormMap | None = None
-    _norm_suffix: dict[str, torch.Tensor] = field(default_factory=dict)  # this batch's main-pass suffix sums
+    _norm_suffix: dict[int, torch.Tensor] = field(default_factory=dict)  # this batch's main-pass suffix sums
+    _norm_inputs: dict[int, tuple] = field(default_factory=dict)  # this batch's writes per block (norm_inputs)
 
     def __post_init__(self) -> None:
         ctx = self.ctx
@@ -237,14 +238,16 @@ class AtpStar:
         all_readers = readers(loaded)
         norms = [norm_map(loaded.hf.get_submodule(r.module), dtype) for r in all_readers]
         self.norm_stack = stack_norms(norms)
+        self.v_layout = arch.template("values").resolve(geom)
+        qk_of = {q.layer: q for q in self.qk_layers}
         blocks = []
         for b in table.blocks:
-            if b.kind not in NORM_FIX_KINDS:
-                continue
             site = table.sites[b.site]
             layer = site.layer
-            columns = cols = centered = pattern_key = None
-            if b.kind in ("heads", "neurons", "values"):
+            if b.kind not in NORM_FIX_KINDS and not (b.kind in ("queries", "keys") and layer in qk_of):
+                continue  # queries and keys: only on top of the QK fix, which gives their heads' output changes
+            columns = cols = centered = pattern_key = unit_heads = qk_layer = v_key = None
+            if b.kind in ("heads", "neurons", "values", "queries", "keys"):
                 cols = torch.cat([torch.arange(*b.layout.columns(u)) for u in b.units]).to(loaded.device)
                 if b.kind == "neurons":
                     module = site.module if site.attr == "input" else arch.neuron_proj.format(layer=layer)
@@ -254,18 +257,23 @@ class AtpStar:
                     out_cols = cols if b.kind == "heads" else torch.arange(geom.n_heads * geom.head_dim)
                     columns = write_matrix(loaded.hf.get_submodule(heads.path(layer)), out_cols.to(loaded.device))
                 columns = columns.detach().to(dtype)
-                if b.kind == "values":
-                    attn = heads.path(layer).rsplit(".", 1)[0]
-                    pattern_key = add(f"{attn}.output.1", attn, "output", (layer, _PATTERN_STAGE), 1, grad=False)
-            point = 2 * layer + (1 + self.parallel if b.kind in ("heads", "attn", "values") else 2)
+            if b.kind == "values":
+                attn = arch.template("heads").path(layer).rsplit(".", 1)[0]
+                pattern_key = add(f"{attn}.output.1", attn, "output", (layer, _PATTERN_STAGE), 1, grad=False)
+            if b.kind in ("values", "keys", "queries"):
+                rep = 1 if b.kind == "queries" or not geom.grouped else geom.group_size
+                unit_heads = torch.tensor([[u * rep + r for r in range(rep)] for u in b.units], device=loaded.device)
+            if b.kind in ("queries", "keys"):
+                vt = arch.template("values")
+                qk_layer = layer
+                v_key = add(f"{vt.path(layer)}.{vt.attr}", vt.path(layer), vt.attr, (layer, STAGES["values"]),
+                            grad=False)
+            point = 2 * layer + (1 + self.parallel if b.kind in ATTN_SIDE else 2)
             first = next(i for i, r in enumerate(all_readers) if r.point >= point)  # readers come in forward order
             if b.kind == "neurons" and b.layout.width == 1:
                 centered = center_columns(self.norm_stack, columns)
-            value_heads = None
-            if b.kind == "values":
-                rep = geom.group_size if geom.grouped else 1
-                value_heads = torch.tensor([[u * rep + r for r in range(rep)] for u in b.units], device=loaded.device)
-            blocks.append(NormBlock(b, site.name, cols, columns, centered, first, pattern_key, value_heads))
+            blocks.append(NormBlock(b, site.name, cols, columns, centered, first, pattern_key, unit_heads, qk_layer,
+                                    v_key))
         if not blocks:
             return  # no node writes to the residual stream (only queries / keys): nothing to fix
         for r, norm in zip(all_readers, norms):
@@ -290,7 +298,7 @@ class AtpStar:
 
     def _norm_write(self, run: BatchRun, grad_of: Callable[[str], torch.Tensor | None], est: torch.Tensor,
                     only: set[str] | None = None, deltas: dict[str, torch.Tensor] | None = None,
-                    term: Term | None = None) -> None:
+                    term: Term | None = None, qk: dict[int, QKFix] | None = None) -> None:
         """Overwrite the norm-fixed blocks' columns of est [b, N] (those at sites in `only`, or all) using the
         reader-output gradients `grad_of(key)` (None: no gradient reaches that reader).
 
@@ -313,22 +321,31 @@ class AtpStar:
         for nb in self.norm_blocks:
             if only is not None and nb.key not in only:
                 continue
-            if nb.key not in deltas:
-                deltas[nb.key] = site_delta(self.ctx, run, nb.key)
-            delta = deltas[nb.key].to(dtype)
-            if nb.cols is not None:
-                delta = delta[..., nb.cols]
-            pattern = acts[nb.pattern_key].to(dtype) if nb.pattern_key is not None else None
-            read_pos, payload, finish = norm_inputs(nb, delta, pattern)
+            inputs = self._norm_inputs.get(nb.block.first)  # the writes do not depend on the gradients
+            if inputs is None:
+                if nb.key not in deltas:
+                    deltas[nb.key] = site_delta(self.ctx, run, nb.key)
+                delta = deltas[nb.key].to(dtype)
+                if nb.cols is not None:
+                    delta = delta[..., nb.cols]
+                pattern = acts[nb.pattern_key].to(dtype) if nb.pattern_key is not None else None
+                fix = v = None
+                if nb.qk_layer is not None:
+                    fix = qk[nb.qk_layer]
+                    v = _heads(acts[nb.v_key], self.v_layout).repeat_interleave(self.ctx.loaded.geom.group_size, 1)
+                inputs = norm_inputs(nb, delta, pattern, fix, v)
+                if self.graddrop:
+                    self._norm_inputs[nb.block.first] = inputs
+            read_pos, payload, finish = inputs
             k = nb.first_reader
-            cached = self._norm_suffix.get(nb.key) if term is not None else None
+            cached = self._norm_suffix.get(nb.block.first) if term is not None else None
             stop = max(k, above) if cached is not None else len(readers)
             change = self._norm_change(nb, x[k:stop, :, read_pos], h[k:stop, :, read_pos], payload, k, stop,
                                        sum_readers=not keep)
             if keep:
                 suffix = change.flip(0).cumsum(0).flip(0)  # readers i.. of the block
                 if suffix.numel() <= NORM_SUFFIX_LIMIT:
-                    self._norm_suffix[nb.key] = suffix
+                    self._norm_suffix[nb.block.first] = suffix  # by block: q, k and v can share one site
                 change = suffix[0]
             elif cached is not None and stop - k < cached.shape[0]:
                 change = change + cached[stop - k]
@@ -369,7 +386,8 @@ class AtpStar:
                     self._check_norms(run)
                     self._norms_checked = True
                 self._norm_suffix.clear()
-                self._norm_write(run, main.get, est)
+                self._norm_inputs.clear()
+                self._norm_write(run, main.get, est, qk=qk)
                 ctx.add_time("norm_fix", time.perf_counter() - t1)
                 t1 = time.perf_counter()
             if not self.graddrop:
@@ -386,6 +404,7 @@ class AtpStar:
         finally:
             run.clean.live.clear()  # frees the clean graph
             self._norm_suffix.clear()
+            self._norm_inputs.clear()
 
     def scores(self, ctx: Context, aggregate: str, n_pairs: int) -> torch.Tensor | None:
         """`aggregate abs_mean` with GradDrop: sum_t |mean over pairs of estimate_t| / (n_terms - 1)."""
@@ -463,7 +482,7 @@ class AtpStar:
                         return grads[key]
                     return None if key in cut else main[key]
 
-                self._norm_write(run, grad_of, est_j, todo, deltas, term=self.terms[j])
+                self._norm_write(run, grad_of, est_j, todo, deltas, term=self.terms[j], qk=qk)
             yield est_j
 
     # ---------------------------------------------------------------------------------------- QK fix

@@ -19,8 +19,9 @@ for a node whose write reaches the metric only through the final norm (e.g. a la
 are linear in the final norm's output). Writes (linear in the node's change, so exact): a neuron's change
 times its down-projection column, a head's z change through its slice of the output projection, a value's
 change through the clean pattern and the output projection of each head that reads it (at every later query
-position), the whole change for `attn`, `mlp` and `resid` nodes. Queries and keys keep their (QK-fixed)
-estimates.
+position), the whole change for `attn`, `mlp` and `resid` nodes; with the QK fix, a query's or key's exact
+change of its heads' outputs (the patched pattern times the clean values) through the output projection.
+Without the QK fix, queries and keys keep their plain estimates.
 
 Closed form, per norm: with c(x) = x - mean(x) (LayerNorm) or x (RMSNorm), g the gain, eps the epsilon,
 n(x) = g * c(x) / sqrt(mean(c(x)^2) + eps) + bias. For a write D:
@@ -41,6 +42,7 @@ import torch
 
 from ..errors import EngineError
 from .nodes import Block
+from .qkfix import QKFix
 
 __all__ = ["NormMap", "NormReader", "NormBlock", "norm_map", "stack_norms", "write_change", "center_columns",
            "rank1_change", "norm_inputs"]
@@ -177,17 +179,22 @@ class NormBlock:
     centered: tuple[torch.Tensor, torch.Tensor] | None  # neurons: center_columns of `columns`
     first_reader: int  # the readers after the block's write: readers[first_reader:] (forward order)
     pattern_key: str | None = None  # values: the clean attention pattern, which carries a value to every query
-    value_heads: torch.Tensor | None = None  # values: [U, rep] the query heads reading each unit
+    unit_heads: torch.Tensor | None = None  # values, queries, keys: [U, rep] the query heads of each unit
+    qk_layer: int | None = None  # queries, keys: the layer whose QKFix gives the head-output changes
+    v_key: str | None = None  # queries, keys: the clean values (the site's key)
 
 
-def norm_inputs(nb: NormBlock, delta: torch.Tensor, pattern: torch.Tensor | None
+def norm_inputs(nb: NormBlock, delta: torch.Tensor, pattern: torch.Tensor | None = None, fix: QKFix | None = None,
+                v: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """What the norm fix reads for one block: (positions of the readers to use, the writes there, and how to turn
     the per-write changes [b, P, U'] into per-unit values [b, S, U] for `block_estimates`).
 
     delta: the block's change at its units' columns [b, S, U * width]. Heads, attn, mlp, resid and neurons write
     at their own position; a value at position s writes at every query position t through the clean pattern:
-    D_t = sum over the heads h reading it of A_h[t, s] W_O,h (change of v_s)."""
+    D_t = sum over the heads h reading it of A_h[t, s] W_O,h (change of v_s). Queries and keys (with the QK fix:
+    `fix`, and the clean per-head values `v` [b, H, S, w]) write the exact change of their heads' outputs:
+    a query at t only at t, a key at s at every query position t >= s."""
     b = nb.block
     bsz, seq = delta.shape[:2]
     units = len(b.units)
@@ -202,12 +209,14 @@ def norm_inputs(nb: NormBlock, delta: torch.Tensor, pattern: torch.Tensor | None
         return live, delta[:, live], at_live
     if b.kind in ("attn", "mlp", "resid"):  # the change is the write
         return live, delta[:, live].unsqueeze(-2), at_live
+    if b.kind in ("queries", "keys"):
+        return _qk_inputs(nb, live, fix, v, bsz, seq, at_live)
     width = b.layout.width
     dz = delta[:, live].unflatten(-1, (units, width))  # [b, P, U, w]
     if b.kind == "heads":  # through the head's columns of the output projection
         return live, torch.einsum("bsuw,duw->bsud", dz, nb.columns.unflatten(-1, (units, width))), at_live
-    # values: unit u (a KV group, or a head) is read by the query heads nb.value_heads[u]
-    heads = nb.value_heads  # [U, rep]
+    # values: unit u (a KV group, or a head) is read by the query heads nb.unit_heads[u]
+    heads = nb.unit_heads  # [U, rep]
     w_o = nb.columns.unflatten(-1, (-1, width))[:, heads]  # [d, U, rep, w]
     y = torch.einsum("bsuw,durw->bsurd", dz, w_o)  # each reading head's write per unit of pattern weight
     first = int(live.min()) if live.numel() else seq
@@ -228,3 +237,35 @@ def norm_inputs(nb: NormBlock, delta: torch.Tensor, pattern: torch.Tensor | None
         return at_live(change.sum(1).unflatten(-1, (units, -1)).transpose(1, 2))
 
     return reads, writes, per_value
+
+
+def _qk_inputs(nb: NormBlock, live: torch.Tensor, fix: QKFix, v: torch.Tensor, bsz: int, seq: int,
+               at_live: Callable[[torch.Tensor], torch.Tensor]):
+    """norm_inputs for queries and keys: the QK fix's exact head-output changes through W_O, per unit's heads."""
+    b = nb.block
+    heads = nb.unit_heads  # [U, rep]
+    units = heads.shape[0]
+    width = v.shape[-1]
+    w_o = nb.columns.unflatten(-1, (-1, width))[:, heads]  # [d, U, rep, w]
+    dtype = nb.columns.dtype
+    if b.kind == "queries":  # a query at t changes its head's output at t only (also when all are patched)
+        dz = fix.query_outputs(v)[:, heads][:, :, :, live].to(dtype)  # [b, U, rep, P, w]
+        return live, torch.einsum("burpw,durw->bpud", dz, w_o), at_live
+    first = int(live.min()) if live.numel() else seq
+    reads = torch.arange(first, seq, device=live.device)  # causal: only queries at or after a changed key
+    if not b.per_position:  # every key of the unit patched at once
+        dz = fix.all_keys_outputs(v)[:, heads][:, :, :, first:].to(dtype)  # [b, U, rep, T', w]
+
+        def summed(change: torch.Tensor) -> torch.Tensor:
+            out = change.new_zeros((bsz, seq, units))
+            out[:, reads] = change
+            return out
+
+        return reads, torch.einsum("burtw,durw->btud", dz, w_o), summed
+    dz = fix.key_outputs(v, live, first)[:, heads].to(dtype)  # [b, U, rep, T', P, w]
+    writes = torch.einsum("burtpw,durw->btupd", dz, w_o).flatten(2, 3)  # [b, T', U * P, d]
+
+    def per_key(change: torch.Tensor) -> torch.Tensor:  # [b, T', U * P]: the key's writes summed over queries
+        return at_live(change.sum(1).unflatten(-1, (units, -1)).transpose(1, 2))
+
+    return reads, writes, per_key

@@ -23,6 +23,9 @@ d head dim. Keys and values must already be expanded per query head (repeat_kv) 
     visible_mask(mask, t, s) -> bool [B|1, H|1, T, S]   which entries of an additive mask are attended
     QKFix(q, k, scale, mask, q_corrupt=, k_corrupt=)     the gradient-independent part, built once per layer
         .queries(G) / .keys(G) / .all_keys(G)          = the three fixes above for one G (GradDrop: one per term)
+        .query_outputs(v) / .key_outputs(v, keys) / .all_keys_outputs(v)
+                                                       the exact change of each head's output z = A v for the
+                                                       same patches (the norm fix turns them into writes)
 
 mask: additive [B|1, 1|H, T, S] with 0 for visible entries and -inf or a very negative value (finfo.min) for
 hidden ones; None means causal. Entries below HIDDEN_BELOW (-3e4) count as hidden: their gradient is
@@ -172,6 +175,37 @@ class QKFix:
         if self.d_all_keys is None:
             raise ValueError("QKFix was built without k_corrupt (or with all_keys=False)")
         return (self.d_all_keys * self._grad(grad_pattern)).sum((-1, -2)).to(self.dtype)
+
+    # ------------------------------------------------------------ head-output changes (for the norm fix)
+    def query_outputs(self, v: torch.Tensor) -> torch.Tensor:
+        """Change of each head's output z_t = sum_s A_ts v_s when query q_t alone is patched: [B, H, T, d]
+        (rows do not couple, so this is also every row's change when all queries are patched at once)."""
+        if self.d_query is None:
+            raise ValueError("QKFix was built without q_corrupt")
+        return torch.matmul(self.d_query, v.to(_F)).to(self.dtype)
+
+    def all_keys_outputs(self, v: torch.Tensor) -> torch.Tensor:
+        """Change of z_t when every key of the head is patched at once: [B, H, T, d]."""
+        if self.d_all_keys is None:
+            raise ValueError("QKFix was built without k_corrupt (or with all_keys=False)")
+        return torch.matmul(self.d_all_keys, v.to(_F)).to(self.dtype)
+
+    def key_outputs(self, v: torch.Tensor, keys: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """Change of z_t when key k_s alone is patched, for the key positions `keys` and the query rows from
+        `first_row` on (earlier rows cannot see them): [B, H, T - first_row, len(keys), d].
+
+        Patching k_s moves A_ts by diff_ts and rescales the rest of row t, so
+        z'_t - z_t = diff_ts (v_s - sum_{r!=s} A_tr v_r / (1 - A_ts)), with the same stable weights as `keys`."""
+        if self.key is None:
+            raise ValueError("QKFix was built without k_corrupt (or with per_key=False)")
+        w1_all, w2_all, is_arg, inv_d, diff = (x[:, :, first_row:] for x in self.key)
+        w1, is_arg, inv_d, diff = (x[..., keys] for x in (w1_all, is_arg, inv_d, diff))
+        v = v.to(_F)
+        vs = v[:, :, keys].unsqueeze(2)  # [B, H, 1, S', d]
+        n_non = torch.matmul(w1_all, v).unsqueeze(3) - w1.unsqueeze(-1) * vs  # sum_{r!=s} w1_tr v_r
+        n_arg = torch.matmul(w2_all, v).unsqueeze(3)  # sum_r w2_tr v_r (the arg-max column is 0 in w2)
+        rest = torch.where(is_arg.unsqueeze(-1), n_arg, n_non) * inv_d.unsqueeze(-1)
+        return (diff.unsqueeze(-1) * (vs - rest)).to(self.dtype)
 
 
 def query_fix(q: torch.Tensor, q_corrupt: torch.Tensor, k: torch.Tensor, grad_pattern: torch.Tensor,

@@ -94,8 +94,8 @@ def _readers(model):
 
 def norm_fixed(model, tok, pair: dict, metric_fn, nodes: Sequence[NodeId],
                drops: Sequence[tuple[int, str]] = ()) -> list[float]:
-    """The norm-fixed estimate of each node (heads, values, neurons, attn, mlp, resid; per position, or summed:
-    every position patched at once) for one pair; with
+    """The norm-fixed estimate of each node (heads, queries and keys as the QK fix sees them, values, neurons,
+    attn, mlp, resid; per position, or summed: every position patched at once) for one pair; with
     `drops` [(layer, "attn" | "mlp")], a GradDrop term's (0 for a node whose own block write is cut)."""
     _, mods, _, parallel = _parts(model)
     clean_ids, corrupt_ids = R.encode_pair(tok, pair)
@@ -123,12 +123,13 @@ def norm_fixed(model, tok, pair: dict, metric_fn, nodes: Sequence[NodeId],
     grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
     dm = R.dims(model)
     hd = dm.head_dim
-    cache = R.pair_cache(model, tok, pair, metric_fn) if any(n.kind.value == "values" for n in nodes) else None
+    cache = (R.pair_cache(model, tok, pair, metric_fn)
+             if any(n.kind.value in ("values", "queries", "keys") for n in nodes) else None)
     results = []
     with torch.no_grad():
         for node in nodes:
             m, t, kind = node.layer, node.position, node.kind.value
-            side = {"heads": "attn", "attn": "attn", "values": "attn", "neurons": "mlp", "mlp": "mlp"}.get(kind)
+            side = {"neurons": "mlp", "mlp": "mlp", "resid": None}.get(kind, "attn")
             if (m, side) in drops:  # the node's own write is cut: nothing of it reaches the metric in this term
                 results.append(0.0)
                 continue
@@ -156,6 +157,23 @@ def norm_fixed(model, tok, pair: dict, metric_fn, nodes: Sequence[NodeId],
                 for hh in heads:
                     zp[0, :, hh * hd:(hh + 1) * hd] += cache.clean[(m, "pattern")][0, hh] @ (keep * dv)
                 write = (mods[m]["o"](zp) - mods[m]["o"](z))[0]
+            elif kind in ("queries", "keys"):  # the exact pattern with the patched query / key, through the values
+                rep = dm.n_heads // dm.n_kv_heads
+                heads = range(node.index * rep, node.index * rep + rep) if node.grouped else [node.index]
+                mask, scale = cache.mask[m][0, 0], cache.scale[m]
+                z = clean[(m, "z")]
+                zp = z.clone()
+                for hh in heads:
+                    q0, k0 = cache.clean[(m, "q")][0, hh], cache.clean[(m, "k_rep")][0, hh]
+                    q1, k1 = q0.clone(), k0.clone()
+                    if kind == "queries":
+                        q1[at] = cache.corrupt[(m, "q")][0, hh, at]
+                    else:
+                        k1[at] = cache.corrupt[(m, "k_rep")][0, hh, at]
+                    a0 = torch.softmax(q0 @ k0.T * scale + mask, -1)
+                    a1 = torch.softmax(q1 @ k1.T * scale + mask, -1)
+                    zp[0, :, hh * hd:(hh + 1) * hd] += (a1 - a0) @ cache.clean[(m, "v_rep")][0, hh]
+                write = (mods[m]["o"](zp) - mods[m]["o"](z))[0]
             else:
                 key = {"attn": "attn_out", "mlp": "mlp_out", "resid": "resid"}[kind]
                 write = (corrupt[(m, key)] - clean[(m, key)])[0]
@@ -163,7 +181,7 @@ def norm_fixed(model, tok, pair: dict, metric_fn, nodes: Sequence[NodeId],
                     only = torch.zeros_like(write)
                     only[t] = write[t]
                     write = only
-            point = 2 * m + (2 if parallel else 1) if kind in ("heads", "attn", "values") else 2 * m + 2
+            point = 2 * m + (2 if parallel else 1) if side == "attn" else 2 * m + 2
             total = 0.0
             for (p, norm, in_key, _), g in zip(readers, grads):
                 if p < point:

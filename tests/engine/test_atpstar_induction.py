@@ -5,7 +5,8 @@ Measured, heads, mean over the 8 pairs (exact / plain AtP / AtP* estimate, AtP* 
   copy  L1.H0 -23.15 / -10.00 / -10.00, 10.00   L1.H1 -10.13 / -5.66 / -5.66, 5.66   L0 heads |.| < 0.2
   prev  L0.H0 -14.50 / -0.88 / -0.88, 0.00      L1.H0 -8.48 / +1.38 / +1.38, 2.33    L1.H1 -6.14 / +1.59 / +1.59, 1.86
 
-Copy: AtP* (and AtP) find exact patching's top heads with the right signs. Prev: neither does, and AtP* cannot:
+Copy: AtP* (and AtP) find exact patching's top heads with the right signs. Prev: neither does, and the paper's AtP*
+cannot:
 - the L1 heads' wrong sign comes from the final LayerNorm (the induction heads' output dominates the residual
   stream, and a norm's gradient ignores the direction of its input): between a layer-1 head's output and the
   logits there is only that norm. Head outputs keep plain AtP under AtP*; the QK fix recomputes the pattern of
@@ -13,7 +14,9 @@ Copy: AtP* (and AtP) find exact patching's top heads with the right signs. Prev:
   it through the same norm;
 - L0.H0 acts only through layer 1's attention. With 2 layers GradDrop's score of a layer-0 node is the
   |estimate| with layer 1 cut, i.e. its direct effect, about 0 here; the AtP* ranking puts it near the bottom.
-What catches it is the false-negative diagnostic: over the nodes AtP* left unverified, the largest subset-based
+atpdsl's norm fix (engine/normfix.py) makes that final norm exact: the layer-1 heads' and keys' estimates then
+equal exact patching (the example runs with it). L0.H0 stays missed. What catches it is the false-negative
+diagnostic: over the nodes AtP* left unverified, the largest subset-based
 estimate is L0.H0 (-12.96) and the bound is 13.6 at 95% (exact: -14.5).
 """
 from __future__ import annotations
@@ -43,10 +46,11 @@ def runs():
         plan = replace(plan, pairs=plan.pairs[:N_PAIRS], exports=(), verification=None, diagnosis=None)
         loaded = loaded or load_model(plan.model)
         heads = replace(plan, nodes=(NodeGroup("heads"),))
-        assert plan.method == MethodSpec("atp*", qk_fix=True, graddrop=True)  # the examples run full AtP*
+        assert plan.method.qk_fix and plan.method.graddrop  # the examples run full AtP* (prev: + the norm fix)
+        paper = MethodSpec("atp*", qk_fix=True, graddrop=True)
         out[name] = {m: execute(replace(heads, method=method), loaded=loaded)
                      for m, method in (("exact", MethodSpec("exact")), ("atp", MethodSpec("atp")),
-                                       ("atp*", plan.method))}
+                                       ("atp*", paper), ("atp*+norm", replace(paper, norm_fix=True)))}
         out[name]["plan"] = plan
     return out, loaded
 
@@ -73,6 +77,15 @@ def test_prev_corruption_plain_atp_and_atp_star_miss_the_previous_token_head(run
     assert star["L0.H0"].score < 0.1  # 2 layers: GradDrop keeps only the (absent) direct effect
 
 
+def test_prev_corruption_the_norm_fix_makes_the_layer_1_heads_exact(runs):
+    """Between layer 1's heads and the logits there is only the final norm: with it exact, so is the estimate."""
+    res, _ = runs
+    exact, fixed = (res["prev"][m].by_name() for m in ("exact", "atp*+norm"))
+    for head in ("L1.H0", "L1.H1"):
+        assert fixed[head].estimate == pytest.approx(exact[head].estimate, abs=1e-3)
+    assert abs(fixed["L0.H0"].estimate) < 1.5  # the layer-0 head still acts through layer 1's saturated softmax
+
+
 def test_prev_corruption_the_diagnostic_flags_what_atp_star_missed(runs):
     res, loaded = runs
     plan = replace(res["prev"]["plan"], verification=Verification(12),  # as the spec; 200 samples, not 64:
@@ -81,6 +94,7 @@ def test_prev_corruption_the_diagnostic_flags_what_atp_star_missed(runs):
     by = result.by_name()
     assert by["L0.H0"].verified_effect is None and by["L0.H0.v@5"].verified_effect is None  # not in AtP*'s top 12
     assert by["L1.H0.k@6"].rank <= 2 and by["L1.H0.k@6"].verified_effect < -5  # the QK fix ranks the key high
+    assert by["L1.H0.k@6"].estimate == pytest.approx(by["L1.H0.k@6"].verified_effect, abs=1e-3)  # + the norm fix
     diag = result.extras["diagnosis"]
     assert diag["largest_subsample_estimate"]["node"] in ("L0.H0", "L0.H0.v@5")
     assert diag["largest_subsample_estimate"]["effect"] < -10

@@ -26,7 +26,7 @@ from atpdsl.engine.normfix import center_columns, norm_map, rank1_change, stack_
 from atpdsl.errors import EngineError
 from atpdsl.plan import MethodSpec
 
-FIXED = ("heads", "values", "neurons", "attn", "mlp", "resid")
+FIXED = ("heads", "queries", "keys", "values", "neurons", "attn", "mlp", "resid")
 NODES = tuple(NodeGroup(k, per_position=True) for k in FIXED)
 PAIR = tm.TINY_PAIRS[0]
 ARCHS = ["llama", "neox", "neox_seq", "gpt2"]
@@ -112,7 +112,7 @@ def test_an_unknown_norm_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------------------------- engine
-def _fix(qk: bool = False, gd: bool = False, mode: str = "layer") -> MethodSpec:
+def _fix(qk: bool = True, gd: bool = False, mode: str = "layer") -> MethodSpec:
     return MethodSpec("atp*", qk_fix=qk, graddrop=gd, graddrop_mode=mode, norm_fix=True)
 
 
@@ -123,7 +123,8 @@ def test_engine_equals_brute_force_reference(arch, summed):
     nodes = tuple(NodeGroup(k) for k in FIXED) if summed else NODES
     res = execute(make_plan("tiny", [PAIR], nodes, batch=1, method_spec=_fix()), loaded=wrap_model(model, tok))
     ref = NR.norm_fixed(model, tok, PAIR, R.logit_diff(tok), [n.node for n in res.nodes])
-    plain = execute(make_plan("tiny", [PAIR], nodes, batch=1), loaded=wrap_model(model, tok)).by_name()
+    plain = execute(make_plan("tiny", [PAIR], nodes, batch=1, method_spec=MethodSpec("atp*", qk_fix=True)),
+                    loaded=wrap_model(model, tok)).by_name()  # QK-fixed, without the norm fix
     worst = max(abs(n.estimate - r) for n, r in zip(res.nodes, ref))
     moved = max(abs(n.estimate - plain[n.name].estimate) for n in res.nodes)
     print(f"{arch}{' summed' if summed else ''}: engine vs reference {worst:.2g}; moved from plain AtP by up to"
@@ -170,9 +171,11 @@ def _terms(arch: str, mode: str, limit: int | None = None):
     if limit is not None:
         atpstar.NORM_SUFFIX_LIMIT = limit
     try:
+        qk = {q.layer: star._qk_prepare(run, q) for q in star.qk_layers}
         star._norm_suffix.clear()
-        star._norm_write(run, run.clean.grads[MAIN].get, est)
-        terms = torch.stack(list(star.term_estimates(run, est)))  # [n_terms, 1, N]
+        star._norm_inputs.clear()
+        star._norm_write(run, run.clean.grads[MAIN].get, est, qk=qk)
+        terms = torch.stack(list(star.term_estimates(run, est, qk)))  # [n_terms, 1, N]
     finally:
         atpstar.NORM_SUFFIX_LIMIT = old
         run.clean.live.clear()

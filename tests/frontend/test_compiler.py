@@ -110,7 +110,9 @@ def test_norm_fix_is_off_unless_asked_and_costed_when_on():
     # 2 + 6 + 12 = 20 more pairs -> 0.5 x 36 / 4
     assert dict((p.name, p.cost) for p in with_drop.passes)["norm fix"] == 4.5
     only_qk = plan_of("nodes { queries keys } method atp* { norm_fix on }")
-    assert "norm fix" not in [p.name for p in only_qk.passes]  # no node with a write of its own
+    assert "norm fix" in [p.name for p in only_qk.passes]  # with the QK fix their heads' output change is the write
+    no_qk = plan_of("nodes { queries keys } method atp* { norm_fix on qk_fix off }")
+    assert "norm fix" not in [p.name for p in no_qk.passes]  # without it they keep plain AtP
 
 
 def test_exact_costs_one_forward_per_node():
