@@ -28,6 +28,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -48,6 +50,7 @@ __all__ = [
     "make_qwen2",
     "make_neox",
     "make_gpt2",
+    "make_gemma",
     "BUILDERS",
     "sharpen",
     "save_model",
@@ -135,6 +138,23 @@ def make_gpt2(n_layer: int = 2, d: int = 32, heads: int = 4, seed: int = 0) -> G
                      attn_implementation="eager", pad_token_id=0, eos_token_id=1, bos_token_id=1,
                      initializer_range=0.2)
     return _finish(GPT2LMHeadModel(cfg))
+
+
+def make_gemma(n_layer: int = 2, d: int = 32, heads: int = 4, kv_heads: int = 2, mlp: int = 48,
+               seed: int = 0) -> GemmaForCausalLM:
+    """A random Gemma (RMSNorm with gain 1 + weight, embeddings scaled by sqrt(d), GeGLU MLP), GQA; the norm
+    weights are drawn too (HF starts them at 0, a gain of exactly 1)."""
+    torch.manual_seed(seed)
+    cfg = GemmaConfig(vocab_size=VOCAB_SIZE, hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=mlp, max_position_embeddings=128,
+                      head_dim=d // heads, attn_implementation="eager", pad_token_id=0, eos_token_id=1,
+                      bos_token_id=1, tie_word_embeddings=False, initializer_range=0.2)
+    model = GemmaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+    return _finish(model)
 
 
 BUILDERS: dict[str, Callable[..., PreTrainedModel]] = {

@@ -30,7 +30,7 @@ from atpdsl.plan import MethodSpec
 FIXED = ("heads", "queries", "keys", "values", "neurons", "attn", "mlp", "resid")
 NODES = tuple(NodeGroup(k, per_position=True) for k in FIXED)
 PAIR = tm.TINY_PAIRS[0]
-ARCHS = ["llama", "neox", "neox_seq", "gpt2"]
+ARCHS = ["llama", "neox", "neox_seq", "gpt2", "gemma"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +39,8 @@ def _threads():
 
 
 def _model(name: str, n_layer: int = 3):
+    if name == "gemma":  # not in tm.BUILDERS (nor tm.sharpen): only the norm fix's tests use it
+        return tm.make_gemma(n_layer=n_layer)
     builder = tm.make_neox if name == "neox_seq" else tm.BUILDERS[name]
     return tm.sharpen(builder(n_layer=n_layer, **({"parallel": False} if name == "neox_seq" else {})), 3.0)
 
