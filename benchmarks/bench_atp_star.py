@@ -75,7 +75,7 @@ def method_cost(m: MethodSpec, n_layers: int) -> float:
 
 MISS_MIN_EFFECT = 0.2  # a missed node must change the metric by at least this much when patched
 MISS_RATIO = 0.1  # ...while plain AtP estimates less than this fraction of it
-MISS_SHOWN = 3
+MISS_SHOWN = 8
 
 
 def worst_rank(truth: dict[str, float], ranks: dict[str, int]) -> int:
