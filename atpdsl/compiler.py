@@ -13,7 +13,7 @@ from .errors import AtpError, SpecError
 from .parser import parse
 from .plan import (
     Diagnosis, ExportTarget, MetricArg, MetricSpec, MethodSpec, ModelRef, NodeGroup, Pass, Plan, Selection,
-    SourceRef, Verification, graddrop_cost, norm_fix_cost,
+    NORM_FIX_KINDS, SourceRef, Verification, graddrop_cost, norm_fix_cost,
 )
 from .registry import DIAGNOSE_SETTINGS, DTYPES, LAST, SWITCHES
 
@@ -30,8 +30,6 @@ __all__ = [
 
 QK_FIX_COST_PER_LAYER = 0.05
 """Forward-equivalents of one layer's attention-pattern recomputation (small next to a forward)."""
-NORM_FIX_KINDS = ("heads", "values", "neurons", "attn", "mlp", "resid")
-"""Node kinds the norm fix rewrites (the engine's atpstar.NORM_FIX_KINDS; queries and keys too with the QK fix)."""
 
 
 def read_spec(path: str | Path) -> str:
@@ -202,7 +200,7 @@ def _passes(method: MethodSpec, groups: tuple[NodeGroup, ...], n_layers: int | N
             passes.append(Pass("qk fix", round(QK_FIX_COST_PER_LAYER * layers, 6),
                                f"exact softmax for patched queries and keys: one attention-pattern recomputation"
                                f" per layer x {layers}{depth_note}"))
-        fixed = NORM_FIX_KINDS + (("queries", "keys") if method.qk_fix else ())
+        fixed = NORM_FIX_KINDS | ({"queries", "keys"} if method.qk_fix else set())
         if method.name == "atp*" and method.norm_fix and any(g.kind in fixed for g in groups):
             passes.append(Pass("norm fix", round(norm_fix_cost(layers, method.graddrop, method.graddrop_mode), 6),
                                f"exact block-input and final norms on every node's own write, per layer x {layers}"

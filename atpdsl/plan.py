@@ -22,6 +22,7 @@ __all__ = [
     "SourceRef",
     "graddrop_cost",
     "norm_fix_cost",
+    "NORM_FIX_KINDS",
 ]
 
 
@@ -33,6 +34,10 @@ def graddrop_cost(n_layers: int, mode: str = "layer") -> float:
         return sum(range(n_layers)) / n_layers
     return sum(2 * layer + 0.5 for layer in range(n_layers)) / n_layers
 
+
+NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
+"""Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
+norm fix rewrites. Queries and keys join them when the QK fix is on (their exact head-output change)."""
 
 NORM_FIX_PAIR_COST = 0.5
 """Forward-equivalents of the norm fix per (MLP layer, later norm) pair, divided by the layer count: two

@@ -41,11 +41,12 @@ import torch
 
 from ..arch import STAGES, Layout
 from ..errors import EngineError
+from ..plan import NORM_FIX_KINDS
 from ..scores import FalseNegativeBound
 from .atp import MAIN, BatchRun, site_delta, site_estimates
 from .context import Context, align
 from .graddrop import n_terms as count_terms
-from .nodes import Block, block_estimates
+from .nodes import Block, block_estimates, unit_columns
 from .normfix import (
     NormBlock, NormMap, NormReader, center_columns, norm_inputs, norm_map, rank1_change, stack_norms, write_change,
 )
@@ -61,22 +62,17 @@ MLP_SIDE = frozenset({"neurons", "mlp"})
 PATTERN_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 """Largest |rebuilt pattern - model pattern| accepted on the first batch, per model dtype."""
 
-# Per architecture (Arch.name): the module whose output is the rotary (cos, sin), None without rotary, and the
-# module whose input is the residual stream between attention and MLP (sequential blocks).
+# Per architecture (Arch.name): the module whose output is the rotary (cos, sin), None without rotary. The residual
+# stream between attention and MLP (sequential blocks) is the input of the architecture's `mlp_norm`.
 _ROTARY = {"GPT-2": None, "GPT-NeoX": "gpt_neox.rotary_emb"}
-_MID = {"GPT-2": "transformer.h.{layer}.ln_2", "GPT-NeoX": "gpt_neox.layers.{layer}.post_attention_layernorm"}
 for _name in ("Llama", "Qwen2", "Mistral", "Gemma"):
     _ROTARY[_name] = "model.rotary_emb"
-    _MID[_name] = "model.layers.{layer}.post_attention_layernorm"
 
 # Stages (arch.STAGES numbering) of the extra sites; only their relative order matters.
 _PATTERN_STAGE, _MID_STAGE = 32, 40
 _NORM_STAGE = {"attn-in": 5, "mlp-in": _MID_STAGE, "logits": 0}  # a reader norm's input; its output is + 1
 NORM_SUFFIX_LIMIT = 1 << 26
 """Largest per-block cache (elements) of main-pass norm-fix contributions that GradDrop terms reuse."""
-NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
-"""Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
-norm fix rewrites. Queries and keys join them when the QK fix is on (their exact head-output change)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +142,10 @@ class AtpStar:
         ctx = self.ctx
         loaded, table = ctx.loaded, ctx.table
         arch, geom = loaded.arch, loaded.geom
-        if arch.name not in _MID:
-            raise EngineError(f"AtP* (qk_fix / graddrop) does not know the residual layout of {arch.name} models "
-                              f"(supported: {', '.join(sorted(_MID))}); use `method atp`")
-        self.parallel = arch.name == "GPT-NeoX" and bool(loaded.config.get("use_parallel_residual", True))
+        if arch.name not in _ROTARY or not arch.mlp_norm:
+            raise EngineError(f"AtP* (qk_fix / graddrop / norm_fix) does not know the residual layout of {arch.name} models "
+                              f"(supported: {', '.join(sorted(_ROTARY))}); use `method atp`")
+        self.parallel = loaded.parallel
         have = {s.key for s in ctx.sites}
         extra: dict[str, TraceSite] = {}
 
@@ -209,7 +205,7 @@ class AtpStar:
                         w = add(f"{t.path(l)}.{t.attr}", t.path(l), t.attr, (l, 31 if keep == "attn" else 51))
                         self.terms.append(Term(l, frozenset({cut}), skip(resid[l]) + ((w, resid[l]),)))
                 else:
-                    mod = _MID[arch.name].format(layer=l)
+                    mod = arch.mlp_norm.format(layer=l)
                     mid = add(f"{mod}.input", mod, "input", (l, _MID_STAGE))
                     self.terms.append(Term(l, frozenset({"attn"}), skip(mid)))
                     self.terms.append(Term(l, frozenset({"mlp"}), ((mid, resid[l]),)))
@@ -230,7 +226,7 @@ class AtpStar:
     # ------------------------------------------------------------------------------------- norm fix
     def _norm_setup(self, add: Callable[..., str]) -> None:
         """Reader norms (input values, output gradients) and the node blocks whose writes they read."""
-        from .edges import readers, write_matrix
+        from .edges import readers, write_matrix, write_point
 
         loaded, table = self.ctx.loaded, self.ctx.table
         arch, geom = loaded.arch, loaded.geom
@@ -248,7 +244,7 @@ class AtpStar:
                 continue  # queries and keys: only on top of the QK fix, which gives their heads' output changes
             columns = cols = centered = pattern_key = unit_heads = qk_layer = v_key = None
             if b.kind in ("heads", "neurons", "values", "queries", "keys"):
-                cols = torch.cat([torch.arange(*b.layout.columns(u)) for u in b.units]).to(loaded.device)
+                cols = unit_columns(b).to(loaded.device)
                 if b.kind == "neurons":
                     module = site.module if site.attr == "input" else arch.neuron_proj.format(layer=layer)
                     columns = write_matrix(loaded.hf.get_submodule(module), cols)
@@ -268,7 +264,7 @@ class AtpStar:
                 qk_layer = layer
                 v_key = add(f"{vt.path(layer)}.{vt.attr}", vt.path(layer), vt.attr, (layer, STAGES["values"]),
                             grad=False)
-            point = 2 * layer + (1 + self.parallel if b.kind in ATTN_SIDE else 2)
+            point = write_point(b.kind, layer, self.parallel)
             first = next(i for i, r in enumerate(all_readers) if r.point >= point)  # readers come in forward order
             if b.kind == "neurons" and b.layout.width == 1:
                 centered = center_columns(self.norm_stack, columns)
@@ -382,7 +378,7 @@ class AtpStar:
             t1 = time.perf_counter()
             ctx.add_time("qk_fix", t1 - t0)
             if self.norm_blocks:
-                if self._batches_done == 0 and not self._norms_checked:
+                if not self._norms_checked:
                     self._check_norms(run)
                     self._norms_checked = True
                 self._norm_suffix.clear()

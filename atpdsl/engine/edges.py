@@ -57,7 +57,7 @@ from ..scores import EdgeScore
 from .context import Context, align
 from .data import Batch, encode_pairs, make_batches, node_positions
 from .load import Loaded, load_model
-from .nodes import Block, build_table, unit_values
+from .nodes import build_table, unit_columns, unit_values
 from .trace import Backward, TraceSite, run_trace
 
 __all__ = ["Reader", "EdgeMatrix", "edge_matrix", "edge_scores", "weighted_edges", "readers", "write_matrix",
@@ -87,10 +87,6 @@ class Reader:
     point: int
 
 
-def _parallel(loaded: Loaded) -> bool:
-    return loaded.arch.name == "GPT-NeoX" and bool(loaded.config.get("use_parallel_residual", True))
-
-
 def readers(loaded: Loaded) -> list[Reader]:
     """Every reader block of the model in forward order (EngineError for an architecture without norms listed)."""
     arch = loaded.arch
@@ -98,7 +94,7 @@ def readers(loaded: Loaded) -> list[Reader]:
         raise EngineError(f"edge attribution does not know the block input norms of {arch.name} models "
                           f"(add attn_norm and mlp_norm to its entry in atpdsl/arch.py)")
     norms = (arch.attn_norm, arch.mlp_norm)
-    parallel = _parallel(loaded)
+    parallel = loaded.parallel
     n = loaded.geom.n_layers
     out = []
     for m in range(n):
@@ -108,13 +104,18 @@ def readers(loaded: Loaded) -> list[Reader]:
     return out
 
 
-def _write_point(node: NodeId, parallel: bool) -> int:
-    """The residual point a node's write lands at (q/k/v: their attention's)."""
-    if node.kind is NodeKind.EMBED:
+def write_point(kind: NodeKind | str, layer: int, parallel: bool) -> int:
+    """The residual point a node of `kind` in `layer` writes at (q/k/v: their attention's)."""
+    kind = NodeKind(kind)
+    if kind is NodeKind.EMBED:
         return 0
-    if node.kind in _ATTN_SIDE:
-        return 2 * node.layer + (2 if parallel else 1)
-    return 2 * node.layer + 2
+    if kind in _ATTN_SIDE:
+        return 2 * layer + (2 if parallel else 1)
+    return 2 * layer + 2
+
+
+def _write_point(node: NodeId, parallel: bool) -> int:
+    return write_point(node.kind, node.layer, parallel)
 
 
 def _read_point(node: NodeId, parallel: bool) -> int:
@@ -190,11 +191,6 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _unit_columns(block: Block) -> torch.Tensor:
-    lay = block.layout
-    return torch.cat([torch.arange(*lay.columns(u)) for u in block.units])
-
-
 @dataclass(slots=True)
 class _Setup:
     ctx: Context
@@ -227,7 +223,7 @@ def _setup(plan: Plan, loaded: Loaded, nodes: Sequence[NodeId]) -> _Setup:
         if n in seen:
             cols.append(c)
             sources.append(n)
-    return _Setup(ctx, readers(loaded), cols, sources, _parallel(loaded))
+    return _Setup(ctx, readers(loaded), cols, sources, loaded.parallel)
 
 
 def _per_position(vals: torch.Tensor, node_pos: torch.Tensor | None) -> torch.Tensor | None:
@@ -306,7 +302,7 @@ def _edge_batch(st: _Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, t
                 put(per_unit.unsqueeze(0), columns, qkv.unsqueeze(-1), None)
                 continue
             if bl.kind in ("heads", "neurons"):
-                cols = _unit_columns(bl).to(d.device)
+                cols = unit_columns(bl).to(d.device)
                 module = (site.module if site.attr == "input"
                           else loaded.arch.neuron_proj.format(layer=site.layer))
                 proj = G @ write_matrix(loaded.hf.get_submodule(module), cols)  # [R, b, S, k]

@@ -34,6 +34,11 @@ class Loaded:
     revision: str | None
     pad_id: int
 
+    @property
+    def parallel(self) -> bool:
+        """Attention and MLP of a layer read the same residual point (GPT-NeoX with use_parallel_residual, Pythia)."""
+        return self.arch.name == "GPT-NeoX" and bool(self.config.get("use_parallel_residual", True))
+
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False") or os.environ.get(

@@ -17,7 +17,7 @@ from ..names import NodeId, NodeKind
 from ..plan import NodeGroup
 from .data import where_text
 
-__all__ = ["Block", "NodeTable", "SCORED_KINDS", "build_table", "unit_values", "block_estimates"]
+__all__ = ["Block", "NodeTable", "SCORED_KINDS", "build_table", "unit_columns", "unit_values", "block_estimates"]
 
 SCORED_KINDS = ("heads", "queries", "keys", "values", "neurons", "attn", "mlp", "resid")
 
@@ -137,6 +137,11 @@ def build_table(arch: Arch, geom: Geometry, groups: Sequence[NodeGroup],
                         table.nodes.append(NodeId(site.layer, nk, index, p, grouped))
                         table.attrs.append(tuple(attrs))
     return table
+
+
+def unit_columns(block: Block) -> torch.Tensor:
+    """The block's units' columns in its site tensor, unit after unit."""
+    return torch.cat([torch.arange(*block.layout.columns(u)) for u in block.units])
 
 
 def unit_values(x: torch.Tensor, layout: Layout) -> torch.Tensor:

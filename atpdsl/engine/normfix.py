@@ -219,24 +219,32 @@ def norm_inputs(nb: NormBlock, delta: torch.Tensor, pattern: torch.Tensor | None
     heads = nb.unit_heads  # [U, rep]
     w_o = nb.columns.unflatten(-1, (-1, width))[:, heads]  # [d, U, rep, w]
     y = torch.einsum("bsuw,durw->bsurd", dz, w_o)  # each reading head's write per unit of pattern weight
-    first = int(live.min()) if live.numel() else seq
-    reads = torch.arange(first, seq, device=delta.device)  # causal: only queries at or after a changed value
+    first, reads, finish = _later_queries(b, live, bsz, seq, at_live)
     a = pattern[:, heads][:, :, :, first:][..., live]  # [b, U, rep, T', P]
     if not b.per_position:  # every position patched at once: one write per query position
-        writes = torch.einsum("burtp,bpurd->btud", a, y)
+        return reads, torch.einsum("burtp,bpurd->btud", a, y), finish
+    return reads, torch.einsum("burtp,bpurd->btupd", a, y).flatten(2, 3), finish  # [b, T', U * P, d]
 
-        def summed(change: torch.Tensor) -> torch.Tensor:
-            out = change.new_zeros((bsz, seq, units))
-            out[:, reads] = change
-            return out
 
-        return reads, writes, summed
-    writes = torch.einsum("burtp,bpurd->btupd", a, y).flatten(2, 3)  # [b, T', U * P, d]
+def _later_queries(b: Block, live: torch.Tensor, bsz: int, seq: int, at_live: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> tuple[int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """For a value or key, which writes at every query position from the first changed one on: (that position,
+    the query positions read, and the finish that turns the changes there into per-unit values [b, S, U]).
+    Summed: one write per query position [b, T', U]. Per position: one per (unit, changed source position)
+    [b, T', U * P], summed over the queries and put at the source position."""
+    units = len(b.units)
+    first = int(live.min()) if live.numel() else seq
+    reads = torch.arange(first, seq, device=live.device)  # causal: only queries at or after a changed source
 
-    def per_value(change: torch.Tensor) -> torch.Tensor:  # [b, T', U * P]: the value's writes summed over queries
+    def summed(change: torch.Tensor) -> torch.Tensor:
+        out = change.new_zeros((bsz, seq, units))
+        out[:, reads] = change
+        return out
+
+    def per_source(change: torch.Tensor) -> torch.Tensor:
         return at_live(change.sum(1).unflatten(-1, (units, -1)).transpose(1, 2))
 
-    return reads, writes, per_value
+    return first, reads, per_source if b.per_position else summed
 
 
 def _qk_inputs(nb: NormBlock, live: torch.Tensor, fix: QKFix, v: torch.Tensor, bsz: int, seq: int,
@@ -244,28 +252,15 @@ def _qk_inputs(nb: NormBlock, live: torch.Tensor, fix: QKFix, v: torch.Tensor, b
     """norm_inputs for queries and keys: the QK fix's exact head-output changes through W_O, per unit's heads."""
     b = nb.block
     heads = nb.unit_heads  # [U, rep]
-    units = heads.shape[0]
     width = v.shape[-1]
     w_o = nb.columns.unflatten(-1, (-1, width))[:, heads]  # [d, U, rep, w]
     dtype = nb.columns.dtype
     if b.kind == "queries":  # a query at t changes its head's output at t only (also when all are patched)
         dz = fix.query_outputs(v)[:, heads][:, :, :, live].to(dtype)  # [b, U, rep, P, w]
         return live, torch.einsum("burpw,durw->bpud", dz, w_o), at_live
-    first = int(live.min()) if live.numel() else seq
-    reads = torch.arange(first, seq, device=live.device)  # causal: only queries at or after a changed key
+    first, reads, finish = _later_queries(b, live, bsz, seq, at_live)
     if not b.per_position:  # every key of the unit patched at once
         dz = fix.all_keys_outputs(v)[:, heads][:, :, :, first:].to(dtype)  # [b, U, rep, T', w]
-
-        def summed(change: torch.Tensor) -> torch.Tensor:
-            out = change.new_zeros((bsz, seq, units))
-            out[:, reads] = change
-            return out
-
-        return reads, torch.einsum("burtw,durw->btud", dz, w_o), summed
+        return reads, torch.einsum("burtw,durw->btud", dz, w_o), finish
     dz = fix.key_outputs(v, live, first)[:, heads].to(dtype)  # [b, U, rep, T', P, w]
-    writes = torch.einsum("burtpw,durw->btupd", dz, w_o).flatten(2, 3)  # [b, T', U * P, d]
-
-    def per_key(change: torch.Tensor) -> torch.Tensor:  # [b, T', U * P]: the key's writes summed over queries
-        return at_live(change.sum(1).unflatten(-1, (units, -1)).transpose(1, 2))
-
-    return reads, writes, per_key
+    return reads, torch.einsum("burtpw,durw->btupd", dz, w_o).flatten(2, 3), finish  # [b, T', U * P, d]
