@@ -19,6 +19,7 @@ from typing import IO, Any, Iterator
 import networkx as nx
 
 from ..errors import DataError
+from .streams import read_text, write_text
 from .style import ENDPOINT, hex_colour, node_rgb, row_order, top_abs
 
 __all__ = ["to_dot", "write_dot", "read_dot", "parse_dot"]
@@ -138,11 +139,7 @@ def to_dot(G: nx.DiGraph) -> str:
 
 def write_dot(G: nx.DiGraph, path: str | Path | IO[str]) -> None:
     """Write DOT text (render with `dot -Tsvg file.dot -o file.svg`)."""
-    text = to_dot(G)
-    if hasattr(path, "write"):
-        path.write(text)
-    else:
-        Path(path).write_text(text, encoding="utf-8")
+    write_text(path, to_dot(G))
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -299,5 +296,4 @@ def parse_dot(text: str) -> nx.DiGraph:
 
 def read_dot(path: str | Path | IO[str]) -> nx.DiGraph:
     """Read a circuit graph written by `write_dot`."""
-    text = path.read() if hasattr(path, "read") else Path(path).read_text(encoding="utf-8")
-    return parse_dot(text)
+    return parse_dot(read_text(path))

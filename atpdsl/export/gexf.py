@@ -14,6 +14,7 @@ from typing import IO
 import networkx as nx
 from networkx.readwrite.gexf import GEXFWriter
 
+from .streams import binary_sink, read_bytes
 from .style import layered_positions, node_rgb, top_abs
 
 __all__ = ["write_gexf", "read_gexf"]
@@ -48,19 +49,13 @@ def write_gexf(G: nx.DiGraph, path: str | Path | IO[bytes]) -> None:
     if meta is None:  # pragma: no cover - networkx always writes one
         meta = ET.SubElement(writer.xml, "meta")
     ET.SubElement(meta, "description").text = json.dumps(G.graph, sort_keys=True)
-    if hasattr(path, "write"):
-        writer.write(path)
-    else:
-        with open(path, "wb") as f:
-            writer.write(f)
+    with binary_sink(path) as f:
+        writer.write(f)
 
 
 def read_gexf(path: str | Path | IO[bytes]) -> nx.DiGraph:
     """Read a circuit graph written by `write_gexf`; layout and colour data are dropped."""
-    if hasattr(path, "read"):
-        raw = path.read()
-    else:
-        raw = Path(path).read_bytes()
+    raw = read_bytes(path)
     G = nx.read_gexf(io.BytesIO(raw), version="1.2draft")
     for key in _READER_KEYS:
         G.graph.pop(key, None)

@@ -11,6 +11,8 @@ from typing import IO, Any
 import networkx as nx
 from networkx.readwrite.graphml import GraphMLWriter
 
+from .streams import binary_sink
+
 __all__ = ["write_graphml", "read_graphml"]
 
 _READER_KEYS = ("node_default", "edge_default")  # networkx adds these on read; we never write them
@@ -30,11 +32,8 @@ def write_graphml(G: nx.DiGraph, path: str | Path | IO[bytes]) -> None:
     """Write the circuit graph as GraphML."""
     writer = _Writer(encoding="utf-8", prettyprint=True, named_key_ids=True)
     writer.add_graph_element(G)
-    if hasattr(path, "write"):
-        writer.dump(path)
-    else:
-        with open(path, "wb") as f:
-            writer.dump(f)
+    with binary_sink(path) as f:
+        writer.dump(f)
 
 
 def read_graphml(path: str | Path | IO[bytes]) -> nx.DiGraph:

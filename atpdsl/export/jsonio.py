@@ -37,6 +37,7 @@ from ..names import NodeNameError, parse_node
 from ..plan import Plan
 from ..scores import SCHEMA_VERSION, SIGN_CONVENTION, EdgeScore, FalseNegativeBound, NodeScore, RunResult
 from ..select import DroppedNode, SelectionOutcome
+from .streams import read_text, write_text
 from .table import EDGE_COLUMNS, SCORE_COLUMNS, edges_table
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -152,18 +153,14 @@ def dumps(res: "Result", *, indent: int | None = 1) -> str:
 
 def write_json(res: "Result", path: str | Path | IO[str]) -> None:
     """Write the JSON result."""
-    text = dumps(res)
-    if hasattr(path, "write"):
-        path.write(text)
-    else:
-        Path(path).write_text(text, encoding="utf-8")
+    write_text(path, dumps(res))
 
 
 def read_document(path: str | Path | IO[str]) -> dict[str, Any]:
     """Load and check a JSON result document; DataError names the file and what is wrong."""
     name = getattr(path, "name", str(path))
     try:
-        text = path.read() if hasattr(path, "read") else Path(path).read_text(encoding="utf-8")
+        text = read_text(path)
     except OSError as error:
         raise DataError(f"cannot read result file {name!r}: {error.strerror or error}") from None
     try:
