@@ -261,7 +261,7 @@ class _Checker:
         if info.kind == "choice":
             if text not in info.choices:
                 self.add(error("E104", f"unknown {key} {quote(text)}", v.span,
-                               _guess_hint(text, info.choices, f"expected one of")))
+                               _guess_hint(text, info.choices, "expected one of")))
                 return None
             return text
         if info.kind == "device":
@@ -449,7 +449,7 @@ class _Checker:
         if g.indices is not None:
             if info.unit is None:
                 self.add(error("E606", f"{quote(kind)} nodes have no index: each layer has one", g.indices[0].span,
-                               f"drop the numbers, or use `heads`/`neurons` for parts of a layer"))
+                               "drop the numbers, or use `heads`/`neurons` for parts of a layer"))
                 return False
             unit, count = self.unit_count(kind, geom)
             total = 0

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "tests" / "engine"))
 
 import torch  # noqa: E402
 
-from engine_support import STORIES, NodeGroup, make_plan, stories_pairs, with_  # noqa: E402
+from engine_support import STORIES, NodeGroup, make_plan, pearson, stories_pairs, with_  # noqa: E402
 
 from atpdsl.compiler import QK_FIX_COST_PER_LAYER  # noqa: E402
 from atpdsl.engine import execute  # noqa: E402
@@ -176,8 +176,7 @@ def main() -> None:
             keys = [n.name for n in exact.nodes if n.node.kind.value == kind]
             est = [v for k in keys for v in estimates[name][k]]
             ref = [per_pair_truth[q][k] for k in keys for q in range(len(pairs))]
-            x = torch.tensor([est, ref], dtype=torch.float64)
-            row.append(float(torch.corrcoef(x)[0, 1]))
+            row.append(pearson(est, ref))
         print(f"  {name:14s} " + " ".join(f"{r:9.3f}" for r in row))
     print("  (the signed estimate: QK-fixed for queries and keys, and norm-fixed for every kind in the last row)")
 

@@ -212,18 +212,6 @@ def test_import_atpdsl_stays_light():
     assert "run" in atpdsl.__all__
 
 
-def _real_pipeline_available() -> str | None:
-    try:
-        import atpdsl.compiler  # noqa: F401
-        from atpdsl.zoo import available
-    except ImportError as error:
-        return f"front end or zoo not merged yet ({error})"
-    if "induction-2l" not in available():
-        return "zoo model induction-2l not trained yet"
-    return None
-
-
-@pytest.mark.skipif(_real_pipeline_available() is not None, reason=str(_real_pipeline_available()))
 def test_end_to_end_through_the_cli_on_the_zoo_model(tmp_path, capsys):
     from atpdsl.cli import main
     from atpdsl.export.graphml import read_graphml

@@ -36,6 +36,12 @@ def pair(d: dict[str, str], origin: str = "") -> PromptPair:
     return PromptPair(d["clean"], d["corrupt"], fields, origin=origin)
 
 
+def pearson(a, b) -> float:
+    """Pearson correlation of two equal-length sequences, in float64."""
+    return float(torch.corrcoef(torch.stack([torch.as_tensor(a, dtype=torch.float64),
+                                             torch.as_tensor(b, dtype=torch.float64)]))[0, 1])
+
+
 def stories_pairs(n: int = 20) -> list[dict[str, str]]:
     rows = [json.loads(line) for line in PRONOUN.read_text().splitlines() if line.strip()]
     return rows[:n]

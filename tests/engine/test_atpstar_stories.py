@@ -25,7 +25,7 @@ import json
 import pytest
 import torch
 
-from engine_support import PRONOUN, STORIES, NodeGroup, Verification, make_plan, stories_pairs, with_
+from engine_support import PRONOUN, STORIES, NodeGroup, Verification, make_plan, pearson, stories_pairs, with_
 
 from atpdsl.engine import execute
 from atpdsl.engine.load import load_model
@@ -73,11 +73,6 @@ def test_atp_star_reaches_the_true_top_10_much_sooner_than_atp(stories):
     assert mean["layer+norm"] <= 0.4 * mean["layer"], worst  # the norm fix finds L0.N64 (see the docstring)
 
 
-def _pearson(a, b) -> float:
-    x = torch.tensor([a, b], dtype=torch.float64)
-    return float(torch.corrcoef(x)[0, 1])
-
-
 def test_qk_fix_tracks_exact_patching_on_queries_and_keys(stories):
     loaded, plan, exact = stories
     plain = execute(with_(plan, method=MethodSpec("atp"), batch=3), loaded=loaded).by_name()
@@ -88,7 +83,7 @@ def test_qk_fix_tracks_exact_patching_on_queries_and_keys(stories):
         ex = [v for name in names for v in truth[name].per_pair]
         a = [v for name in names for v in plain[name].per_pair]
         q = [v for name in names for v in fixed[name].per_pair]
-        r_plain, r_fix = _pearson(a, ex), _pearson(q, ex)
+        r_plain, r_fix = pearson(a, ex), pearson(q, ex)
         print(f"{kind}: Pearson AtP {r_plain:.3f} -> QK fix {r_fix:.3f} over {len(ex)} node-pairs")
         assert r_plain < before and r_fix > after, (kind, r_plain, r_fix)
 

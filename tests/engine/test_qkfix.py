@@ -1,9 +1,7 @@
 """QK fix: closed forms against brute-force re-softmax (float64 and 60-digit mpmath), padding, GQA groups."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import mpmath
 import pytest
@@ -11,6 +9,7 @@ import torch
 
 import tiny_models as tm
 import torch_reference as R
+from engine_support import STORIES, pearson, stories_pairs
 
 from atpdsl.engine.qkfix import all_keys_fix, key_fix, query_fix, reduce_groups, visible_mask
 from atpdsl.names import NodeId, NodeKind
@@ -239,9 +238,6 @@ def test_float32_inputs_come_back_float32_and_close():
 
 
 # ----------------------------------------------------------------------------- on real models, via the reference
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # as tests/conftest.py
-STORIES = SHARED / "models" / "stories260K"
-STORIES_PAIRS = SHARED / "data" / "stories260K-pronoun.jsonl"
 
 
 def _engine_style_fix(cache: "R.PairCache", layer: int) -> dict[str, torch.Tensor]:
@@ -261,15 +257,12 @@ def _engine_style_fix(cache: "R.PairCache", layer: int) -> dict[str, torch.Tenso
             "group_keys_all": all_k[0].view(c.dims.n_kv_heads, -1).sum(-1)}
 
 
-def _pearson(a, b) -> float:
-    return float(torch.corrcoef(torch.stack([torch.as_tensor(a, dtype=F), torch.as_tensor(b, dtype=F)]))[0, 1])
-
 
 @pytest.fixture(scope="module")
 def stories():
     torch.set_num_threads(1)
     model, tok = R.load_model(STORIES)
-    pairs = [json.loads(line) for line in STORIES_PAIRS.read_text().splitlines() if line.strip()]
+    pairs = stories_pairs()
     return model, tok, pairs
 
 
@@ -305,7 +298,7 @@ def test_stories260k_qk_fix_tracks_exact_patching(stories):
         exact = R.exact_patches(model, tok, pair, mf, nodes)
         plain = [float(atp[kind][n.layer, n.position, n.index]) for n in nodes]
         fixed = [float(fixes[n.layer][kind][n.position, n.index]) for n in nodes]
-        rows[kind] = (_pearson(plain, exact), _pearson(fixed, exact))
+        rows[kind] = (pearson(plain, exact), pearson(fixed, exact))
     assert rows["queries"][1] > 0.93 and rows["queries"][1] > rows["queries"][0] + 0.15, rows
     assert rows["group_keys"][1] > 0.985 and rows["group_keys"][1] > rows["group_keys"][0] + 0.05, rows
 

@@ -1,20 +1,16 @@
 """The plain-PyTorch reference itself: eager parity, AtP = derivative of the patch, patch identities, stories260K."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_models as tm
 import torch_reference as R
+from engine_support import STORIES, stories_pairs
 
 from atpdsl.names import NodeId, NodeKind, parse_node
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # as tests/conftest.py
-STORIES = SHARED / "models" / "stories260K"
-STORIES_PAIRS = SHARED / "data" / "stories260K-pronoun.jsonl"
 PAIR = tm.TINY_PAIRS[0]  # prompts differ first at token 8
 KIND_OF = {NodeKind.HEAD: "heads", NodeKind.NEURON: "neurons", NodeKind.QUERY: "queries", NodeKind.ATTN: "attn",
            NodeKind.MLP: "mlp"}
@@ -130,7 +126,7 @@ def test_unequal_lengths_are_rejected(tok):
 def stories():
     torch.set_num_threads(1)
     model, stok = R.load_model(STORIES)
-    pairs = [json.loads(line) for line in STORIES_PAIRS.read_text().splitlines() if line.strip()]
+    pairs = stories_pairs()
     return model, stok, pairs
 
 

@@ -6,7 +6,6 @@ import pytest
 
 from atpdsl.compiler import check_text
 from atpdsl.pairs import parse_placeholders, Placeholder
-from atpdsl.parser import parse
 
 
 def checked(text, tmp_path=None, **kw):

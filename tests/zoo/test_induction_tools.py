@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from atpdsl.zoo import available, zoo_path
-from atpdsl.zoo.induction_data import PAIR_FILES, make_pairs, vocab, write_pairs
+from atpdsl.zoo.induction_data import PAIR_FILES, make_pairs, vocab
 from atpdsl.zoo.induction_data import main as data_main
 
 ROOT = Path(__file__).resolve().parents[2]
