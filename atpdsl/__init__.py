@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Result
+    from atpdsl.pipeline import Result
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "run"]
@@ -18,6 +18,6 @@ def run(spec: Any = None, *, text: str | None = None, out_dir: Any = None, progr
     (the engine's RunResult); see atpdsl.pipeline.run. Importing atpdsl stays light: the
     pipeline, and torch with it, load on the first call.
     """
-    from .pipeline import run as _run
+    from atpdsl.pipeline import run as _run
 
     return _run(spec, text=text, out_dir=out_dir, progress=progress, write_exports=write_exports)

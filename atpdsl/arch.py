@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelError
+from atpdsl.errors import ModelError
 
 __all__ = [
     "Arch",

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import AtpError
-from .plan import Plan
-from .scores import RunResult
-from .select import SelectionOutcome
+from atpdsl.errors import AtpError
+from atpdsl.plan import Plan
+from atpdsl.circuit.scores import RunResult
+from atpdsl.circuit.select import SelectionOutcome
 
 if TYPE_CHECKING:  # pragma: no cover
     import networkx as nx
 
-    from .export import ExportOutcome
-    from .export.table import Table
+    from atpdsl.outputs import ExportOutcome
+    from atpdsl.outputs.table import Table
 
 __all__ = [
     "Result", "Progress", "run", "run_plan", "finish", "load", "compile_spec", "execute_plan", "add_edges",
@@ -50,15 +50,15 @@ class Result:
 
     @property
     def scores(self) -> "Table":
-        """Every scored node, one row each (see atpdsl.export.table.SCORE_COLUMNS)."""
-        from .export.table import scores_table
+        """Every scored node, one row each (see atpdsl.outputs.table.SCORE_COLUMNS)."""
+        from atpdsl.outputs.table import scores_table
 
         return scores_table(self.result, self.selection.selected)
 
     @property
     def edges(self) -> "Table":
         """Every computed edge attribution (empty when the run computed none)."""
-        from .export.table import edges_table
+        from atpdsl.outputs.table import edges_table
 
         return edges_table(self.result, self.graph.edges)
 
@@ -74,20 +74,20 @@ class Result:
 
     def export(self, path: str | Path, fmt: str | None = None) -> list[Path]:
         """Write one export (format from the extension unless `fmt` is given); returns the files written."""
-        from .export import write
+        from atpdsl.outputs import write
 
         return write(self, path, fmt)
 
     def to_json(self) -> str:
         """The JSON result document (what a `.json` export holds)."""
-        from .export.jsonio import dumps
+        from atpdsl.outputs.jsonio import dumps
 
         return dumps(self)
 
 
 def compile_spec(spec: str | Path | None = None, *, text: str | None = None, out_dir: str | Path | None = None) -> Plan:
     """Parse, check and compile a spec file (or spec text) into a Plan; raises SpecError."""
-    from . import compiler  # the front end's module; imported late so that it may land after us
+    from atpdsl.language import compiler
 
     out = None if out_dir is None else str(out_dir)
     if text is not None:
@@ -109,7 +109,7 @@ EDGE_LIMIT = 200
 def wants_edges(plan: Plan) -> bool:
     """Whether a run of this plan computes edge attributions among its selected nodes (a `kl` metric is
     refused by the engine before any model loads, so it gets none)."""
-    from .compiler import computes_edges
+    from atpdsl.language.compiler import computes_edges
 
     return computes_edges(plan.method, plan.metric.kind)
 
@@ -121,11 +121,11 @@ def execute_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
     most EDGE_LIMIT selected nodes; otherwise `RunResult.edges` stays empty and the graph falls back to
     unweighted residual-stream edges.
     """
-    from .engine import execute
+    from atpdsl.engine import execute
 
     if not wants_edges(plan):
         return execute(plan, progress=progress)
-    from .engine.load import load_model
+    from atpdsl.engine.load import load_model
 
     t0 = time.perf_counter()
     loaded = load_model(plan.model)
@@ -145,14 +145,14 @@ def add_edges(plan: Plan, run_result: RunResult, *, loaded: Any = None, progress
     `loaded` is the engine's loaded model (`atpdsl.engine.load.Loaded`), reused when given. The selection
     is the one `finish` makes (same rule, same scores), so every computed edge has both ends in the graph.
     """
-    from .select import select
+    from atpdsl.circuit.select import select
 
     if not wants_edges(plan):
         return run_result
     outcome = select(run_result, plan.selection, aggregate=plan.method.aggregate)
     if len(outcome.selected) > EDGE_LIMIT:
         return run_result
-    from .engine.edges import edge_scores
+    from atpdsl.engine.edges import edge_scores
 
     by_name = run_result.by_name()
     nodes = [by_name[name].node for name in outcome.selected]
@@ -179,8 +179,8 @@ def finish(
     Exports never stop each other: a failing one is recorded in `Result.exports` (see
     `Result.failed`) and the others, the JSON result first, are still written.
     """
-    from .graph import build_graph
-    from .select import select
+    from atpdsl.circuit.graph import build_graph
+    from atpdsl.circuit.select import select
 
     clock = list(timings)
     t0 = time.perf_counter()
@@ -192,7 +192,7 @@ def finish(
     clock += [("select", t1 - t0), ("graph", t2 - t1)]
     result = Result(plan, run_result, graph, outcome, timings=tuple(clock))
     if write_exports and plan is not None and plan.exports:
-        from .export import write_all
+        from atpdsl.outputs import write_all
 
         outcomes = write_all(result, plan.exports, spec_file=plan.spec_file)
         clock.append(("export", time.perf_counter() - t2))
@@ -235,6 +235,6 @@ def run(
 
 def load(path: str | Path) -> Result:
     """A saved `.json` result, ready to show or export again (no model is loaded)."""
-    from .export.jsonio import load_result
+    from atpdsl.outputs.jsonio import load_result
 
     return load_result(path)

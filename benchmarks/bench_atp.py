@@ -23,7 +23,7 @@ from atpdsl.engine.atp import run_atp
 from atpdsl.engine.context import Context
 from atpdsl.engine.data import EncodedPair, make_batches
 from atpdsl.engine.load import wrap_model
-from atpdsl.engine.nodes import build_table
+from atpdsl.engine.node_table import build_table
 from atpdsl.engine.trace import TraceSite
 from atpdsl.plan import MetricArg, MetricSpec, MethodSpec, ModelRef, NodeGroup, Plan, PromptPair
 

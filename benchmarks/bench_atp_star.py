@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from engine_support import STORIES, NodeGroup, make_plan, pearson, stories_pairs, with_  # noqa: E402
 
-from atpdsl.compiler import QK_FIX_COST_PER_LAYER  # noqa: E402
+from atpdsl.language.compiler import QK_FIX_COST_PER_LAYER  # noqa: E402
 from atpdsl.engine import execute  # noqa: E402
 from atpdsl.names import parse_node  # noqa: E402
 from atpdsl.plan import graddrop_cost, norm_fix_cost  # noqa: E402

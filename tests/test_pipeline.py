@@ -17,9 +17,11 @@ import pytest
 from synthetic_circuits import make_plan, mixed_result
 
 import atpdsl
-from atpdsl import commands, pipeline
+import atpdsl.outputs.report
+from atpdsl.cli import commands
+from atpdsl import pipeline
 from atpdsl.errors import ModelError, SpecError
-from atpdsl.export.gexf import read_gexf
+from atpdsl.outputs.gexf import read_gexf
 
 ALL = ("json", "csv", "graphml", "gexf", "dot")
 
@@ -67,9 +69,9 @@ def test_api_run_returns_graph_scores_plan_and_result(fake, tmp_path):
 
 
 def test_api_run_warns_about_a_failed_export(fake, tmp_path, monkeypatch):
-    import atpdsl.report
+    import atpdsl.outputs.report
 
-    monkeypatch.setattr(atpdsl.report, "render_html", lambda res: 1 / 0)
+    monkeypatch.setattr(atpdsl.outputs.report, "render_html", lambda res: 1 / 0)
     fake["formats"] = ("json", "html")
     with pytest.warns(RuntimeWarning, match="circuit.html failed: ZeroDivisionError"):
         res = atpdsl.run("circuit.atp")
@@ -117,9 +119,9 @@ def test_cmd_run_passes_out_and_trust_remote_code(fake, tmp_path, capsys):
 
 
 def test_cmd_run_failed_export_exits_1_and_keeps_the_rest(fake, tmp_path, capsys, monkeypatch):
-    import atpdsl.plots
+    import atpdsl.outputs.plots
 
-    monkeypatch.setattr(atpdsl.plots, "circuit_figure", lambda G: 1 / 0)
+    monkeypatch.setattr(atpdsl.outputs.plots, "circuit_figure", lambda G: 1 / 0)
     fake["formats"] = ("png", "csv")
     assert commands.cmd_run(run_args()) == 1
     out, err = capsys.readouterr()
@@ -130,7 +132,7 @@ def test_cmd_run_failed_export_exits_1_and_keeps_the_rest(fake, tmp_path, capsys
 
 
 def test_cmd_run_reports_spec_and_model_errors_without_traceback(monkeypatch, capsys):
-    from atpdsl.diagnostics import Diagnostic, Severity
+    from atpdsl.language.diagnostics import Diagnostic, Severity
 
     def bad_spec(spec=None, **kw):
         raise SpecError([Diagnostic("E100", Severity.ERROR, "unknown metric 'logitdiff'", None)])
@@ -213,8 +215,8 @@ def test_import_atpdsl_stays_light():
 
 
 def test_end_to_end_through_the_cli_on_the_zoo_model(tmp_path, capsys):
-    from atpdsl.cli import main
-    from atpdsl.export.graphml import read_graphml
+    from atpdsl.cli.app import main
+    from atpdsl.outputs.graphml import read_graphml
 
     spec = tmp_path / "e2e.atp"
     spec.write_text(
@@ -239,7 +241,7 @@ def test_end_to_end_through_the_cli_on_the_zoo_model(tmp_path, capsys):
 
 def test_cli_says_when_positions_count_from_the_end(tmp_path, shared_dir, capsys):
     """inline.atp's prompts differ in length: the run must say that @-k positions count from the end."""
-    from atpdsl.cli import main
+    from atpdsl.cli.app import main
 
     code = main(["run", str(shared_dir / "specs" / "inline.atp"), "--out", str(tmp_path)])
     out = capsys.readouterr().out

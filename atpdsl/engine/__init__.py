@@ -40,21 +40,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from ..plan import Plan
-    from ..scores import RunResult
+    from atpdsl.plan import Plan
+    from atpdsl.circuit.scores import RunResult
 
 __all__ = ["execute", "emit_python"]
 
 
 def execute(plan: "Plan", *, progress: Callable[[str, int, int], None] | None = None, **kwargs) -> "RunResult":
     """Run a compiled Plan and return its RunResult (nodes sorted by score, rank 1 = best)."""
-    from .run import execute as _execute
+    from atpdsl.engine.run import execute as _execute
 
     return _execute(plan, progress=progress, **kwargs)
 
 
 def emit_python(plan: "Plan") -> str:
     """A standalone nnsight program equivalent to the plan's AtP run (prints one JSON line per node)."""
-    from .emit import emit_python as _emit
+    from atpdsl.engine.emit import emit_python as _emit
 
     return _emit(plan)

@@ -14,11 +14,11 @@ from typing import Protocol
 
 import torch
 
-from .context import Accumulator, Context, align, merge_sites
-from .data import Batch
-from .metrics import metric_rows
-from .nodes import block_estimates, unit_values
-from .trace import Backward, TraceOut, TraceSite, run_trace
+from atpdsl.engine.context import Accumulator, Context, align, merge_sites
+from atpdsl.engine.data import Batch
+from atpdsl.engine.metrics import metric_rows
+from atpdsl.engine.node_table import block_estimates, unit_values
+from atpdsl.engine.trace import Backward, TraceOut, TraceSite, run_trace
 
 __all__ = ["BatchRun", "Correction", "atp_batch", "atp_estimates", "site_delta", "site_estimates", "run_atp", "MAIN"]
 

@@ -39,19 +39,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..arch import STAGES, Layout
-from ..errors import EngineError
-from ..plan import NORM_FIX_KINDS
-from ..scores import FalseNegativeBound
-from .atp import MAIN, BatchRun, site_delta, site_estimates
-from .context import Context, align
-from .graddrop import n_terms as count_terms
-from .nodes import Block, block_estimates, unit_columns
-from .normfix import (
+from atpdsl.arch import STAGES, Layout
+from atpdsl.errors import EngineError
+from atpdsl.plan import NORM_FIX_KINDS
+from atpdsl.circuit.scores import FalseNegativeBound
+from atpdsl.engine.atp import MAIN, BatchRun, site_delta, site_estimates
+from atpdsl.engine.context import Context, align
+from atpdsl.engine.graddrop import n_terms as count_terms
+from atpdsl.engine.node_table import Block, block_estimates, unit_columns
+from atpdsl.engine.normfix import (
     NormBlock, NormMap, NormReader, center_columns, norm_inputs, norm_map, rank1_change, stack_norms, write_change,
 )
-from .qkfix import QKFix, reduce_groups
-from .trace import TraceSite
+from atpdsl.engine.qkfix import QKFix, reduce_groups
+from atpdsl.engine.trace import TraceSite
 
 __all__ = ["AtpStar", "Term", "corrections_for", "diagnose", "PATTERN_TOLERANCE"]
 
@@ -226,7 +226,7 @@ class AtpStar:
     # ------------------------------------------------------------------------------------- norm fix
     def _norm_setup(self, add: Callable[..., str]) -> None:
         """Reader norms (input values, output gradients) and the node blocks whose writes they read."""
-        from .edges import readers, write_matrix, write_point
+        from atpdsl.engine.edges import readers, write_matrix, write_point
 
         loaded, table = self.ctx.loaded, self.ctx.table
         arch, geom = loaded.arch, loaded.geom
@@ -577,8 +577,8 @@ def diagnose(ctx: Context, columns: Sequence[int], *, samples: int, confidence: 
     Each draw's effect is the mean over pairs of M(clean, subset patched) - M(clean), with the evaluation
     metric when the plan has one (as verification). Returns the bound and a JSON-able summary.
     """
-    from .exact import batch_refs, subset_effects
-    from .false_negatives import bound_from_draws, sample_subsets
+    from atpdsl.engine.exact import batch_refs, subset_effects
+    from atpdsl.engine.false_negatives import bound_from_draws, sample_subsets
 
     if not columns:
         raise EngineError("diagnose false_negatives: every node is verified, so nothing is left to bound")

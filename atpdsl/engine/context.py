@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import EngineError
-from ..plan import MetricSpec, Plan
-from .data import Batch, EncodedPair, encode_pairs, make_batches, node_positions, where_text
-from .load import Loaded
-from .metrics import METRIC_KINDS, metric_rows, pick
-from .nodes import NodeTable, build_table
-from .trace import TraceSite
+from atpdsl.errors import EngineError
+from atpdsl.plan import MetricSpec, Plan
+from atpdsl.engine.data import Batch, EncodedPair, encode_pairs, make_batches, node_positions, where_text
+from atpdsl.engine.load import Loaded
+from atpdsl.engine.metrics import METRIC_KINDS, metric_rows, pick
+from atpdsl.engine.node_table import NodeTable, build_table
+from atpdsl.engine.trace import TraceSite
 
 __all__ = ["Context", "make_context", "merge_sites", "align", "Accumulator"]
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError, EngineError
-from ..plan import MetricSpec, PromptPair, SourceRef
+from atpdsl.errors import DataError, EngineError
+from atpdsl.plan import MetricSpec, PromptPair, SourceRef
 
 __all__ = ["EncodedPair", "Batch", "encode_pairs", "make_batches", "node_positions", "where_text"]
 
@@ -66,7 +66,7 @@ def _answer_tokens(tok, pair: PromptPair, spec: MetricSpec, clean_ids: list[int]
     out: list[int] = []
     args = spec.args
     if spec.kind == "loss" and not args:
-        from ..plan import MetricArg
+        from atpdsl.plan import MetricArg
 
         args = (MetricArg(field="answer"),)
     for arg in args:

@@ -49,16 +49,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import EngineError
-from ..graph import EDGE_SEMANTICS
-from ..names import NodeId, NodeKind
-from ..plan import NodeGroup, Plan
-from ..scores import EdgeScore
-from .context import Context, align
-from .data import Batch, encode_pairs, make_batches, node_positions
-from .load import Loaded, load_model
-from .nodes import build_table, unit_columns, unit_values
-from .trace import Backward, TraceSite, run_trace
+from atpdsl.errors import EngineError
+from atpdsl.circuit.graph import EDGE_SEMANTICS
+from atpdsl.names import NodeId, NodeKind
+from atpdsl.plan import NodeGroup, Plan
+from atpdsl.circuit.scores import EdgeScore
+from atpdsl.engine.context import Context, align
+from atpdsl.engine.data import Batch, encode_pairs, make_batches, node_positions
+from atpdsl.engine.load import Loaded, load_model
+from atpdsl.engine.node_table import build_table, unit_columns, unit_values
+from atpdsl.engine.trace import Backward, TraceSite, run_trace
 
 __all__ = ["Reader", "EdgeMatrix", "edge_matrix", "edge_scores", "weighted_edges", "readers", "write_matrix",
            "EDGE_SEMANTICS"]

@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 from pprint import pformat
 
-from ..arch import arch_for_config, geometry
-from ..errors import EngineError
-from ..plan import Plan
+from atpdsl.arch import arch_for_config, geometry
+from atpdsl.errors import EngineError
+from atpdsl.plan import Plan
 
 __all__ = ["emit_python"]
 
@@ -35,7 +35,7 @@ def _accessor(path: str) -> str:
 def _config(plan: Plan) -> dict:
     """The model's config.json (local folders and zoo models; a hub id needs the hub's cache)."""
     if plan.model.is_zoo:
-        from ..zoo import zoo_path
+        from atpdsl.zoo import zoo_path
 
         folder = zoo_path(plan.model.source)
     else:
@@ -63,7 +63,7 @@ def emit_python(plan: Plan) -> str:
     cfg = _config(plan)
     arch = arch_for_config(cfg)
     geom = geometry(cfg)
-    from .nodes import build_table
+    from atpdsl.engine.node_table import build_table
 
     positions = ("index", ["@"]) if any(g.per_position for g in plan.nodes) else None
     table = build_table(arch, geom, plan.nodes, positions)
@@ -109,7 +109,7 @@ def emit_python(plan: Plan) -> str:
 
 
 def _zoo(plan: Plan) -> Path:
-    from ..zoo import zoo_path
+    from atpdsl.zoo import zoo_path
 
     return zoo_path(plan.model.source)
 

@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..plan import MetricSpec
-from .context import Context, align
-from .data import Batch
-from .metrics import metric_rows
-from .nodes import block_estimates, unit_values
-from .trace import TraceSite, run_trace
+from atpdsl.plan import MetricSpec
+from atpdsl.engine.context import Context, align
+from atpdsl.engine.data import Batch
+from atpdsl.engine.metrics import metric_rows
+from atpdsl.engine.node_table import block_estimates, unit_values
+from atpdsl.engine.trace import TraceSite, run_trace
 
 __all__ = ["BatchRefs", "batch_refs", "changed_columns", "exact_effects", "subset_effects", "run_exact_all", "chunk_rows"]
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..scores import FalseNegativeBound
+from atpdsl.circuit.scores import FalseNegativeBound
 
 __all__ = [
     "sample_subsets",

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from ..arch import Arch, Geometry, arch_for_config, geometry
-from ..errors import ModelError
-from ..plan import ModelRef
-from .data import where_text
+from atpdsl.arch import Arch, Geometry, arch_for_config, geometry
+from atpdsl.errors import ModelError
+from atpdsl.plan import ModelRef
+from atpdsl.engine.data import where_text
 
 __all__ = ["Loaded", "load_model", "wrap_model", "DTYPES"]
 
@@ -48,7 +48,7 @@ def _offline() -> bool:
 def _location(ref: ModelRef) -> tuple[str, bool]:
     """(folder or hub id, is_local)."""
     if ref.is_zoo:
-        from ..zoo import available, zoo_path
+        from atpdsl.zoo import available, zoo_path
 
         try:
             return str(zoo_path(ref.source)), True

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import EngineError
-from ..plan import MetricSpec
+from atpdsl.errors import EngineError
+from atpdsl.plan import MetricSpec
 
 __all__ = ["METRIC_KINDS", "pick", "metric_rows", "describe"]
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import EngineError
-from .nodes import Block
-from .qkfix import QKFix
+from atpdsl.errors import EngineError
+from atpdsl.engine.node_table import Block
+from atpdsl.engine.qkfix import QKFix
 
 __all__ = ["NormMap", "NormReader", "NormBlock", "norm_map", "stack_norms", "write_change", "center_columns",
            "rank1_change", "norm_inputs"]

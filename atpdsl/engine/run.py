@@ -7,15 +7,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import __version__
-from ..errors import EngineError
-from ..plan import Plan
-from ..scores import SIGN_CONVENTION, NodeScore, RunResult
-from .atp import Correction, run_atp
-from .context import Context, make_context
-from .exact import batch_refs, exact_effects, run_exact_all
-from .load import Loaded, load_model
-from .metrics import describe
+from atpdsl import __version__
+from atpdsl.errors import EngineError
+from atpdsl.plan import Plan
+from atpdsl.circuit.scores import SIGN_CONVENTION, NodeScore, RunResult
+from atpdsl.engine.atp import Correction, run_atp
+from atpdsl.engine.context import Context, make_context
+from atpdsl.engine.exact import batch_refs, exact_effects, run_exact_all
+from atpdsl.engine.load import Loaded, load_model
+from atpdsl.engine.metrics import describe
 
 __all__ = ["execute", "verify", "rank"]
 
@@ -80,7 +80,7 @@ def _pair_rank_extras(ctx: Context, ranks: torch.Tensor) -> dict:
 
 def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
     """How many verified nodes reach the selection cut with their measured effect, and their ranks."""
-    from ..select import DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude
+    from atpdsl.circuit.select import DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude
 
     selection = plan.selection or DEFAULT_SELECTION
     _, cut = candidates(nodes, selection)
@@ -106,7 +106,7 @@ def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
 
 def _corrections(ctx: Context, progress: Progress | None = None) -> list[Correction]:
     """The AtP* corrections a plan asks for (none for plain AtP)."""
-    from .atpstar import corrections_for
+    from atpdsl.engine.atpstar import corrections_for
 
     return list(corrections_for(ctx, progress=progress))
 
@@ -212,7 +212,7 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
         nodes.append(ns)
     false_negatives, diagnosis = None, None
     if plan.diagnosis is not None:
-        from .atpstar import diagnose
+        from atpdsl.engine.atpstar import diagnose
 
         d = plan.diagnosis
         unverified = [c for c in order if c not in verified]

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atpdsl.compiler import compile_file
+from atpdsl.language.compiler import compile_file
 from atpdsl.engine import execute
 from atpdsl.engine.load import load_model
 from atpdsl.plan import Diagnosis, MethodSpec, NodeGroup, Verification

@@ -147,7 +147,7 @@ def test_qk_fix_on_template_slots_of_different_lengths(stories):
     moved onto clean positions (and left-padding differs); the corrupt q / k are re-rotated at the clean
     positions, as an exact patch of the projection output is. Measured, queries and keys at the two slots
     (3 pairs): every node with |exact| > 0.1 within 5% of exact (L4.G0.k@who -0.350 vs -0.362)."""
-    from atpdsl.compiler import compile_text
+    from atpdsl.language.compiler import compile_text
 
     loaded, _, _ = stories
     spec = f"""

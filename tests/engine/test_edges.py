@@ -261,7 +261,7 @@ def test_pipeline_exports_weighted_edges_that_sum_to_node_estimates(tmp_path):
     node's out-edges cover every later reader and add up to its estimate; graphml and the edge CSV carry them."""
     import atpdsl
     from atpdsl import pipeline
-    from atpdsl.export.graphml import read_graphml
+    from atpdsl.outputs.graphml import read_graphml
 
     spec = (
         'model zoo "induction-2l"\n'

@@ -1,11 +1,11 @@
-"""The shipped specs end to end: compile (atpdsl.compiler) then execute()."""
+"""The shipped specs end to end: compile (atpdsl.language.compiler) then execute()."""
 from __future__ import annotations
 
 import pytest
 
 from engine_support import SHARED
 
-from atpdsl.compiler import compile_file, compile_text
+from atpdsl.language.compiler import compile_file, compile_text
 from atpdsl.engine import execute
 
 SPECS = SHARED / "specs"

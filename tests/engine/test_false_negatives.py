@@ -15,7 +15,7 @@ from atpdsl.engine.false_negatives import (
     student_t_cdf,
     student_t_sf,
 )
-from atpdsl.scores import FalseNegativeBound
+from atpdsl.circuit.scores import FalseNegativeBound
 
 # Two-sided critical values from standard t tables: (dof, upper-tail cdf, t)
 T_TABLE = [

@@ -1,6 +1,6 @@
 """Every shipped example compiles, and every offline example runs end to end through the CLI.
 
-Each run goes through `atpdsl.cli.main(["run", spec, "--out", tmp, "--quiet"])`, then checks that
+Each run goes through `atpdsl.cli.app(["run", spec, "--out", tmp, "--quiet"])`, then checks that
 the spec's exports exist and are not empty, and at least one fact about the numbers: the ground truth
 the zoo model was measured with, the circuit's top node, the JSON schema, the graph's size.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from atpdsl.cli import main
-from atpdsl.compiler import compile_file
+from atpdsl.cli.app import main
+from atpdsl.language.compiler import compile_file
 from atpdsl.plan import Plan
-from atpdsl.scores import SCHEMA_VERSION, SIGN_CONVENTION
+from atpdsl.circuit.scores import SCHEMA_VERSION, SIGN_CONVENTION
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -98,7 +98,7 @@ def check_export_all(out: Path) -> None:
     """All eight formats, readable by the tools they are for, describing the same circuit."""
     import networkx as nx
 
-    from atpdsl.export.dot import read_dot
+    from atpdsl.outputs.dot import read_dot
 
     doc = _json(out, "pronoun-export.json")
     assert doc["format"] == "atpdsl-result" and doc["schema_version"] == SCHEMA_VERSION
@@ -278,7 +278,7 @@ def test_ioi_template_compiles_offline_without_network_or_torch(tmp_path):
             raise OSError("network used during compile")
         socket.socket.connect = refuse
         socket.create_connection = refuse
-        from atpdsl.compiler import compile_file
+        from atpdsl.language.compiler import compile_file
         plan = compile_file({str(EXAMPLES / 'ioi-pythia.atp')!r})
         assert "torch" not in sys.modules, "compile imported torch"
         assert plan.model.source == "EleutherAI/pythia-160m" and not plan.model.is_zoo
@@ -304,7 +304,7 @@ def _readme() -> str:
 
 def test_readme_specs_compile(shared):
     """Every ```atp block in the README is a whole spec that compiles (paths as seen from examples/)."""
-    from atpdsl.compiler import compile_text
+    from atpdsl.language.compiler import compile_text
 
     blocks = re.findall(r"```atp\n(.*?)```", _readme(), flags=re.S)
     assert blocks, "the README's walkthrough spec is marked ```atp"
@@ -337,8 +337,8 @@ def test_readme_lists_every_example():
 
 def test_readme_defaults_are_the_real_ones(shared):
     """The defaults the README's language table states: nodes heads, atp/mean_abs, batch 8, seed 0, top 20."""
-    from atpdsl.compiler import compile_text
-    from atpdsl.select import DEFAULT_SELECTION
+    from atpdsl.language.compiler import compile_text
+    from atpdsl.circuit.select import DEFAULT_SELECTION
 
     plan = compile_text('model "../../shared/models/stories260K"\n'
                         'pairs from "../../shared/data/stories260K-pronoun.jsonl"\n'

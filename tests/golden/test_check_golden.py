@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from atpdsl.compiler import check_text
-from atpdsl.diagnostics import render_concise, render_full
+from atpdsl.language.compiler import check_text
+from atpdsl.language.diagnostics import render_concise, render_full
 
 CHECK = Path(__file__).resolve().parent / "check"
 CASES = sorted(p.stem for p in CHECK.glob("*.atp"))

@@ -5,8 +5,8 @@ Set ATPDSL_UPDATE_GOLDEN=1 to rewrite plan/tiny.expected (then review the diff).
 import os
 from pathlib import Path
 
-from atpdsl.cli import plan_text
-from atpdsl.compiler import compile_file
+from atpdsl.cli.app import plan_text
+from atpdsl.language.compiler import compile_file
 
 HERE = Path(__file__).resolve().parent
 

@@ -68,7 +68,7 @@ def test_both_files_share_clean_prompts_and_generator_rejects_bad_settings():
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_example_specs_compile_against_the_shipped_model_and_data(spec, tmp_path):
-    from atpdsl.compiler import compile_file
+    from atpdsl.language.compiler import compile_file
 
     plan = compile_file(ROOT / "examples" / spec, out_dir=str(tmp_path))
     assert plan.model.is_zoo and plan.model.source in available()

@@ -1,0 +1,341 @@
+"""The `run`, `show` and `export` commands: progress bars, the summary, profile tables, exit codes.
+
+atpdsl/cli.py parses arguments and calls `cmd_run(args)`, `cmd_show(args)`, `cmd_export(args)`;
+each returns the exit code (0 ok, 1 error). Machine output (`--json`) goes to stdout alone;
+progress, errors and, under `--json`, the profile go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from atpdsl.errors import AtpError, SpecError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from atpdsl.pipeline import Result
+
+__all__ = ["cmd_run", "cmd_show", "cmd_export", "print_summary", "print_profile", "ProgressBars", "SUMMARY_ROWS"]
+
+SUMMARY_ROWS = 25
+"""The summary table lists at most this many circuit nodes."""
+
+PHASES = {
+    "load": "loading the model",
+    "forward": "forward passes",
+    "backward": "backward passes",
+    "graddrop": "GradDrop backward passes",
+    "verify": "verifying (exact patching)",
+    "diagnose": "false-negative diagnostic",
+    "exact": "exact patching",
+}
+
+
+def _consoles() -> tuple["Console", "Console"]:
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+def _error(console: "Console", message: str, output_format: str = "full") -> None:
+    """An error line on stderr; under `--output-format json`, a JSON diagnostic on stdout as the CLI does."""
+    if output_format == "json":
+        import json
+
+        fields = {"code": "error", "severity": "error", "message": message, "file": None, "line": None,
+                  "column": None, "end_line": None, "end_column": None, "hints": []}
+        print(json.dumps([fields], indent=2))
+        return
+    from rich.markup import escape
+
+    console.print(f"[bold red]error[/]: {escape(message)}", highlight=False, soft_wrap=True)
+
+
+class ProgressBars:
+    """The engine's progress(phase, done, total) callback as rich bars with counts, elapsed time and ETA.
+
+    One bar per phase, created on the phase's first call. Disabled, it is a no-op callback. A
+    display problem never reaches the engine: the callback swallows its own errors.
+    """
+
+    def __init__(self, console: "Console", enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "ProgressBars":
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description:<28}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        try:
+            task = self._tasks.get(phase)
+            if task is None:
+                task = self._progress.add_task(PHASES.get(phase, phase), total=max(total, 0))
+                self._tasks[phase] = task
+            self._progress.update(task, completed=done, total=max(total, 0))
+        except Exception:  # noqa: BLE001 - a progress bar must never break a run
+            pass
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:+.4g}"
+
+
+def _score_meaning(res: "Result") -> str:
+    plan = res.plan
+    if plan is not None and plan.method.name == "atp*" and plan.method.graddrop:
+        return "AtP* ranking score (GradDrop)"
+    aggregate = plan.method.aggregate if plan is not None else "mean_abs"
+    return {"abs_mean": "|mean estimate|", "per_pair": "mean |estimate| per pair (per-pair values in the exports)"}.get(
+        aggregate, "mean |estimate| per pair"
+    )
+
+
+def print_summary(res: "Result", console: "Console") -> None:
+    """The run's summary: metric, top circuit nodes, dropped nodes, diagnostic, where exports went."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    result, sel = res.result, res.selection
+    console.print(
+        f"[bold]Circuit[/]: {len(sel.selected)} node(s) by [bold]{escape(sel.rule)}[/] "
+        f"from {len(result.nodes)} scored - model {escape(result.model_id)}, method {escape(result.method)}, "
+        f"{result.n_pairs} pair(s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"metric {escape(result.metric)}: clean {_fmt(result.clean_metric)}, corrupt {_fmt(result.corrupt_metric)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    rows = res.scores.rows
+    shown = [r for r in rows if r["in_circuit"]] or rows[: min(10, len(rows))]
+    title = "circuit nodes" if any(r["in_circuit"] for r in rows) else "top nodes (none selected)"
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("rank", "right"), ("node", "left"), ("estimate", "right"), ("score", "right"), ("verified", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in shown[:SUMMARY_ROWS]:
+        table.add_row(str(r["rank"]), r["node"], _fmt(r["estimate"]), f"{r['score']:.4g}", _fmt(r["verified_effect"]))
+    if len(shown) > SUMMARY_ROWS:
+        table.caption = f"... and {len(shown) - SUMMARY_ROWS} more (see the exports)"
+    console.print(table)
+    console.print(f"[dim]estimate: effect = metric(clean, node set to corrupt) - metric(clean); "
+                  f"score: {_score_meaning(res)}[/]", highlight=False, soft_wrap=True)
+    if sel.dropped:
+        names = ", ".join(f"{d.node} (measured {d.verified:.3g})" for d in sel.dropped)
+        console.print(f"dropped after verification (below the cut {sel.cut:.3g}): {escape(names)}", highlight=False, soft_wrap=True)
+    positions = result.extras.get("positions") if isinstance(result.extras, dict) else None
+    if positions and positions.get("mode") == "end":
+        console.print("[yellow]note[/]: the prompts differ in length, so per-position nodes count from the end "
+                      "(@-1 = last token); @-k names the same word in every pair only where the prompts share "
+                      "their last k tokens. Equal-length prompts or template slots (@slot) align exactly.",
+                      highlight=False, soft_wrap=True)
+    ver = result.extras.get("verification") if isinstance(result.extras, dict) else None
+    if ver:
+        ranks = ", ".join(str(r) for r in ver.get("exceeding_ranks", []))
+        console.print(f"[bold]verification[/]: {ver['exceeding']} of {ver['top']} verified node(s) reach the cut "
+                      f"{ver['cut']:.3g} ({escape(str(ver['rule']))}) with their measured effect"
+                      + (f", at rank(s) {ranks}" if ranks else ""), highlight=False, soft_wrap=True)
+    if result.false_negatives is not None:
+        diag = result.extras.get("diagnosis") if isinstance(result.extras, dict) else None
+        note = ""
+        if diag and diag.get("untestable"):
+            note += f"; {diag['untestable']} node(s) fell in too few or too many subsets to test (raise `samples`)"
+        if diag and diag.get("largest_subsample_estimate"):
+            big = diag["largest_subsample_estimate"]
+            note += f"; largest subset-based estimate {big['node']} {big['effect']:+.3g}"
+        console.print(f"[bold]diagnostic[/]: {escape(result.false_negatives.sentence + note)}", highlight=False,
+                      soft_wrap=True)
+    for outcome in res.exports:
+        if outcome.error is None:
+            note = "" if outcome.requested else "  (result, for `atpdsl show` / `atpdsl export`)"
+            for path in outcome.written:
+                console.print(f"wrote {escape(path)}{note}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[red]failed[/] {escape(outcome.path)}", highlight=False, soft_wrap=True)
+
+
+def print_profile(res: "Result", console: "Console") -> None:
+    """Phase timings: the pipeline's phases, with the engine's inside `execute`."""
+    from rich.table import Table
+
+    table = Table(title="timings", title_justify="left")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    engine = [(k, v) for k, v in res.result.timings if k != "total"]  # `execute` already is the total
+    total = sum(v for _, v in res.timings) or sum(v for _, v in engine) or 1.0
+    for phase, seconds in res.timings:
+        table.add_row(phase, f"{seconds:.3f}", f"{seconds / total:.0%}")
+        if phase == "execute":
+            for sub, sub_s in engine:
+                table.add_row(f"  {sub}", f"{sub_s:.3f}", f"{sub_s / total:.0%}")
+    if not any(k == "execute" for k, _ in res.timings):
+        for sub, sub_s in engine:
+            table.add_row(f"engine {sub}", f"{sub_s:.3f}", f"{sub_s / total:.0%}")
+    console.print(table)
+
+
+def _report_failures(res: "Result", console: "Console") -> int:
+    for outcome in res.failed:
+        _error(console, f"export {outcome.path} failed: {outcome.error}")
+    if res.failed:
+        saved = [p for o in res.exports if o.format == "json" and o.error is None for p in o.written]
+        if saved:
+            console.print(f"the other exports were written; redo the failed ones with "
+                          f"`atpdsl export {saved[0]} --to FMT`", highlight=False, soft_wrap=True, markup=False)
+        return 1
+    return 0
+
+
+def _spec_error(error: SpecError, output_format: str) -> int:
+    from atpdsl.language.diagnostics import render, summary
+
+    if output_format == "json":
+        print(render(error.diagnostics, "json"))
+        return 1
+    text = render(error.diagnostics, output_format)
+    sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    sys.stderr.write(summary(error.diagnostics) + "\n")
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`atpdsl run SPEC [--out DIR] [--quiet] [--json] [--profile] [--trust-remote-code]`."""
+    from atpdsl import pipeline
+
+    out, err = _consoles()
+    quiet = bool(getattr(args, "quiet", False))
+    as_json = bool(getattr(args, "json", False))
+    profile = bool(getattr(args, "profile", False))
+    output_format = getattr(args, "output_format", None) or "full"
+    try:
+        t0 = time.perf_counter()
+        plan = pipeline.compile_spec(args.spec, out_dir=getattr(args, "out", None))
+        if getattr(args, "trust_remote_code", False):
+            plan = replace(plan, model=replace(plan.model, trust_remote_code=True))
+        t1 = time.perf_counter()
+        with ProgressBars(err, enabled=not quiet) as bars:
+            run_result = pipeline.execute_plan(plan, bars)
+        t2 = time.perf_counter()
+        res = pipeline.finish(plan, run_result, timings=(("compile", t1 - t0), ("execute", t2 - t1)))
+    except SpecError as error:
+        return _spec_error(error, output_format)
+    except AtpError as error:
+        _error(err, str(error), output_format)
+        return 1
+    except KeyboardInterrupt:
+        _error(err, "interrupted")
+        return 130
+    if as_json:
+        sys.stdout.write(res.to_json() + "\n")
+        sys.stdout.flush()
+    elif not quiet:
+        print_summary(res, out)
+    if profile:
+        print_profile(res, err if as_json else out)
+    return _report_failures(res, err)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """`atpdsl show result.json`: the run's summary again, from the saved result."""
+    from atpdsl.pipeline import load
+
+    out, err = _consoles()
+    try:
+        res = load(args.result)
+    except AtpError as error:
+        _error(err, str(error), getattr(args, "output_format", None) or "full")
+        return 1
+    if getattr(args, "json", False):
+        sys.stdout.write(res.to_json() + "\n")
+        return 0
+    print_summary(res, out)
+    if getattr(args, "profile", False):
+        print_profile(res, out)
+    return 0
+
+
+def _export_target(source: str, fmt: str | None, out_arg: str | None) -> tuple[Path, str]:
+    from atpdsl.outputs import EXTENSIONS, FORMATS, ExportError, default_path, format_of
+
+    if fmt is not None:
+        fmt = fmt.lower().lstrip(".")
+        fmt = EXTENSIONS.get(f".{fmt}", fmt)
+        if fmt not in FORMATS:
+            raise ExportError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+    if out_arg is None:
+        if fmt is None:
+            raise ExportError("say which format: --to FMT (csv json graphml gexf dot png svg html) or --out FILE")
+        return default_path(source, fmt), fmt
+    out = Path(out_arg)
+    if out.is_dir() or out_arg.endswith(("/", "\\")):
+        if fmt is None:
+            raise ExportError(f"--out {out_arg!r} is a folder: say which format with --to FMT")
+        return out / default_path(Path(source).name, fmt), fmt
+    if fmt is None:
+        return out, format_of(out)
+    if not out.suffix:
+        return out.with_suffix(f".{fmt}"), fmt  # `--out circuit --to gexf` -> circuit.gexf
+    if out.suffix.lower() in EXTENSIONS and EXTENSIONS[out.suffix.lower()] != fmt:
+        raise ExportError(f"--to {fmt} does not match --out {out_arg!r} (a {EXTENSIONS[out.suffix.lower()]} file name)")
+    return out, fmt
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`atpdsl export result.json --to FMT [--out PATH]`: convert a saved result without rerunning."""
+    from atpdsl.outputs import write
+    from atpdsl.pipeline import load
+
+    out, err = _consoles()
+    output_format = getattr(args, "output_format", None) or "full"
+    path: Path | str = "?"
+    try:
+        path, fmt = _export_target(str(args.result), getattr(args, "to", None), getattr(args, "out", None))
+        res = load(args.result)
+        written = write(res, path, fmt)
+    except AtpError as error:
+        _error(err, str(error), output_format)
+        return 1
+    except Exception as error:  # noqa: BLE001 - e.g. a plotting error: say which file, no traceback
+        _error(err, f"export {path} failed: {type(error).__name__}: {error}", output_format)
+        return 1
+    if not getattr(args, "quiet", False):
+        for p in written:
+            out.print(f"wrote {p}", highlight=False, soft_wrap=True)
+    return 0
+

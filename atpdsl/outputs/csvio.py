@@ -1,0 +1,52 @@
+"""CSV in and out: the scores table (one row per scored node), plus edges and per-pair files.
+
+`x.csv` holds `SCORE_COLUMNS` plus a constant `sign_convention` column (so the file states its
+convention without a comment line that would trip CSV readers). Beside it, `x-edges.csv` when the
+run computed edge attributions, and `x-pairs.csv` (one row per node and pair) when the spec keeps
+per-pair numbers (`aggregate per_pair`, or the plan's `write_per_pair`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from atpdsl.circuit.scores import SIGN_CONVENTION
+from atpdsl.outputs.table import Table, edges_table, pairs_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from atpdsl.pipeline import Result
+
+__all__ = ["write_csv", "read_csv", "companion", "wants_pairs"]
+
+
+def companion(path: str | Path, suffix: str) -> Path:
+    """`out/x.csv` -> `out/x-edges.csv` for suffix `edges`."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}-{suffix}{p.suffix}")
+
+
+def wants_pairs(res: "Result") -> bool:
+    """Whether the spec asked for per-pair numbers in the exports."""
+    plan = res.plan
+    return plan is not None and (plan.write_per_pair or plan.method.aggregate == "per_pair")
+
+
+def write_csv(res: "Result", path: str | Path) -> list[Path]:
+    """Write the scores table and its companions; returns every file written."""
+    path = Path(path)
+    res.scores.to_csv(path, extra={"sign_convention": SIGN_CONVENTION})
+    written = [path]
+    if res.result.edges:
+        edges = companion(path, "edges")
+        edges_table(res.result, res.graph.edges).to_csv(edges)
+        written.append(edges)
+    if wants_pairs(res):
+        pairs = companion(path, "pairs")
+        pairs_table(res.result).to_csv(pairs)
+        written.append(pairs)
+    return written
+
+
+def read_csv(path: str | Path) -> Table:
+    """Read a table written by `write_csv` (scores, edges or pairs), values typed again."""
+    return Table.from_csv(path, drop=("sign_convention",))
