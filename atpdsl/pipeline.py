@@ -1,4 +1,4 @@
-"""Run a spec end to end: compile -> execute (+ edges) -> select -> graph -> exports, and load saved results.
+"""Run a spec end to end: compile -> execute -> select -> graph -> exports, and load saved results.
 
 Importing this module is light (no torch, no networkx, no matplotlib): each step imports what it
 needs when it runs, so `import atpdsl` stays fast.
@@ -7,74 +7,28 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable
 
-from atpdsl.errors import AtpError
-from atpdsl.plan import Plan
 from atpdsl.circuit.scores import RunResult
-from atpdsl.circuit.select import SelectionOutcome
+from atpdsl.errors import AtpError
+from atpdsl.outputs.result import Result as OutputsResult
+from atpdsl.plan import Plan
 
-if TYPE_CHECKING:  # pragma: no cover
-    import networkx as nx
-
-    from atpdsl.outputs import ExportOutcome
-    from atpdsl.outputs.table import Table
-
-__all__ = [
-    "Result", "Progress", "run", "run_plan", "finish", "load", "compile_spec", "execute_plan", "add_edges",
-    "wants_edges", "EDGE_LIMIT",
-]
+__all__ = ["Result", "Progress", "run", "run_plan", "finish", "load", "compile_spec", "execute_plan"]
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total), called by the engine as its loops advance."""
 
 
 @dataclass(frozen=True, eq=False)
-class Result:
-    """A finished run: the plan, the engine's numbers, the selection, the circuit graph, the exports.
-
-    `plan` is None for a result loaded from a file whose plan could not be rebuilt.
-    `timings` are the pipeline's own phases (compile, execute, select, graph, export), in seconds;
-    the engine's phases are in `result.timings`.
-    """
-
-    plan: Plan | None
-    result: RunResult
-    graph: "nx.DiGraph"
-    selection: SelectionOutcome
-    exports: tuple["ExportOutcome", ...] = ()
-    timings: tuple[tuple[str, float], ...] = ()
-    plan_dict: dict[str, Any] | None = field(default=None, repr=False)
-
-    @property
-    def scores(self) -> "Table":
-        """Every scored node, one row each (see atpdsl.outputs.table.SCORE_COLUMNS)."""
-        from atpdsl.outputs.table import scores_table
-
-        return scores_table(self.result, self.selection.selected)
-
-    @property
-    def edges(self) -> "Table":
-        """Every computed edge attribution (empty when the run computed none)."""
-        from atpdsl.outputs.table import edges_table
-
-        return edges_table(self.result, self.graph.edges)
-
-    @property
-    def failed(self) -> tuple["ExportOutcome", ...]:
-        """The exports that could not be written."""
-        return tuple(e for e in self.exports if e.error is not None)
-
-    @property
-    def all_timings(self) -> tuple[tuple[str, float], ...]:
-        """Engine phases then pipeline phases, for `--profile`."""
-        return tuple(self.result.timings) + tuple(self.timings)
+class Result(OutputsResult):
+    """A finished run (atpdsl.outputs.result.Result) that can also write itself: `export()` and `to_json()`."""
 
     def export(self, path: str | Path, fmt: str | None = None) -> list[Path]:
         """Write one export (format from the extension unless `fmt` is given); returns the files written."""
-        from atpdsl.outputs import write
+        from atpdsl.outputs.writer import write
 
         return write(self, path, fmt)
 
@@ -102,69 +56,11 @@ def compile_spec(spec: str | Path | None = None, *, text: str | None = None, out
     return compiler.compile_file(path, out_dir=out)
 
 
-EDGE_LIMIT = 200
-"""Edge attributions are computed when at most this many nodes are selected (and the method is atp or atp*)."""
-
-
-def wants_edges(plan: Plan) -> bool:
-    """Whether a run of this plan computes edge attributions among its selected nodes (a `kl` metric is
-    refused by the engine before any model loads, so it gets none)."""
-    from atpdsl.language.compiler import computes_edges
-
-    return computes_edges(plan.method, plan.metric.kind)
-
-
 def execute_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
-    """Run the engine on a plan (imports torch and nnsight), then edge attributions among the selected nodes.
-
-    The model is loaded once and shared by both steps. Edges come only for `method atp` / `atp*` with at
-    most EDGE_LIMIT selected nodes; otherwise `RunResult.edges` stays empty and the graph falls back to
-    unweighted residual-stream edges.
-    """
+    """Run the engine on a plan (imports torch and nnsight): every step the plan lists, edges included."""
     from atpdsl.engine import execute
 
-    if not wants_edges(plan):
-        return execute(plan, progress=progress)
-    from atpdsl.engine.load import load_model
-
-    t0 = time.perf_counter()
-    loaded = load_model(plan.model)
-    load_s = time.perf_counter() - t0
-    run_result = execute(plan, progress=progress, loaded=loaded)
-    timings = dict(run_result.timings)
-    timings["load"] = timings.get("load", 0.0) + load_s
-    if "total" in timings:
-        timings["total"] += load_s
-    run_result = replace(run_result, timings=tuple(timings.items()))
-    return add_edges(plan, run_result, loaded=loaded, progress=progress)
-
-
-def add_edges(plan: Plan, run_result: RunResult, *, loaded: Any = None, progress: Progress | None = None) -> RunResult:
-    """The run result with edge attributions among the nodes the plan's selection keeps (see EDGE_LIMIT).
-
-    `loaded` is the engine's loaded model (`atpdsl.engine.load.Loaded`), reused when given. The selection
-    is the one `finish` makes (same rule, same scores), so every computed edge has both ends in the graph.
-    """
-    from atpdsl.circuit.select import select
-
-    if not wants_edges(plan):
-        return run_result
-    outcome = select(run_result, plan.selection, aggregate=plan.method.aggregate)
-    if len(outcome.selected) > EDGE_LIMIT:
-        return run_result
-    from atpdsl.engine.edges import edge_scores
-
-    by_name = run_result.by_name()
-    nodes = [by_name[name].node for name in outcome.selected]
-    t0 = time.perf_counter()
-    edges = edge_scores(plan, nodes, loaded=loaded, progress=progress)
-    seconds = time.perf_counter() - t0
-    timings = [(k, v) for k, v in run_result.timings if k != "total"]
-    timings.append(("edges", round(seconds, 6)))
-    total = dict(run_result.timings).get("total")
-    if total is not None:
-        timings.append(("total", round(total + seconds, 6)))
-    return replace(run_result, edges=edges, timings=tuple(timings))
+    return execute(plan, progress=progress)
 
 
 def finish(
@@ -237,4 +133,5 @@ def load(path: str | Path) -> Result:
     """A saved `.json` result, ready to show or export again (no model is loaded)."""
     from atpdsl.outputs.jsonio import load_result
 
-    return load_result(path)
+    saved = load_result(path)
+    return Result(**{f.name: getattr(saved, f.name) for f in fields(saved)})

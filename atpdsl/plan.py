@@ -1,8 +1,10 @@
 """The intervention plan: everything the engine executes, as plain JSON-able data (no torch)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from atpdsl.arch import Geometry
 
 __all__ = [
     "ModelRef",
@@ -17,45 +19,11 @@ __all__ = [
     "Verification",
     "Diagnosis",
     "ExportTarget",
-    "Pass",
+    "Step",
+    "STEP_SCOPES",
     "Plan",
     "SourceRef",
-    "graddrop_cost",
-    "norm_fix_cost",
-    "NORM_FIX_KINDS",
 ]
-
-
-def graddrop_cost(n_layers: int, mode: str = "layer") -> float:
-    """Backward-pass equivalents of all GradDrop terms as the engine runs them: gradients above a cut are
-    shared with the plain backward, so term l recomputes only layers < l (per sublayer: < l, plus layer l's
-    attention for the MLP cut)."""
-    if mode == "layer":
-        return sum(range(n_layers)) / n_layers
-    return sum(2 * layer + 0.5 for layer in range(n_layers)) / n_layers
-
-
-NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
-"""Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
-norm fix rewrites. Queries and keys join them when the QK fix is on (their exact head-output change)."""
-
-NORM_FIX_PAIR_COST = 0.5
-"""Forward-equivalents of the norm fix per (MLP layer, later norm) pair, divided by the layer count: two
-[tokens, d] x [d, neurons] matmuls, against a forward's ~(3 d neurons + 4 d^2) per layer with neurons ~ 4 d."""
-
-
-def norm_fix_cost(n_layers: int, graddrop: bool = False, mode: str = "layer") -> float:
-    """Forward-equivalents of the norm fix as the engine runs it, dominated by the neurons: each MLP layer's writes
-    against every later norm; with GradDrop each term also redoes the norms between a lower layer and its cut
-    (the norms above a cut reuse the plain pass's contributions)."""
-    readers = sorted([2 * m for m in range(n_layers)] + [2 * m + 1 for m in range(n_layers)] + [2 * n_layers])
-    writes = [2 * m + 2 for m in range(n_layers)]
-    pairs = sum(1 for w in writes for r in readers if r >= w)
-    if graddrop:
-        cuts = ([2 * l + 2 for l in range(n_layers)] if mode == "layer"
-                else [c for l in range(n_layers) for c in (2 * l + 1, 2 * l + 2)])
-        pairs += sum(1 for c in cuts for w in writes if w < c for r in readers if w <= r < c)
-    return NORM_FIX_PAIR_COST * pairs / n_layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +88,13 @@ class PromptPair:
 
 @dataclass(frozen=True, slots=True)
 class MetricArg:
-    """A metric argument: a pair field name or a string literal, optionally `first_token(...)`."""
+    """A metric argument: a pair field name or a string literal, optionally `first_token(...)` (read only the
+    answer's first token) or `sequence(...)` (every token, teacher-forced after the prompt)."""
 
     field: str | None = None
     literal: str | None = None
     first_token: bool = False
+    sequence: bool = False
 
     def text(self, pair: PromptPair) -> str:
         """The answer text this argument denotes for one pair."""
@@ -138,9 +108,11 @@ class MetricArg:
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
-    """`logit_diff(a, b)`, `logprob(a)`, `prob(a)`, `kl`, `loss`, read at `position`.
+    """`logit_diff(a, b)`, `logprob(a)`, `prob(a)`, `kl`, `loss`, read at `position` (registry.METRICS).
 
-    `position` is "last" or the name of a template slot (the metric reads the slot's last token).
+    `position` is "last" or the name of a template slot (the metric reads the slot's last token). With
+    `sequence(...)` arguments the metric is over whole answers: the sum of their teacher-forced token
+    log-probabilities after the prompt (so `logit_diff` is the difference of two such sums).
     """
 
     kind: str
@@ -182,9 +154,16 @@ class Selection:
 
 @dataclass(frozen=True, slots=True)
 class Verification:
-    """`verify top K`: exactly patch the K best-ranked nodes."""
+    """`verify top K`: exactly patch the K best-ranked nodes.
+
+    `verify until confident { budget B }` (adaptive): verify in ranking order, diagnose, patch the suspects,
+    and repeat until the diagnostic's bound is below the selection cut or B exact patches are spent; `top`
+    is then the first round's size.
+    """
 
     top: int
+    adaptive: bool = False
+    budget: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +183,34 @@ class ExportTarget:
     format: str  # csv json graphml gexf dot png svg html
 
 
-@dataclass(frozen=True, slots=True)
-class Pass:
-    """One step the engine runs per batch, with its cost in forward-equivalent passes."""
+STEP_SCOPES = ("batch", "run")
+"""A step runs once per batch of pairs ("batch"), or once after every batch has run ("run")."""
 
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One unit of work the engine runs, in the order the plan lists it.
+
+    `kind` names its implementation (atpdsl.lowering.STEP_KINDS); `scope` is "batch" (once per batch, in
+    order, before the next batch starts) or "run" (once, after every batch). `cost` is in forward-equivalents
+    of one batch (a run-scope step that works batch by batch, such as `verify`, counts its cost per batch too),
+    so a plan's total is the sum of its steps' costs times the number of batches. `params` are the step's own
+    settings (e.g. a GradDrop term's layer).
+    """
+
+    kind: str
     name: str
+    scope: str
     cost: float
     description: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def param(self, key: str, default: Any = None) -> Any:
+        """One of the step's params, or `default`."""
+        for k, v in self.params:
+            if k == key:
+                return v
+        return default
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,10 +233,19 @@ class Plan:
     diagnosis: Diagnosis | None = None
     exports: tuple[ExportTarget, ...] = ()
     write_per_pair: bool = False
-    passes: tuple[Pass, ...] = ()
+    steps: tuple[Step, ...] = ()
     sites: tuple[str, ...] = ()  # module sites in forward order, when the model config is known
     extras: tuple[tuple[str, Any], ...] = field(default=())
+    warnings: tuple[str, ...] = ()  # check's warnings (`file:line:col: W... message`), for the run's outputs
+    geometry: Geometry | None = None  # the model's sizes, when its config was on disk at compile time
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the whole plan."""
         return asdict(self)
+
+    def with_(self, **changes: Any) -> "Plan":
+        """The plan with some fields changed and its steps lowered again, so that they still say what runs
+        (`dataclasses.replace` would keep the old steps, which `execute` then refuses)."""
+        from atpdsl.lowering import relower
+
+        return relower(replace(self, **changes))

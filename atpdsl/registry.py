@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 __all__ = [
     "StatementInfo", "STATEMENTS",
-    "MetricInfo", "METRICS", "ARG_FUNCTIONS",
+    "MetricInfo", "METRICS", "register_metric", "metric_problem", "ARG_FUNCTIONS",
     "NodeKindInfo", "NODE_KINDS", "ENDPOINT_KINDS",
     "Bound", "SettingInfo", "MODEL_SETTINGS", "METHOD_SETTINGS", "DIAGNOSE_SETTINGS",
     "DTYPES", "ATTENTIONS", "SWITCHES", "GRADDROP_MODES",
     "MethodInfo", "METHODS", "AGGREGATES", "KEEP_OPTIONS",
-    "SelectInfo", "SELECT_KINDS", "VERIFY_KINDS", "DIAGNOSE_TARGETS",
+    "SelectInfo", "SELECT_KINDS", "VERIFY_KINDS", "VERIFY_UNTIL", "VERIFY_SETTINGS", "VERIFY_BUDGET_DEFAULT",
+    "DIAGNOSE_TARGETS", "MAX_COUNT",
     "FormatInfo", "EXPORT_FORMATS", "PAIR_FILE_TYPES",
     "BATCH", "SEED", "TEMPLATE_COUNT", "VERIFY_TOP", "LAST",
 ]
@@ -43,13 +44,14 @@ STATEMENTS: dict[str, StatementInfo] = {
         StatementInfo("eval metric", False, "eval metric EXPR [at last|SLOT]", "the metric `verify` reports"),
         StatementInfo("nodes", False, "nodes { KIND [INDICES] [layers A..B] [per position] … }", "what to score"),
         StatementInfo("method", False, "method atp | atp* [{ qk_fix on|off graddrop on|off|per layer|per sublayer norm_fix on|off }]"
-                      " | exact", "how to score"),
+                      " | exact | relp", "how to score"),
         StatementInfo("aggregate", False, "aggregate mean_abs|abs_mean|per_pair", "how pair scores combine"),
         StatementInfo("keep", False, "keep per_pair", "write each pair's estimates too"),
         StatementInfo("batch", False, "batch N", "pairs per forward pass"),
         StatementInfo("seed", False, "seed N", "random seed"),
         StatementInfo("select", False, "select top K | threshold X | cumulative F", "which nodes form the circuit"),
-        StatementInfo("verify", False, "verify top K", "exactly patch the K best-ranked nodes"),
+        StatementInfo("verify", False, "verify top K | verify until confident [{ budget B }]",
+                      "exactly patch the K best-ranked nodes, or verify adaptively until the diagnostic is confident"),
         StatementInfo("diagnose", False, "diagnose false_negatives [{ samples N confidence P inclusion p }]",
                       "bound the effect of nodes missed"),
         StatementInfo("export", True, 'export "path.ext"', "write the circuit or scores"),
@@ -59,27 +61,70 @@ STATEMENTS: dict[str, StatementInfo] = {
 
 @dataclass(frozen=True, slots=True)
 class MetricInfo:
-    """A metric function: how many answer arguments it takes and what it computes."""
+    """A metric function: one record holding what users may write and the code that computes it.
+
+    `arities`: the argument counts it takes; `default_args`: the fields it reads when written without
+    arguments; `impl`: its implementation as `module:function`, imported only when a run needs it (so `check`
+    and `plan` stay free of torch), called as `fn(MetricInput) -> Tensor[pairs]` (atpdsl.engine.metrics);
+    `contrast`: its two sides are compared, so two sides that resolve to the same tokens make it identically 0;
+    `gradient`: it has a useful gradient at the clean run (`kl` sits at its minimum there, so AtP reads 0).
+    """
 
     key: str
-    arity: int
+    arities: tuple[int, ...]
     params: str
     doc: str
+    impl: str
+    example: str
+    default_args: tuple[str, ...] = ()
+    contrast: bool = False
+    gradient: bool = True
+
+    @property
+    def arity(self) -> int:
+        """The largest argument count (the one messages show)."""
+        return max(self.arities)
 
 
-METRICS: dict[str, MetricInfo] = {
-    m.key: m
-    for m in (
-        MetricInfo("logit_diff", 2, "the answer and the wrong answer", "logit(a) - logit(b) at the position"),
-        MetricInfo("logprob", 1, "the answer", "log-probability of a at the position"),
-        MetricInfo("prob", 1, "the answer", "probability of a at the position"),
-        MetricInfo("kl", 0, "no arguments", "KL divergence from the clean run's output distribution"),
-        MetricInfo("loss", 0, "no arguments", "next-token cross-entropy of the clean prompt"),
-    )
-}
+METRICS: dict[str, MetricInfo] = {}
+
+
+def register_metric(info: MetricInfo) -> MetricInfo:
+    """Add a metric record (tests and extensions add their own this way); returns it."""
+    METRICS[info.key] = info
+    return info
+
+
+for _info in (
+    MetricInfo("logit_diff", (2,), "the answer and the wrong answer",
+               "logit(a) - logit(b) at the position; with sequence(a), sequence(b): log P(a) - log P(b) of the"
+               " whole answers", "atpdsl.engine.metrics:logit_diff", "logit_diff(answer, wrong)", contrast=True),
+    MetricInfo("logprob", (1,), "the answer", "log-probability of a at the position (of the whole answer with"
+               " sequence(a))", "atpdsl.engine.metrics:logprob", "logprob(answer)"),
+    MetricInfo("prob", (1,), "the answer", "probability of a at the position (of the whole answer with"
+               " sequence(a))", "atpdsl.engine.metrics:prob", "prob(answer)"),
+    MetricInfo("kl", (0,), "no arguments", "KL divergence from the clean run's output distribution",
+               "atpdsl.engine.metrics:kl", "kl", gradient=False),
+    MetricInfo("loss", (0, 1), "no arguments, or the answer",
+               "cross-entropy of the answer (the field `answer` when none is given)", "atpdsl.engine.metrics:loss",
+               "loss", default_args=("answer",)),
+):
+    register_metric(_info)
+
+def metric_problem(kind: str, n_args: int) -> str | None:
+    """Why a metric call cannot run (unknown name, wrong argument count), from its record alone; None if it can."""
+    info = METRICS.get(kind)
+    if info is None:
+        return f"unknown metric {kind!r} (known: {', '.join(METRICS)})"
+    if n_args not in info.arities:
+        return f"{kind} takes {' or '.join(map(str, info.arities))} argument(s), got {n_args}"
+    return None
+
 
 ARG_FUNCTIONS: dict[str, str] = {
     "first_token": "use the first token of an answer that tokenizes to several tokens",
+    "sequence": "use every token of the answer: the sum of their log-probabilities, each predicted after the"
+                " prompt and the answer's earlier tokens (teacher forcing)",
 }
 
 
@@ -108,6 +153,12 @@ NODE_KINDS: dict[str, NodeKindInfo] = {
 ENDPOINT_KINDS = ("embed", "logits")
 
 
+MAX_COUNT = 10**9
+"""The largest count a spec may ask for (batch, top K, budget): more is a typo, and the number must stay exact
+as a float in the plan's JSON."""
+MAX_FLOAT_INT = 2**53  # integers beyond this lose precision as floats (and 10**400 overflows them)
+
+
 @dataclass(frozen=True, slots=True)
 class Bound:
     """A numeric range a setting must fall in, with the phrase messages use."""
@@ -119,8 +170,10 @@ class Bound:
     hi_open: bool = False
 
     def accepts(self, value: int | float) -> bool:
-        """Whether a number is allowed (never NaN or infinite)."""
+        """Whether a number is allowed (never NaN or infinite, nor an integer too large for a float)."""
         if not isinstance(value, int) and not math.isfinite(value):
+            return False
+        if isinstance(value, int) and abs(value) > MAX_FLOAT_INT:
             return False
         if self.integer and not isinstance(value, int):
             return False
@@ -130,11 +183,14 @@ class Bound:
             return False
         return True
 
-    def describe(self) -> str:
-        """E.g. `a positive integer`, `a number in (0, 1)`."""
+    def describe(self, value: int | float | None = None) -> str:
+        """E.g. `a positive integer`, `a number in (0, 1)`; a count's cap only when `value` is past it."""
         if self.integer:
             if self.lo == 1 and self.hi is None:
                 return "a positive integer"
+            if self.lo == 1 and self.hi == MAX_COUNT:
+                past = isinstance(value, (int, float)) and value > MAX_COUNT
+                return f"a positive integer (at most {_fmt(self.hi)})" if past else "a positive integer"
             if self.lo == 0 and self.hi is None:
                 return "a non-negative integer"
             if self.hi is not None:
@@ -155,10 +211,10 @@ def _fmt(x: float | None) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-BATCH = Bound(True, 1, None)
+BATCH = Bound(True, 1, MAX_COUNT)
 SEED = Bound(True, 0, 2**32 - 1)
 TEMPLATE_COUNT = Bound(True, 1, 100_000)
-VERIFY_TOP = Bound(True, 1, None)
+VERIFY_TOP = Bound(True, 1, MAX_COUNT)
 
 DTYPES: dict[str, str] = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -235,6 +291,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("atp", (), "attribution patching: 2 forwards + 1 backward per batch"),
         MethodInfo("atp*", ("qk_fix", "graddrop", "norm_fix"), "AtP with the QK fix and GradDrop (Kramár et al. 2024)"),
         MethodInfo("exact", (), "activation patching, one forward per node: the ground truth"),
+        MethodInfo("relp", (), "Relevance Patching (Jafari et al. 2025, arXiv 2508.21258): AtP with layer-wise"
+                   " relevance propagation coefficients in place of gradients; 2 forwards + 1 backward per batch"),
     )
 }
 
@@ -258,13 +316,26 @@ class SelectInfo:
 SELECT_KINDS: dict[str, SelectInfo] = {
     s.key: s
     for s in (
-        SelectInfo("top", Bound(True, 1, None), "the K best-ranked nodes"),
+        SelectInfo("top", Bound(True, 1, MAX_COUNT), "the K best-ranked nodes"),
         SelectInfo("threshold", Bound(False, 0, None), "nodes whose score is at least X"),
         SelectInfo("cumulative", Bound(False, 0, 1, lo_open=True), "the best nodes carrying a fraction F of the"
                    " total score"),
     )
 }
-VERIFY_KINDS = ("top",)
+VERIFY_KINDS: dict[str, str] = {
+    "top": "`verify top K`: exactly patch the K best-ranked nodes",
+    "until": "`verify until confident [{ budget B }]`: verify in ranking order, diagnose, patch the suspects, and"
+             " repeat until the bound is below the selection cut or B exact patches are spent",
+}
+VERIFY_UNTIL = ("confident",)
+VERIFY_BUDGET_DEFAULT = 200
+VERIFY_SETTINGS: dict[str, SettingInfo] = {
+    s.key: s
+    for s in (
+        SettingInfo("budget", "number", "most exact patches adaptive verification may spend", str(VERIFY_BUDGET_DEFAULT),
+                    bound=Bound(True, 1, MAX_COUNT)),
+    )
+}
 DIAGNOSE_TARGETS: dict[str, str] = {"false_negatives": "bound the effect of unverified nodes (AtP* section 6)"}
 
 

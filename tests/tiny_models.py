@@ -8,7 +8,15 @@ API (everything float32, eager attention, eval mode, deterministic from `seed`):
     make_qwen2(n_layer=2, d=32, heads=4, kv_heads=2, mlp=48, seed=0)   Qwen2ForCausalLM (q/k/v bias), GQA
     make_neox(n_layer=2, d=32, heads=4, seed=0, parallel=True)        GPTNeoXForCausalLM, partial rotary (25%)
     make_gpt2(n_layer=2, d=32, heads=4, seed=0)                       GPT2LMHeadModel
-    BUILDERS: dict[str, Callable[..., PreTrainedModel]]               {"llama", "qwen2", "neox", "gpt2"}
+    make_gemma(n_layer=2, d=32, heads=4, kv_heads=2, mlp=48, seed=0)  GemmaForCausalLM (1 + weight RMSNorm), GQA
+    make_opt(n_layer=2, d=32, heads=4, mlp=48, seed=0, pre_norm=True) OPTForCausalLM (MLP on [b*S, d] tensors;
+                                                                      pre_norm=False: OPT-350m's post-norm)
+    make_gptj(n_layer=2, d=32, heads=4, mlp=48, seed=0, rotary_dim=4) GPTJForCausalLM (parallel blocks on one
+                                                                      ln_1, interleaved partial rotary)
+    make_phi3(n_layer=2, d=32, heads=4, kv_heads=2, mlp=48, seed=0)   Phi3ForCausalLM (fused qkv_proj with GQA,
+                                                                      fused gate_up_proj)
+    BUILDERS: dict[str, Callable[..., PreTrainedModel]]               {"llama", "qwen2", "neox", "gpt2", "opt",
+                                                                       "gptj", "phi3"} (not gemma: norm-fix tests only)
     sharpen(model, factor) -> model        multiplies every query/key projection (weight and bias) by `factor`,
                                            in place, so attention saturates (QK-fix tests)
     save_model(model, tok, folder) -> Path writes config + weights + tokenizer, loadable by from_pretrained
@@ -34,8 +42,14 @@ from transformers import (
     GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -51,6 +65,9 @@ __all__ = [
     "make_neox",
     "make_gpt2",
     "make_gemma",
+    "make_opt",
+    "make_gptj",
+    "make_phi3",
     "BUILDERS",
     "sharpen",
     "save_model",
@@ -157,11 +174,67 @@ def make_gemma(n_layer: int = 2, d: int = 32, heads: int = 4, kv_heads: int = 2,
     return _finish(model)
 
 
+@torch.no_grad()
+def _draw_norms(model: PreTrainedModel, std: float = 0.3) -> None:
+    """Norm gains around 1 and biases around 0 (HF starts them at exactly 1 and 0)."""
+    for name, p in model.named_parameters():
+        if "norm" in name or ".ln_" in name:
+            p.add_(torch.randn_like(p) * std)
+
+
+def make_opt(n_layer: int = 2, d: int = 32, heads: int = 4, mlp: int = 48, seed: int = 0,
+             pre_norm: bool = True) -> OPTForCausalLM:
+    """A random OPT (learned positions, ReLU MLP on [batch * positions, d] tensors, biases everywhere)."""
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=VOCAB_SIZE, hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=heads,
+                    ffn_dim=mlp, max_position_embeddings=128, word_embed_proj_dim=d, do_layer_norm_before=pre_norm,
+                    attn_implementation="eager", pad_token_id=0, eos_token_id=1, bos_token_id=1, dropout=0.0,
+                    attention_dropout=0.0, init_std=0.2, tie_word_embeddings=False)
+    model = OPTForCausalLM(cfg)
+    with torch.no_grad():  # HF initialises biases to zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "norm" not in name:
+                p.normal_(0.0, 0.1)
+    _draw_norms(model)
+    return _finish(model)
+
+
+def make_gptj(n_layer: int = 2, d: int = 32, heads: int = 4, mlp: int = 48, seed: int = 0,
+              rotary_dim: int | None = 4) -> GPTJForCausalLM:
+    """A random GPT-J (attention and MLP in parallel on one ln_1, rotary on the first `rotary_dim` dims of each
+    head with interleaved pairs)."""
+    torch.manual_seed(seed)
+    cfg = GPTJConfig(vocab_size=VOCAB_SIZE, n_embd=d, n_layer=n_layer, n_head=heads, n_inner=mlp, n_positions=128,
+                     rotary_dim=rotary_dim, attn_implementation="eager", pad_token_id=0, eos_token_id=1,
+                     bos_token_id=1, initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     tie_word_embeddings=False)
+    model = GPTJForCausalLM(cfg)
+    _draw_norms(model)
+    return _finish(model)
+
+
+def make_phi3(n_layer: int = 2, d: int = 32, heads: int = 4, kv_heads: int = 2, mlp: int = 48,
+              seed: int = 0) -> Phi3ForCausalLM:
+    """A random Phi-3 (fused qkv_proj [q | k | v] with grouped-query attention, fused gate_up_proj, RMSNorm)."""
+    torch.manual_seed(seed)
+    cfg = Phi3Config(vocab_size=VOCAB_SIZE, hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=heads,
+                     num_key_value_heads=kv_heads, intermediate_size=mlp, max_position_embeddings=128,
+                     original_max_position_embeddings=128, attn_implementation="eager", pad_token_id=0,
+                     eos_token_id=1, bos_token_id=1, tie_word_embeddings=False, initializer_range=0.2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, sliding_window=None)
+    model = Phi3ForCausalLM(cfg)
+    _draw_norms(model)
+    return _finish(model)
+
+
 BUILDERS: dict[str, Callable[..., PreTrainedModel]] = {
     "llama": make_llama,
     "qwen2": make_qwen2,
     "neox": make_neox,
     "gpt2": make_gpt2,
+    "opt": make_opt,
+    "gptj": make_gptj,
+    "phi3": make_phi3,
 }
 
 
@@ -183,6 +256,20 @@ def sharpen(model: PreTrainedModel, factor: float) -> PreTrainedModel:
             b = att.query_key_value.bias.view(h, 3, dh)
             w[:, :2].mul_(factor)
             b[:, :2].mul_(factor)
+    elif mt in ("opt", "gptj"):
+        layers = model.model.decoder.layers if mt == "opt" else model.transformer.h
+        for layer in layers:
+            att = layer.self_attn if mt == "opt" else layer.attn
+            for proj in (att.q_proj, att.k_proj):
+                proj.weight.mul_(factor)
+                if proj.bias is not None:
+                    proj.bias.mul_(factor)
+    elif mt == "phi3":
+        for layer in model.model.layers:
+            cfg = model.config
+            head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            qk = (cfg.num_attention_heads + cfg.num_key_value_heads) * head
+            layer.self_attn.qkv_proj.weight[:qk].mul_(factor)  # [q | k | v] rows
     elif mt == "gpt2":
         for block in model.transformer.h:
             d = model.config.n_embd

@@ -1,15 +1,17 @@
 """Independent plain-PyTorch reference (module hooks + a registered attention function, no nnsight) for AtP,
 exact activation patching, the QK fix and GradDrop on HF causal LMs; tests check the nnsight engine against it.
 
-Supported: Llama / Qwen2 / Mistral-style (GQA), GPT-NeoX, GPT-2. One prompt pair at a time, no padding.
+Supported: Llama / Qwen2 / Mistral / Phi-3-style (GQA), GPT-NeoX, GPT-2, GPT-J, OPT. One prompt pair at a time, no
+padding.
 Every public function installs the reference for the duration of the call and restores the model afterwards
 (attention implementation and hooks), so the same model object can then be used by nnsight.
 
 How sites are read: a custom attention function is registered with transformers' `AttentionInterface`
 (name "atp_reference") and computes eager attention itself, exposing post-rotary q / k / v, the repeated
 (per query head) k / v, the additive mask and the pattern; forward (pre-)hooks expose the head outputs (input of
-o_proj / dense / c_proj), the neurons (input of down_proj, or the output of mlp.act for GPT-NeoX / GPT-2) and the
-attention / MLP block writes. Gradients come from `torch.autograd.grad(metric, recorded tensors)`.
+o_proj / dense / c_proj / out_proj), the neurons (input of down_proj or OPT's fc2, or the output of mlp.act for
+GPT-NeoX / GPT-2 / GPT-J) and the attention / MLP block writes (OPT's MLP runs on [T, width] tensors without a
+batch dimension: its sites are recorded as [1, T, width]). Gradients come from `torch.autograd.grad(metric, recorded tensors)`.
 
 API (`pair` is a dict with "clean", "corrupt" and any fields the metric reads; shapes are for one pair, T tokens):
 
@@ -118,7 +120,8 @@ def dims(model: torch.nn.Module) -> Dims:
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    neurons = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
+    neurons = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+               or getattr(cfg, "ffn_dim", None) or 4 * cfg.hidden_size)
     return Dims(cfg.num_hidden_layers, heads, kv, hd, neurons)
 
 
@@ -131,6 +134,12 @@ def _modules(model: torch.nn.Module, layer: int) -> dict[str, Any]:
     if mt == "gpt2":
         blk = model.transformer.h[layer]
         return {"attn": blk.attn, "o": blk.attn.c_proj, "mlp": blk.mlp, "act": blk.mlp.act}
+    if mt == "gptj":
+        blk = model.transformer.h[layer]
+        return {"attn": blk.attn, "o": blk.attn.out_proj, "mlp": blk.mlp, "act": blk.mlp.act}
+    if mt == "opt":  # no MLP module: fc2's input holds the neurons, its output is the MLP write; both [T, width]
+        blk = model.model.decoder.layers[layer]
+        return {"attn": blk.self_attn, "o": blk.self_attn.out_proj, "mlp": blk.fc2, "down": blk.fc2, "flat": True}
     blk = model.model.layers[layer]  # llama, qwen2, mistral, ...
     return {"attn": blk.self_attn, "o": blk.self_attn.o_proj, "mlp": blk.mlp, "down": blk.mlp.down_proj}
 
@@ -199,6 +208,11 @@ class _Ref:
         self.scale[layer] = float(scale)
 
 
+def _flat_site(ref: _Ref, layer: int, name: str, value: torch.Tensor) -> torch.Tensor:
+    """A [T, width] value (one pair, batch flattened away) seen as [1, T, width] by the site, returned flat."""
+    return ref.site(layer, name, value.view(1, -1, value.shape[-1])).reshape(value.shape)
+
+
 @contextmanager
 def _installed(model: torch.nn.Module) -> Iterator[_Ref]:
     """Install the reference attention and hooks; restore the model on exit."""
@@ -216,7 +230,10 @@ def _installed(model: torch.nn.Module) -> Iterator[_Ref]:
             attn_modules.append(mods["attn"])
             handles.append(mods["o"].register_forward_pre_hook(
                 lambda m, args, l=layer: (ref.site(l, "z", args[0]), *args[1:])))
-            if "down" in mods:
+            if mods.get("flat"):
+                handles.append(mods["down"].register_forward_pre_hook(
+                    lambda m, args, l=layer: (_flat_site(ref, l, "neuron", args[0]), *args[1:])))
+            elif "down" in mods:
                 handles.append(mods["down"].register_forward_pre_hook(
                     lambda m, args, l=layer: (ref.site(l, "neuron", args[0]), *args[1:])))
             else:
@@ -225,8 +242,9 @@ def _installed(model: torch.nn.Module) -> Iterator[_Ref]:
             handles.append(mods["attn"].register_forward_hook(
                 lambda m, args, out, l=layer: (ref.site(l, "attn_out", out[0]), *out[1:])
                 if isinstance(out, tuple) else ref.site(l, "attn_out", out)))
+            site = _flat_site if mods.get("flat") else _Ref.site
             handles.append(mods["mlp"].register_forward_hook(
-                lambda m, args, out, l=layer: ref.site(l, "mlp_out", out)))
+                lambda m, args, out, l=layer, site=site: site(ref, l, "mlp_out", out)))
 
         def embed_hook(m, args, out):  # frozen parameters: make the graph start at the embeddings
             if torch.is_grad_enabled() and not out.requires_grad:

@@ -5,26 +5,20 @@ GraphML, GEXF, DOT and JSON unchanged and reads back equal. Missing facts are le
 than set to None (a head has `index`, `L3.mlp` has none; only verified nodes have
 `verified_effect`). Lists are comma-joined strings (`dropped_verified = "L0.H1,L2.N7"`).
 
-Edges. When the run computed edge attributions (`RunResult.edges`), the graph holds exactly those
-edges whose two ends are in the graph, with `weight` = the edge's attribution (signed, same
-convention as the node estimates). Otherwise the graph connects along the residual stream,
-unweighted: each node reads the residual stream at one point and writes it at a later one
-(layer L's attention and its queries/keys/values read before layer L's attention and write after
-it, its neurons/MLP read after its attention and write after the layer, `L.resid` is the point
-after layer L, read and written there); an edge runs from A to B when A writes at or before the
-point B reads, except between two nodes at the very same points (two `L.resid` positions). `embed` feeds every node and every node feeds `logits`. A query, key or
-value also feeds its own head (or, for a KV group, the heads listed in its `heads` attribute) and
-its layer's `attn`. Between per-position nodes at two integer positions of the same sign, an
-edge never runs from a later position to an earlier one (causal attention).
-
-Edge attributions (atpdsl/engine/edges.py, computed by the pipeline for `method atp` / `atp*` when at
-most 200 nodes are selected): weight(u -> v) = mean over pairs of (u's write to the residual stream on the
-corrupt prompt minus on the clean one) . dM/d(the input of v's block, through that block's input norm only),
-at the clean run. Heads, queries, keys, values and `attn` of one layer share the attention block's input
-gradient (neurons and `mlp` the MLP block's), so they get block-level weights; a query, key or value has
-one out-edge, to its own head(s), carrying its plain AtP estimate. The graph attribute `edge_semantics`
-states this (EDGE_SEMANTICS) whenever the edges are weighted. A node's out-edges to every later block
-and `logits` sum to its node AtP estimate (tests/engine/test_edges.py).
+Edges. When the run computed edge attributions (`RunResult.edges`), the graph holds those whose two
+ends are in the graph, less zero-weight edges, cut at graph level by `EdgeCut` (by default the
+strongest edges carrying 90% of the total |weight|); the graph attributes say how many were left
+out (`n_edges_left_out`, `n_edges_zero`) and `-edges.csv` / the JSON keep every edge. `weight` is the
+edge's attribution (signed, same convention as the node estimates) and `verified_weight` the
+path-patching effect where measured. Otherwise the graph connects along the residual stream,
+unweighted: an edge runs from A to B when A writes the residual stream at or before the point B
+reads it (layer L's attention and its q/k/v read before layer L's attention and write after it,
+its neurons/MLP read after its attention and write after the layer, `L.resid` is the point after
+layer L), except between two nodes at the very same points. `embed` feeds every node and every
+node feeds `logits`. A query, key or value also feeds its own head (or, for a KV group, the heads
+in its `heads` attribute) and its layer's `attn`. Between per-position nodes at two integer
+positions of the same sign, no edge runs from a later position to an earlier one (causal attention).
+What a weighted edge means is stated in the graph attribute `edge_semantics` (EDGE_SEMANTICS).
 """
 from __future__ import annotations
 
@@ -38,7 +32,8 @@ import networkx as nx
 from atpdsl.names import NodeId, NodeKind, parse_node
 from atpdsl.plan import Plan
 from atpdsl.circuit.scores import SCHEMA_VERSION, SIGN_CONVENTION, NodeScore, RunResult
-from atpdsl.circuit.select import SelectionOutcome, ranked
+from atpdsl.circuit.select import DEFAULT_EDGE_CUT, EdgeCut, EdgeCutOutcome, SelectionOutcome, cut_edges, ranked, \
+    selection_value
 
 __all__ = [
     "EDGE_SEMANTICS",
@@ -47,6 +42,7 @@ __all__ = [
     "NODE_FIELDS",
     "build_graph",
     "describe_selection",
+    "describe_edges",
     "stage",
     "residual_edges",
     "n_layers_of",
@@ -83,6 +79,7 @@ NODE_FIELDS: dict[str, type] = {
     "rank": int,
     "verified": bool,
     "verified_effect": float,
+    "selection_value": float,
 }
 """Node attributes the graph may carry and their types (position is a string: `7`, `-1`, `name`).
 
@@ -196,14 +193,9 @@ def package_versions() -> dict[str, str]:
 def _scalar(value: Any) -> ScalarAttr:
     """A value coerced to a type every export format accepts (numpy scalars included)."""
     # exact builtin types: writers reject subclasses (torch's TorchVersion is a str, numpy's float64 a float)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
+    for kind in (bool, str, int, float):
+        if isinstance(value, kind):
+            return kind(value)
     if hasattr(value, "item"):
         return _scalar(value.item())
     return str(value)
@@ -212,14 +204,9 @@ def _scalar(value: Any) -> ScalarAttr:
 def _corrections(plan: Plan | None) -> str:
     if plan is None:
         return ""
-    method = plan.method
-    parts = []
-    if method.qk_fix:
-        parts.append("qk_fix")
-    if method.graddrop:
-        parts.append(f"graddrop per {method.graddrop_mode}")
-    if method.norm_fix:
-        parts.append("norm_fix")
+    m = plan.method
+    parts = [p for p, on in (("qk_fix", m.qk_fix), (f"graddrop per {m.graddrop_mode}", m.graddrop),
+                             ("norm_fix", m.norm_fix)) if on]
     return ", ".join(parts) if parts else "none"
 
 
@@ -237,6 +224,8 @@ def graph_attributes(result: RunResult, outcome: SelectionOutcome, plan: Plan | 
         "corrupt_metric": float(result.corrupt_metric),
         "selection": outcome.rule,
         "selection_cut": float(outcome.cut),
+        "selection_aggregate": outcome.aggregate,
+        "selection_value_definition": outcome.value_definition,
         "n_selected": len(outcome.selected),
         "dropped_verified": ",".join(d.node for d in outcome.dropped),
         "edge_rule": "attribution" if result.edges else "residual",
@@ -281,7 +270,7 @@ def graph_attributes(result: RunResult, outcome: SelectionOutcome, plan: Plan | 
     return attrs
 
 
-def _node_attributes(score: NodeScore, rank: int, n_layers: int) -> dict[str, ScalarAttr]:
+def _node_attributes(score: NodeScore, rank: int, n_layers: int, aggregate: str) -> dict[str, ScalarAttr]:
     node = score.node
     attrs: dict[str, ScalarAttr] = {
         "name": score.name,
@@ -304,6 +293,7 @@ def _node_attributes(score: NodeScore, rank: int, n_layers: int) -> dict[str, Sc
     )
     if score.verified_effect is not None:
         attrs["verified_effect"] = float(score.verified_effect)
+    attrs["selection_value"] = float(selection_value(score, aggregate))
     for key, value in score.attrs:
         if key not in attrs and value is not None:
             attrs[key] = _scalar(value)
@@ -328,11 +318,32 @@ def _unify_types(G: nx.DiGraph) -> None:
             data[key] = str(data[key])
 
 
-def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None = None) -> nx.DiGraph:
+def _add_attributed_edges(G: nx.DiGraph, result: RunResult, edge_cut: EdgeCut | None) -> EdgeCutOutcome:
+    """The run's edges between graph nodes, after the edge cut; the counts go into the graph attributes."""
+    inside = [e for e in result.edges if e.source in G and e.target in G]
+    outcome = cut_edges(inside, edge_cut)
+    for edge in outcome.kept:
+        data: dict[str, ScalarAttr] = {} if edge.weight is None else {"weight": float(edge.weight)}
+        if edge.verified is not None:
+            data["verified_weight"] = float(edge.verified)
+        G.add_edge(edge.source, edge.target, **data)
+    G.graph.update(
+        edge_cut=outcome.rule,
+        n_edges_computed=len(inside),
+        n_edges_kept=len(outcome.kept),
+        n_edges_left_out=int(outcome.left_out),
+        n_edges_zero=int(outcome.zero),
+    )
+    return outcome
+
+
+def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None = None,
+                edge_cut: EdgeCut | None = DEFAULT_EDGE_CUT) -> nx.DiGraph:
     """The circuit: the selected nodes (in rank order) plus `embed` and `logits`, with provenance.
 
     Node keys are the stable short names (`L3.H5@7`). Edges follow the rule in the module
-    docstring: computed edge attributions when the run has them, else the residual stream.
+    docstring: computed edge attributions (cut by `edge_cut`; None keeps every non-zero edge) when
+    the run has them, else the residual stream.
     """
     n_layers = n_layers_of(result)
     scores = result.by_name()
@@ -348,7 +359,7 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
         score = scores.get(name)
         if score is None:
             raise KeyError(f"selected node {name!r} is not in the run's scores")
-        G.add_node(name, **_node_attributes(score, order[name], n_layers))
+        G.add_node(name, **_node_attributes(score, order[name], n_layers, outcome.aggregate))
         ids[score.node] = name
         if score.node.grouped:
             heads_of[score.node] = _heads_of(score)
@@ -356,10 +367,7 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
     ids[logits] = LOGITS
     _unify_types(G)
     if result.edges:
-        for edge in result.edges:
-            if edge.source in G and edge.target in G:
-                data = {} if edge.weight is None else {"weight": float(edge.weight)}
-                G.add_edge(edge.source, edge.target, **data)
+        _add_attributed_edges(G, result, edge_cut)
     else:
         for a, b in residual_edges(ids, heads_of):
             G.add_edge(ids[a], ids[b])
@@ -374,3 +382,16 @@ def describe_selection(outcome: SelectionOutcome) -> str:
         text += f"; dropped after verification (measured |effect| below {outcome.cut:.3g}): {names}"
     return text
 
+
+
+def describe_edges(G: nx.DiGraph) -> str:
+    """One line for summaries: how many edges the graph keeps and how many the cut left out."""
+    if G.graph.get("edge_rule") != "attribution":
+        return f"{G.number_of_edges()} residual-stream edge(s), unweighted"
+    text = (f"{G.graph.get('n_edges_kept', G.number_of_edges())} of {G.graph.get('n_edges_computed', '?')} "
+            f"attributed edge(s) kept ({G.graph.get('edge_cut', 'no cut')})")
+    left, zero = G.graph.get("n_edges_left_out", 0), G.graph.get("n_edges_zero", 0)
+    if left or zero:
+        text += f"; {left} weaker edge(s) left out" + (f", {zero} zero-weight edge(s) dropped" if zero else "")
+        text += " (all are in the -edges.csv and JSON exports)"
+    return text

@@ -13,6 +13,9 @@ __all__ = [
     "NodeScore",
     "EdgeScore",
     "FalseNegativeBound",
+    "Suspect",
+    "AdditivityCheck",
+    "FN_STATUSES",
     "RunResult",
 ]
 
@@ -32,7 +35,9 @@ class NodeScore:
     `per_pair` holds one signed estimate per pair when kept. `verified_effect` is the mean exact
     patching effect (with the evaluation metric when the spec gives one), None when not verified.
     `rank` is 1-based in the ranking by score. `attrs` carries extra scalar facts
-    (e.g. `heads` = "2,3" for a KV group).
+    (e.g. `heads` = "2,3" for a KV group). `per_pair_score` holds each pair's ranking magnitude when
+    kept (|estimate| for AtP, GradDrop's per-pair score for AtP*), so the ranking can be audited;
+    `score` is their mean under `aggregate mean_abs` / `per_pair`.
     """
 
     node: NodeId
@@ -44,6 +49,7 @@ class NodeScore:
     verified_effect: float | None = None
     verified_per_pair: tuple[float, ...] | None = None
     attrs: tuple[tuple[str, str | int | float | bool], ...] = ()
+    per_pair_score: tuple[float, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -55,41 +61,142 @@ class NodeScore:
 
 @dataclass(frozen=True, slots=True)
 class EdgeScore:
-    """An edge along the residual stream; `weight` is its attribution score when computed."""
+    """An edge along the residual stream; `weight` is its attribution score when computed, `verified`
+    the effect measured by path patching when the edge was checked."""
 
     source: str
     target: str
     weight: float | None = None
+    verified: float | None = None
+
+
+def _round_up(x: float) -> str:
+    """x rounded *up* to 3 significant digits, so a printed bound is never below the computed one."""
+    if x <= 0.0:
+        return "0"
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return f"{math.ceil(x / step - 1e-9) * step:.4g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    """An unverified node the diagnostic patched alone (exact), beside what the random subsets estimated for it.
+
+    `effect` is the signed mean over pairs of its effect alone; `magnitude` is that effect in the bounded
+    quantity (|effect| or mean |effect| per pair); `subset_estimate` / `subset_se` are the random-subset
+    estimate (signed mean over pairs) and its standard error, None when the node was not in the subset test."""
+
+    node: str
+    effect: float
+    magnitude: float
+    subset_estimate: float | None = None
+    subset_se: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdditivityCheck:
+    """The diagnostic's tests of its one assumption, that effects add up inside a random subset.
+
+    Suspects: each measured alone vs. its subset estimate; `worst_p` is the smallest two-sided p-value (of
+    `worst_node`), compared with `p_threshold` (alpha / nodes tested: suspects are chosen among all of them).
+    Splits: `splits` sampled subsets S were cut into random halves A, B and patched; additivity says
+    f(S) = f(A) + f(B). `split_max` is the largest |f(S) - f(A) - f(B)|, `split_share` the sum of those gaps over
+    the sum of |f(S)|, `split_limit` the share above which the check fails (in the bounded quantity's units)."""
+
+    suspects_tested: int = 0
+    worst_node: str | None = None
+    worst_alone: float | None = None
+    worst_estimate: float | None = None
+    worst_se: float | None = None
+    worst_p: float | None = None
+    p_threshold: float | None = None
+    splits: int = 0
+    split_max: float | None = None
+    split_share: float | None = None
+    split_limit: float | None = None
+    passed: bool = True
+
+
+FN_STATUSES = ("bounded", "exhaustive", "refused", "untestable")
+"""bounded: random-subset limits (assuming additivity, which the checks did not refute) plus nodes patched alone;
+exhaustive: every unverified node whose activation changes was patched alone (exact, no assumption);
+refused: a check measured interaction between nodes, so no bound is given; untestable: too few samples."""
 
 
 @dataclass(frozen=True, slots=True)
 class FalseNegativeBound:
-    """The false-negative diagnostic's result over the unverified nodes."""
+    """The false-negative diagnostic's result over the unverified nodes: a bound that holds, or why there is none.
+
+    `nodes_tested` counts every unverified node the statement is about; `unchanged` of them have the same
+    activation on the clean and the corrupt prompt (their effect is exactly 0) and were left out of patching.
+    `quantity` is what is bounded: "abs_mean" = |mean effect over pairs|, "mean_abs" = mean over pairs of
+    |effect|. `exact_patches` counts nodes the diagnostic patched alone, `subset_patches` subsets patched at once
+    (each over all pairs). `reason` says, with the numbers, why a refused or untestable run has no bound."""
 
     bound: float
     confidence: float
     samples: int
     nodes_tested: int
     inclusion: float
+    status: str = "bounded"
+    quantity: str = "abs_mean"
+    unchanged: int = 0
+    suspects: tuple[Suspect, ...] = ()
+    additivity: AdditivityCheck | None = None
+    reason: str = ""
+    exact_patches: int = 0
+    subset_patches: int = 0
+
+    def __post_init__(self) -> None:  # rebuild the nested records from a JSON document's dicts and lists
+        suspects = tuple(s if isinstance(s, Suspect) else Suspect(**s) for s in self.suspects)
+        object.__setattr__(self, "suspects", suspects)
+        if isinstance(self.additivity, dict):
+            object.__setattr__(self, "additivity", AdditivityCheck(**self.additivity))
+        if self.status not in FN_STATUSES:
+            raise ValueError(f"unknown diagnostic status {self.status!r} (known: {', '.join(FN_STATUSES)})")
 
     @property
     def bounded(self) -> bool:
-        """False when some unverified node was (almost) never in, or never out of, a random subset."""
-        return math.isfinite(self.bound)
+        """True when the result is a bound (random-subset or exhaustive); False when refused or untestable."""
+        return self.status in ("bounded", "exhaustive") and math.isfinite(self.bound)
+
+    @property
+    def what(self) -> str:
+        return "|mean effect over pairs|" if self.quantity == "abs_mean" else "mean |effect| per pair"
+
+    def _alone(self, limit: int = 3) -> str:
+        shown = sorted(self.suspects, key=lambda s: -s.magnitude)[:limit]
+        more = len(self.suspects) - len(shown)
+        text = ", ".join(f"{s.node} {s.effect:+.4g}" for s in shown)
+        return text + (f" and {more} more" if more > 0 else "")
+
+    def _unchanged(self) -> str:
+        if not self.unchanged:
+            return ""
+        return (f"; {self.unchanged} of the {self.nodes_tested} unverified nodes have the same activation on the "
+                f"clean and the corrupt prompt (effect exactly 0)")
 
     @property
     def sentence(self) -> str:
-        """The result in plain words."""
+        """The result in plain words: true as stated, or an explicit refusal with the reason."""
+        if self.status == "exhaustive":
+            changed = self.nodes_tested - self.unchanged
+            if changed == 0:
+                return (f"none of the {self.nodes_tested} unverified nodes changes the metric: each has the same "
+                        f"activation on the clean and the corrupt prompt (effect exactly 0)")
+            top = f" (largest: {self._alone(1)})" if self.suspects else ""
+            return (f"exact patching of each of the {changed} unverified nodes whose activation changes: none "
+                    f"changes the metric by more than {_round_up(self.bound)} in {self.what}{top}{self._unchanged()}")
         if not self.bounded:
-            return (
-                f"the diagnostic could not bound the {self.nodes_tested} unverified nodes: with "
-                f"{self.samples} samples at inclusion {self.inclusion:g} some node was in (or out of) fewer "
-                f"than 2 random subsets; raise samples so that samples x inclusion is at least 20"
-            )
-        return (
-            f"with {self.confidence:.0%} confidence no unverified node changes the metric "
-            f"by more than {self.bound:.3g}"
-        )
+            head = ("no bound can be given" if self.status == "refused"
+                    else "the diagnostic could not bound the unverified nodes")
+            alone = f"; patched alone: {self._alone()}" if self.suspects else ""
+            return f"{head}: {self.reason}{alone}{self._unchanged()}"
+        alone = f"; patched alone (exact): {self._alone()}" if self.suspects else ""
+        return (f"with {self.confidence:.0%} confidence no unverified node changes the metric by more than "
+                f"{_round_up(self.bound)} in {self.what} (random-subset test of "
+                f"{self.nodes_tested - self.unchanged} nodes, {self.samples} samples; it assumes effects add up "
+                f"inside a subset, which its checks did not refute){alone}{self._unchanged()}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,10 @@
-"""Choose a circuit's nodes from a run's scores (top K, threshold, cumulative) and drop refuted ones."""
+"""Choose a circuit's nodes from a run's scores (top K, threshold, cumulative), drop refuted ones, cut edges.
+
+Ranking and verification compare like with like in every `aggregate` mode: a node's ranking score
+is a mean of |.| per pair (`mean_abs`, `per_pair`, and GradDrop's score under them) or |mean| over
+pairs (`abs_mean`), and its measured counterpart is the same kind of number built from the exact
+per-pair effects. `selection_value` is the one number the cut is applied to (see VALUE_DEFINITIONS).
+"""
 from __future__ import annotations
 
 import math
@@ -7,23 +13,44 @@ from typing import Sequence
 
 from atpdsl.errors import AtpError
 from atpdsl.plan import Selection
-from atpdsl.circuit.scores import NodeScore, RunResult
+from atpdsl.circuit.scores import EdgeScore, NodeScore, RunResult
 
 __all__ = [
     "DEFAULT_SELECTION",
+    "AGGREGATES",
+    "VALUE_DEFINITIONS",
     "DroppedNode",
     "SelectionOutcome",
     "select",
     "candidates",
     "ranked",
     "verified_magnitude",
+    "selection_value",
     "describe",
+    "EdgeCut",
+    "DEFAULT_EDGE_CUT",
+    "EdgeCutOutcome",
+    "cut_edges",
 ]
 
 DEFAULT_SELECTION = Selection("top", 20)
 """Used when a spec has no `select` line: the 20 best-ranked nodes."""
 
 _TOLERANCE = 1e-12  # relative slack when a cumulative share is compared with F
+
+AGGREGATES = ("mean_abs", "abs_mean", "per_pair")
+_MEAN_OF_ABS = ("mean_abs", "per_pair")
+
+VALUE_DEFINITIONS: dict[str, str] = {
+    "mean_abs": "selection_value = mean over pairs of |exact effect| for a verified node, else its ranking score "
+                "(mean over pairs of |estimate|, or GradDrop's score); the rule picks candidates by ranking score "
+                "and a candidate stays in the circuit when selection_value >= the cut",
+    "abs_mean": "selection_value = |mean over pairs of the exact effect| for a verified node, else its ranking "
+                "score (|mean over pairs of the estimate|, or GradDrop's score); the rule picks candidates by "
+                "ranking score and a candidate stays in the circuit when selection_value >= the cut",
+}
+VALUE_DEFINITIONS["per_pair"] = VALUE_DEFINITIONS["mean_abs"]
+"""What `selection_value` means under each aggregate (stored with every export)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +76,12 @@ class SelectionOutcome:
     cut: float
     selected: tuple[str, ...]
     dropped: tuple[DroppedNode, ...] = ()
+    aggregate: str = "mean_abs"
+
+    @property
+    def value_definition(self) -> str:
+        """What the numbers compared with `cut` are (VALUE_DEFINITIONS[aggregate])."""
+        return VALUE_DEFINITIONS.get(self.aggregate, VALUE_DEFINITIONS["mean_abs"])
 
     @property
     def rule(self) -> str:
@@ -75,18 +108,31 @@ def ranked(nodes: Sequence[NodeScore]) -> list[NodeScore]:
     return sorted(nodes, key=lambda n: (-_magnitude(n.score), n.name))
 
 
-def verified_magnitude(node: NodeScore, aggregate: str = "mean_abs") -> float | None:
-    """The measured counterpart of the node's score, or None when the node was not verified.
+def _check_aggregate(aggregate: str) -> None:
+    if aggregate not in AGGREGATES:
+        raise AtpError(f"unknown aggregate {aggregate!r} (expected {', '.join(AGGREGATES)})")
 
-    Scores aggregate as the mean of |estimate| per pair by default, so the like-for-like measured
-    number is the mean of |effect| per pair when the per-pair effects were kept; otherwise (and
-    for `abs_mean`) it is |mean effect|.
+
+def verified_magnitude(node: NodeScore, aggregate: str = "mean_abs") -> float | None:
+    """The measured counterpart of the node's ranking score, or None when the node was not verified.
+
+    `mean_abs` and `per_pair` rank by a mean of |.| per pair, so this is the mean of |exact effect| per
+    pair; `abs_mean` ranks by |mean|, so this is |mean exact effect|. Without per-pair effects (a
+    hand-built or old result) a mean-of-|.| aggregate falls back to |mean effect|, which is never
+    larger, so a node is never kept on a number larger than the one measured.
     """
+    _check_aggregate(aggregate)
     if node.verified_effect is None:
         return None
-    if aggregate == "mean_abs" and node.verified_per_pair:
+    if aggregate in _MEAN_OF_ABS and node.verified_per_pair:
         return sum(_magnitude(v) for v in node.verified_per_pair) / len(node.verified_per_pair)
     return _magnitude(node.verified_effect)
+
+
+def selection_value(node: NodeScore, aggregate: str = "mean_abs") -> float:
+    """The number the selection cut is applied to: the measured magnitude when verified, else |score|."""
+    measured = verified_magnitude(node, aggregate)
+    return _magnitude(node.score) if measured is None else measured
 
 
 def candidates(nodes: Sequence[NodeScore], selection: Selection) -> tuple[list[NodeScore], float]:
@@ -128,6 +174,7 @@ def select(
     least the cut the estimates had to reach: exact patching outranks the estimate it checks.
     Nodes are never added on the strength of verification alone.
     """
+    _check_aggregate(aggregate)
     selection = selection or DEFAULT_SELECTION
     chosen, cut = candidates(result.nodes, selection)
     kept: list[str] = []
@@ -138,4 +185,81 @@ def select(
             dropped.append(DroppedNode(node.name, measured, cut))
         else:
             kept.append(node.name)
-    return SelectionOutcome(selection.kind, float(selection.value), cut, tuple(kept), tuple(dropped))
+    return SelectionOutcome(selection.kind, float(selection.value), cut, tuple(kept), tuple(dropped), aggregate)
+
+
+# -- edges -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeCut:
+    """Which weighted edges a circuit graph keeps (zero-weight edges never are).
+
+    `cumulative F`: the strongest edges that together carry F of the total |weight| (the smallest such
+    set); `top K`: the K strongest; `threshold X`: |weight| >= X; `all`: every non-zero edge.
+    """
+
+    kind: str = "cumulative"
+    value: float = 0.9
+
+    @property
+    def rule(self) -> str:
+        if self.kind == "all":
+            return "all non-zero edges"
+        number = str(int(self.value)) if self.kind == "top" else f"{self.value:g}"
+        return f"{self.kind} {number} of |weight|" if self.kind == "cumulative" else f"{self.kind} {number} by |weight|"
+
+
+DEFAULT_EDGE_CUT = EdgeCut("cumulative", 0.9)
+"""The graph-level edge cut used unless the spec says otherwise: the edges carrying 90% of |weight|."""
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeCutOutcome:
+    """The edges a graph keeps (engine order) and how many it left out, and why."""
+
+    rule: str
+    kept: tuple[EdgeScore, ...]
+    left_out: int = 0  # weighted, non-zero edges below the cut
+    zero: int = 0  # edges whose weight is exactly 0
+    unweighted: int = 0  # edges without a weight: kept, the cut cannot rank them
+
+
+def _strongest(weighted: list[EdgeScore], cut: EdgeCut) -> set[int]:
+    """Indices (into `weighted`) of the edges the cut keeps."""
+    order = sorted(range(len(weighted)), key=lambda i: (-abs(weighted[i].weight or 0.0),
+                                                         weighted[i].source, weighted[i].target))
+    mags = [abs(float(weighted[i].weight or 0.0)) for i in order]
+    if cut.kind == "all":
+        return set(order)
+    if cut.kind == "top":
+        if cut.value < 0 or not float(cut.value).is_integer():
+            raise AtpError(f"edge cut top {cut.value:g}: K must be a whole number >= 0")
+        return set(order[: int(cut.value)])
+    if cut.kind == "threshold":
+        if cut.value < 0 or math.isnan(cut.value):
+            raise AtpError(f"edge cut threshold {cut.value:g}: X must be >= 0")
+        return {i for i, m in zip(order, mags) if m >= cut.value}
+    if cut.kind != "cumulative":
+        raise AtpError(f"unknown edge cut {cut.kind!r} (expected cumulative, top, threshold or all)")
+    if not 0.0 < cut.value <= 1.0:
+        raise AtpError(f"edge cut cumulative {cut.value:g}: F must be in (0, 1]")
+    goal, covered, keep = cut.value * sum(mags) * (1.0 - _TOLERANCE), 0.0, set()
+    for i, m in zip(order, mags):
+        if keep and covered >= goal:
+            break
+        keep.add(i)
+        covered += m
+    return keep
+
+
+def cut_edges(edges: Sequence[EdgeScore], cut: EdgeCut | None = DEFAULT_EDGE_CUT) -> EdgeCutOutcome:
+    """Drop zero-weight edges, then keep the edges the cut picks by |weight| (unweighted ones stay)."""
+    cut = cut or EdgeCut("all")
+    unweighted = [e for e in edges if e.weight is None]
+    nonzero = [e for e in edges if e.weight is not None and e.weight != 0.0 and not math.isnan(e.weight)]
+    zero = sum(1 for e in edges if e.weight is not None) - len(nonzero)
+    keep = _strongest(nonzero, cut)
+    chosen = {id(nonzero[i]) for i in keep}
+    kept = tuple(e for e in edges if e.weight is None or id(e) in chosen)
+    return EdgeCutOutcome(cut.rule, kept, len(nonzero) - len(keep), zero, len(unweighted))

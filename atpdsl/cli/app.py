@@ -1,25 +1,28 @@
-"""The `atpdsl` command line: check, plan, run, show, export; user errors never end in a traceback."""
+"""The `atpdsl` command line: check, plan, run, show, export; user errors never end in a traceback.
+
+Nothing heavy is imported at module level: `--version` and `--help` answer without rich, `check` and `plan`
+without torch. Exit codes: 0 ok, 1 a problem with the spec or its inputs, 2 a bad command line (argparse's
+own code, also for a bad `--to` or `--threads`), 3 a bug in atpdsl.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import json
-import os
 import sys
 import traceback
-from collections import Counter
 from collections.abc import Callable, Sequence
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from atpdsl import __version__
+from atpdsl.cli.threads import parse_threads
 from atpdsl.language.diagnostics import OUTPUT_FORMATS, Diagnostic, render, summary
 from atpdsl.errors import AtpError, SpecError
-from atpdsl.plan import Plan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+    from rich.text import Text
 
 __all__ = ["main", "build_parser", "plan_text", "print_plan", "EXIT_OK", "EXIT_ERRORS", "EXIT_USAGE",
            "EXIT_INTERNAL"]
@@ -60,6 +63,66 @@ def _diag_option(p: argparse.ArgumentParser) -> None:
                    help="how to print diagnostics: one line each, with source and carets, or JSON")
 
 
+def _add_check(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("check", parents=[common], formatter_class=_Formatter,
+                       help="check specs and report every problem",
+                       description="Parse and check .atp specs (reads pairs files and the model's config.json,"
+                                   " never the weights).",
+                       epilog="example:\n  atpdsl check spec.atp other.atp --output-format concise")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help=".atp spec files")
+    p.add_argument("--out", metavar="DIR", help="check exports as if written under DIR")
+    _diag_option(p)
+
+
+def _add_plan(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("plan", parents=[common], formatter_class=_Formatter,
+                       help="compile a spec and print its plan and cost",
+                       description="Compile a spec into its plan: pairs, nodes, module sites in forward order and"
+                                   " the steps the engine runs with their cost. Loads no weights and no torch.",
+                       epilog="examples:\n  atpdsl plan spec.atp\n  atpdsl plan spec.atp --json\n"
+                              "  atpdsl plan spec.atp --emit python > run_atp.py")
+    p.add_argument("spec", metavar="SPEC", help=".atp spec file")
+    p.add_argument("--out", metavar="DIR", help="write exports under DIR instead of the spec's folder")
+    p.add_argument("--emit", choices=("python",), help="print the equivalent program instead of the plan")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _diag_option(p)
+
+
+def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("run", parents=[common], formatter_class=_Formatter,
+                       help="run a spec: score nodes, select the circuit, write exports",
+                       epilog="examples:\n  atpdsl run examples/induction.atp --out out/demo\n"
+                              "  atpdsl run spec.atp --out out/s --threads 4 --log out/s/run.log")
+    p.add_argument("spec", metavar="SPEC", help=".atp spec file")
+    p.add_argument("--out", metavar="DIR", help="write every export under DIR (keeping file names)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--profile", action="store_true", help="print the time of each phase")
+    p.add_argument("--threads", type=parse_threads, metavar="N",
+                   help="torch threads for the run (default: 1 on a machine with at most 2 cores, else one per"
+                        " idle core; OMP_NUM_THREADS, when set, is kept)")
+    p.add_argument("--log", metavar="FILE",
+                   help="also write progress as plain lines to FILE (follow a long run with `tail -f FILE`)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run model code from the hub (only for models you trust)")
+    _diag_option(p)
+
+
+def _add_show_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("show", parents=[common], formatter_class=_Formatter, help="summarize a saved result",
+                       epilog="example:\n  atpdsl show out/demo/induction.json")
+    p.add_argument("result", metavar="RESULT", help="a result .json written by `atpdsl run`")
+    _diag_option(p)
+
+    p = sub.add_parser("export", parents=[common], formatter_class=_Formatter,
+                       help="convert a saved result to another format",
+                       epilog="example:\n  atpdsl export out/demo/induction.json --to gexf --out circuit.gexf")
+    p.add_argument("result", metavar="RESULT", help="a result .json written by `atpdsl run`")
+    p.add_argument("--to", metavar="FMT", help="format (default: from --out's extension)")
+    p.add_argument("--out", metavar="PATH", help="file to write")
+    _diag_option(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: `atpdsl COMMAND ...`."""
     common = _common()
@@ -74,63 +137,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    p = sub.add_parser("check", parents=[common], formatter_class=_Formatter,
-                       help="check specs and report every problem",
-                       description="Parse and check .atp specs (reads pairs files and the model's config.json,"
-                                   " never the weights).",
-                       epilog="example:\n  atpdsl check spec.atp other.atp --output-format concise")
-    p.add_argument("specs", nargs="+", metavar="SPEC", help=".atp spec files")
-    p.add_argument("--out", metavar="DIR", help="check exports as if written under DIR")
-    _diag_option(p)
-
-    p = sub.add_parser("plan", parents=[common], formatter_class=_Formatter,
-                       help="compile a spec and print its plan and cost",
-                       description="Compile a spec into its plan: pairs, nodes, module sites in forward order and"
-                                   " the passes per batch with their cost. Loads no weights and no torch.",
-                       epilog="examples:\n  atpdsl plan spec.atp\n  atpdsl plan spec.atp --json\n"
-                              "  atpdsl plan spec.atp --emit python > run_atp.py")
-    p.add_argument("spec", metavar="SPEC", help=".atp spec file")
-    p.add_argument("--out", metavar="DIR", help="write exports under DIR instead of the spec's folder")
-    p.add_argument("--emit", choices=("python",), help="print the equivalent program instead of the plan")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    _diag_option(p)
-
-    p = sub.add_parser("run", parents=[common], formatter_class=_Formatter,
-                       help="run a spec: score nodes, select the circuit, write exports",
-                       epilog="example:\n  atpdsl run examples/induction.atp --out out/demo")
-    p.add_argument("spec", metavar="SPEC", help=".atp spec file")
-    p.add_argument("--out", metavar="DIR", help="write every export under DIR (keeping file names)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--profile", action="store_true", help="print the time of each phase")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run model code from the hub (only for models you trust)")
-    _diag_option(p)
-
-    p = sub.add_parser("show", parents=[common], formatter_class=_Formatter, help="summarize a saved result",
-                       epilog="example:\n  atpdsl show out/demo/induction.json")
-    p.add_argument("result", metavar="RESULT", help="a result .json written by `atpdsl run`")
-    _diag_option(p)
-
-    p = sub.add_parser("export", parents=[common], formatter_class=_Formatter,
-                       help="convert a saved result to another format",
-                       epilog="example:\n  atpdsl export out/demo/induction.json --to gexf --out circuit.gexf")
-    p.add_argument("result", metavar="RESULT", help="a result .json written by `atpdsl run`")
-    p.add_argument("--to", metavar="FMT", help="format (default: from --out's extension)")
-    p.add_argument("--out", metavar="PATH", help="file to write")
-    _diag_option(p)
+    for add in (_add_check, _add_plan, _add_run, _add_show_export):
+        add(sub, common)
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (to report a usage error with that command's usage line)."""
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
+
+
+def export_usage_problem(to: str | None, out: str | None) -> str | None:
+    """What is wrong with `export`'s --to/--out as a command line (exit 2), or None: an unknown format, no
+    format at all, or a --to that contradicts --out's extension. Whether the files can be written is not
+    a command-line question (exit 1, in atpdsl.cli.commands)."""
+    from atpdsl.outputs.formats import EXPORT_FORMATS, ExportError, format_of, lookup
+
+    try:
+        fmt = lookup(to).name if to is not None else None
+        if out is None or out.endswith(("/", "\\")) or Path(out).expanduser().is_dir():
+            return None if fmt is not None else "say which format: --to FMT, or --out FILE with a known extension"
+        suffix = Path(out).suffix.lower().lstrip(".")
+        if fmt is None:
+            format_of(out)
+        elif suffix in EXPORT_FORMATS and EXPORT_FORMATS[suffix].name != fmt:
+            return f"--to {to} does not match --out {out!r} (a {EXPORT_FORMATS[suffix].name} file name)"
+    except ExportError as err:
+        return str(err)
+    return None
 
 
 # ------------------------------------------------------------------ output
 
-def _console(stderr: bool = False) -> Console:
+def _console(stderr: bool = False) -> "Console":
+    from rich.console import Console
+
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
-def _styled(rendered: str) -> Text:
-    text = Text(rendered)
+def _text(message: str, style: str = "") -> "Text":
+    from rich.text import Text
+
+    return Text(message, style=style)
+
+
+def _styled(rendered: str) -> "Text":
+    text = _text(rendered)
     text.highlight_regex(r"(?m)^error\[\w+\]", "bold red")
     text.highlight_regex(r"(?m)^warning\[\w+\]", "bold yellow")
     text.highlight_regex(r"(?m)^\s*\|\s*\^+$", "red")
@@ -151,150 +206,6 @@ def _print_diagnostics(diagnostics: Sequence[Diagnostic], fmt: str, stderr: bool
     console.print(summary(diagnostics), style="bold")
 
 
-def _fmt_cost(x: float) -> str:
-    return f"{x:g}"
-
-
-def _origins(plan: Plan) -> str:
-    """Where the pairs came from, e.g. `20 from data.jsonl, 2 inline, 16 from the template at spec.atp:9`."""
-    counts: Counter[str] = Counter()
-    for p in plan.pairs:
-        if "#" in p.origin:
-            counts["from the template at " + p.origin.split("#")[0]] += 1
-        elif p.origin.rsplit(":", 1)[0].endswith(".atp") or p.origin.rsplit(":", 1)[0] == plan.spec_file:
-            counts["inline"] += 1
-        else:
-            counts["from " + p.origin.rsplit(":", 1)[0]] += 1
-    return ", ".join(f"{v} {k}" for k, v in counts.items())
-
-
-def _metric_text(m) -> str:
-    if m is None:
-        return "-"
-    args = []
-    for a in m.args:
-        inner = a.field if a.field is not None else json.dumps(a.literal)
-        args.append(f"first_token({inner})" if a.first_token else inner)
-    call = f"{m.kind}({', '.join(args)})" if args else m.kind
-    return f"{call} at {m.position}"
-
-
-def _shown(path: str) -> str:
-    """A path as the plan shows it: relative to the working folder when inside it."""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        return path
-    return rel if not rel.startswith("..") and os.path.isabs(path) else path
-
-
-def print_plan(plan: Plan, console: Console) -> None:
-    """Print a plan as readable tables: what is scored, how, and what it costs."""
-    extras = dict(plan.extras)
-    console.print(Text(f"Plan for {_shown(plan.spec_file)}", style="bold"))
-    console.print(f"spec sha256 {plan.spec_hash[:16]}…")
-    about = Table(box=box.SIMPLE, show_header=False, pad_edge=False)
-    about.add_column(style="bold")
-    about.add_column()
-    model = plan.model
-    facts = []
-    if "model_type" in extras:
-        facts.append(str(extras["model_type"]))
-    if "n_layers" in extras:
-        facts.append(f"{extras['n_layers']} layers")
-    desc = f"zoo {model.source}" if model.is_zoo else _shown(model.source)
-    if facts:
-        desc += f" ({', '.join(facts)})"
-    about.add_row("model", desc)
-    settings = f"dtype {model.dtype}, device {model.device}, attention {model.attention}"
-    if model.revision:
-        settings += f", revision {model.revision}"
-    about.add_row("", settings)
-    batches = extras.get("batches", 0)
-    about.add_row("pairs", f"{len(plan.pairs)} ({_origins(plan)}); batch {plan.batch} -> {batches} batch"
-                           f"{'es' if batches != 1 else ''}")
-    about.add_row("metric", _metric_text(plan.metric))
-    if plan.eval_metric is not None:
-        about.add_row("eval metric", _metric_text(plan.eval_metric))
-    method = plan.method
-    how = method.name
-    if method.name == "atp*":
-        parts = [f"qk_fix {'on' if method.qk_fix else 'off'}",
-                 f"graddrop {'per ' + method.graddrop_mode if method.graddrop else 'off'}"]
-        if method.norm_fix:
-            parts.append("norm_fix on")
-        how += f" ({', '.join(parts)})"
-    how += f", aggregate {method.aggregate}"
-    if plan.write_per_pair:
-        how += ", keep per_pair"
-    about.add_row("method", how)
-    about.add_row("seed", str(plan.seed))
-    if plan.selection is not None:
-        about.add_row("select", f"{plan.selection.kind} {plan.selection.value:g}")
-    if plan.verification is not None:
-        about.add_row("verify", f"top {plan.verification.top}")
-    if plan.diagnosis is not None:
-        d = plan.diagnosis
-        about.add_row("diagnose", f"false_negatives: {d.samples} samples, confidence {d.confidence:g},"
-                                  f" inclusion {d.inclusion:g}")
-    console.print(about)
-
-    groups = Table(title="nodes", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("kind", "layers", "indices", "positions", "line"):
-        groups.add_column(col)
-    for g in plan.nodes:
-        if g.layers is None:
-            layers = "all"
-        else:
-            layers = str(g.layers[0]) if g.layers[0] == g.layers[1] else f"{g.layers[0]}..{g.layers[1]}"
-        if g.heads is None:
-            idx = "all"
-        else:
-            idx = ", ".join(str(i) for i in g.heads[:8]) + (f", … ({len(g.heads)})" if len(g.heads) > 8 else "")
-        groups.add_row(g.kind, layers, idx, "per position" if g.per_position else "summed",
-                       str(g.where.line) if g.where else "")
-    console.print(groups)
-    if "node_count" in extras:
-        console.print(f"{extras['node_count']} nodes (per-position groups count once per token position)")
-
-    passes = Table(title="passes per batch (cost in forward-equivalents)", box=box.SIMPLE_HEAD,
-                   title_justify="left", pad_edge=False, show_footer=True)
-    passes.add_column("step", footer="total")
-    total = sum(p.cost for p in plan.passes)
-    passes.add_column("cost", justify="right", footer=_fmt_cost(total))
-    passes.add_column("what", footer=f"x {batches} batch{'es' if batches != 1 else ''} ="
-                                     f" {_fmt_cost(total * batches)} forward-equivalents")
-    for p in plan.passes:
-        passes.add_row(p.name, _fmt_cost(p.cost), p.description)
-    console.print(passes)
-
-    if plan.sites:
-        shown = list(plan.sites[:12])
-        console.print(Text(f"sites in forward order ({len(plan.sites)})", style="bold"))
-        for s in shown:
-            console.print(f"  {s}")
-        if len(plan.sites) > len(shown):
-            console.print(f"  … and {len(plan.sites) - len(shown)} more")
-    else:
-        console.print("sites: unknown until the model's config.json can be read")
-    if plan.exports:
-        exports = Table(title="exports", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-        exports.add_column("format")
-        exports.add_column("path")
-        for e in plan.exports:
-            exports.add_row(e.format, _shown(e.path))
-        console.print(exports)
-
-
-def plan_text(plan: Plan, width: int = 100) -> str:
-    """The plan as `atpdsl plan` prints it, without colour (for tests and logs)."""
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, color_system=None, highlight=False, force_terminal=False,
-                      soft_wrap=False)
-    print_plan(plan, console)
-    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
-
-
 # ------------------------------------------------------------------ commands
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -313,7 +224,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         _print_diagnostics(all_diags, args.output_format, stderr=False)
         for line in oks:
-            _console().print(Text(line, style="green"))
+            _console().print(_text(line, "green"))
     return EXIT_ERRORS if any(d.is_error for d in all_diags) else EXIT_OK
 
 
@@ -339,6 +250,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return EXIT_OK
+    from atpdsl.cli.plan_view import print_plan
+
     print_plan(plan, _console())
     return EXIT_OK
 
@@ -360,51 +273,96 @@ def _delegate(name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+_run_command = _delegate("cmd_run")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`atpdsl run`: the engine's command with torch's thread count set first (and restored after, for callers
+    that run several specs in one process); the choice and its reason open the run's log."""
+    import torch  # a run loads a model with torch anyway; check and plan never come here
+
+    from atpdsl.cli.threads import choose_threads
+
+    choice = choose_threads(getattr(args, "threads", None), torch_default=torch.get_num_threads())
+    args.threads_note = f"threads: {choice.why}"
+    before = torch.get_num_threads()
+    if choice.threads is not None:
+        torch.set_num_threads(choice.threads)
+    try:
+        return _run_command(args)
+    finally:
+        torch.set_num_threads(before)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "plan": cmd_plan,
-    "run": _delegate("cmd_run"),
+    "run": cmd_run,
     "show": _delegate("cmd_show"),
     "export": _delegate("cmd_export"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 errors, 2 usage, 3 internal error)."""
+def _parse(argv: list[str] | None) -> argparse.Namespace | int:
+    """The parsed command line, or the exit code argparse chose (0 for --help/--version, 2 for usage errors)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "export":
+            problem = export_usage_problem(args.to, args.out)
+            if problem is not None:
+                _subparser(parser, "export").error(problem)
     except SystemExit as e:  # argparse exits for --help, --version and usage errors
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    return args
+
+
+def _report_atp_error(e: AtpError, fmt: str) -> None:
+    if isinstance(e, SpecError) and e.diagnostics:
+        _print_diagnostics(e.diagnostics, fmt, stderr=fmt != "json")
+    elif fmt == "json":
+        print(json.dumps([{"code": type(e).__name__, "severity": "error", "message": str(e), "file": None,
+                           "line": None, "column": None, "end_line": None, "end_column": None,
+                           "hints": []}], indent=2))
+    else:
+        _console(True).print(_text(f"error: {e}", "bold red"))
+
+
+def _report_bug(e: Exception, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    first = str(e).splitlines()[0] if str(e) else ""
+    _console(True).print(_text(f"internal error: {type(e).__name__}{': ' + first if first else ''}", "bold red"))
+    if not debug:
+        _console(True).print("this is a bug in atpdsl; rerun with --debug for the traceback and report it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 errors, 2 usage, 3 internal error)."""
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
     fmt = getattr(args, "output_format", "full")
     try:
         return COMMANDS[args.command](args)
-    except SpecError as e:
-        if e.diagnostics:
-            _print_diagnostics(e.diagnostics, fmt, stderr=fmt != "json")
-        else:
-            _console(True).print(Text(f"error: {e}", style="bold red"))
-        return EXIT_ERRORS
     except AtpError as e:
-        if fmt == "json":
-            print(json.dumps([{"code": type(e).__name__, "severity": "error", "message": str(e), "file": None,
-                               "line": None, "column": None, "end_line": None, "end_column": None,
-                               "hints": []}], indent=2))
-        else:
-            _console(True).print(Text(f"error: {e}", style="bold red"))
+        _report_atp_error(e, fmt)
         return EXIT_ERRORS
     except KeyboardInterrupt:
         _console(True).print("interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, reported without a wall of text
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        first = str(e).splitlines()[0] if str(e) else ""
-        _console(True).print(Text(f"internal error: {type(e).__name__}{': ' + first if first else ''}",
-                                  style="bold red"))
-        if not getattr(args, "debug", False):
-            _console(True).print("this is a bug in atpdsl; rerun with --debug for the traceback and report it")
+        _report_bug(e, bool(getattr(args, "debug", False)))
         return EXIT_INTERNAL
+
+
+def __getattr__(name: str) -> Any:
+    """`print_plan` and `plan_text` live in atpdsl.cli.plan_view (rich); imported when first asked for."""
+    if name in ("print_plan", "plan_text"):
+        from atpdsl.cli import plan_view
+
+        return getattr(plan_view, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":  # pragma: no cover

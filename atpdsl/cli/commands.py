@@ -11,29 +11,20 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from atpdsl.cli.progress import ProgressBars, progress_for
 from atpdsl.errors import AtpError, SpecError
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
-    from atpdsl.pipeline import Result
+    from atpdsl.outputs.result import Result
 
 __all__ = ["cmd_run", "cmd_show", "cmd_export", "print_summary", "print_profile", "ProgressBars", "SUMMARY_ROWS"]
 
 SUMMARY_ROWS = 25
 """The summary table lists at most this many circuit nodes."""
-
-PHASES = {
-    "load": "loading the model",
-    "forward": "forward passes",
-    "backward": "backward passes",
-    "graddrop": "GradDrop backward passes",
-    "verify": "verifying (exact patching)",
-    "diagnose": "false-negative diagnostic",
-    "exact": "exact patching",
-}
 
 
 def _consoles() -> tuple["Console", "Console"]:
@@ -54,60 +45,6 @@ def _error(console: "Console", message: str, output_format: str = "full") -> Non
     from rich.markup import escape
 
     console.print(f"[bold red]error[/]: {escape(message)}", highlight=False, soft_wrap=True)
-
-
-class ProgressBars:
-    """The engine's progress(phase, done, total) callback as rich bars with counts, elapsed time and ETA.
-
-    One bar per phase, created on the phase's first call. Disabled, it is a no-op callback. A
-    display problem never reaches the engine: the callback swallows its own errors.
-    """
-
-    def __init__(self, console: "Console", enabled: bool = True) -> None:
-        self.console = console
-        self.enabled = enabled
-        self._progress: Any = None
-        self._tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> "ProgressBars":
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("{task.description:<28}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if self._progress is None:
-            return
-        try:
-            task = self._tasks.get(phase)
-            if task is None:
-                task = self._progress.add_task(PHASES.get(phase, phase), total=max(total, 0))
-                self._tasks[phase] = task
-            self._progress.update(task, completed=done, total=max(total, 0))
-        except Exception:  # noqa: BLE001 - a progress bar must never break a run
-            pass
 
 
 def _fmt(value: float | None) -> str:
@@ -180,13 +117,29 @@ def print_summary(res: "Result", console: "Console") -> None:
             note += f"; largest subset-based estimate {big['node']} {big['effect']:+.3g}"
         console.print(f"[bold]diagnostic[/]: {escape(result.false_negatives.sentence + note)}", highlight=False,
                       soft_wrap=True)
+    _print_edges_and_exports(res, console)
+
+
+def _print_edges_and_exports(res: "Result", console: "Console") -> None:
+    """The edge cut's line, then each export: written (and whether it replaced a file) or failed."""
+    from rich.markup import escape
+
+    from atpdsl.circuit.graph import describe_edges
+    from atpdsl.outputs.manifest import manifest_path
+
+    if res.result.edges:
+        console.print(f"edges: {escape(describe_edges(res.graph))}", highlight=False, soft_wrap=True)
     for outcome in res.exports:
         if outcome.error is None:
             note = "" if outcome.requested else "  (result, for `atpdsl show` / `atpdsl export`)"
             for path in outcome.written:
-                console.print(f"wrote {escape(path)}{note}", highlight=False, soft_wrap=True)
+                again = " (replaced the existing file)" if path in outcome.replaced else ""
+                console.print(f"wrote {escape(path)}{again}{note}", highlight=False, soft_wrap=True)
         else:
             console.print(f"[red]failed[/] {escape(outcome.path)}", highlight=False, soft_wrap=True)
+    json_out = [o for o in res.exports if o.format == "json"]
+    if json_out:
+        console.print(f"manifest {escape(str(manifest_path(json_out[0].path)))}", highlight=False, soft_wrap=True)
 
 
 def print_profile(res: "Result", console: "Console") -> None:
@@ -249,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, "trust_remote_code", False):
             plan = replace(plan, model=replace(plan.model, trust_remote_code=True))
         t1 = time.perf_counter()
-        with ProgressBars(err, enabled=not quiet) as bars:
+        with progress_for(args, err) as bars:
             run_result = pipeline.execute_plan(plan, bars)
         t2 = time.perf_counter()
         res = pipeline.finish(plan, run_result, timings=(("compile", t1 - t0), ("execute", t2 - t1)))
@@ -271,54 +224,77 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _report_failures(res, err)
 
 
+def _manifest_note(result_file: str, console: "Console") -> None:
+    """Say whether the manifest beside a result vouches for its files (missing, changed, incomplete)."""
+    from rich.markup import escape
+
+    from atpdsl.outputs.manifest import verdict
+
+    fine, lines = verdict(result_file)
+    head = "[dim]" if fine else "[yellow]warning[/]: "
+    console.print(head + escape(lines[0]) + ("[/]" if fine else ""), highlight=False, soft_wrap=True)
+    for line in lines[1:]:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    """`atpdsl show result.json`: the run's summary again, from the saved result."""
+    """`atpdsl show result.json` (or `x.manifest.json`): the run's summary again, and the manifest's verdict."""
     from atpdsl.pipeline import load
 
     out, err = _consoles()
+    source = str(args.result)
     try:
-        res = load(args.result)
+        if source.endswith(".manifest.json"):
+            from atpdsl.outputs.manifest import result_listed
+
+            source = result_listed(source)
+        res = load(source)
     except AtpError as error:
         _error(err, str(error), getattr(args, "output_format", None) or "full")
         return 1
     if getattr(args, "json", False):
-        sys.stdout.write(res.to_json() + "\n")
+        from atpdsl.outputs.jsonio import dumps
+
+        sys.stdout.write(dumps(res) + "\n")
+        _manifest_note(source, err)
         return 0
     print_summary(res, out)
+    _manifest_note(source, out)
     if getattr(args, "profile", False):
         print_profile(res, out)
     return 0
 
 
 def _export_target(source: str, fmt: str | None, out_arg: str | None) -> tuple[Path, str]:
-    from atpdsl.outputs import EXTENSIONS, FORMATS, ExportError, default_path, format_of
+    """The file and format for `atpdsl export`: the same registry (and aliases) as the checker's."""
+    from atpdsl.outputs.formats import EXPORT_FORMATS, ExportError, format_of, known_words, lookup
+    from atpdsl.outputs.writer import default_path
 
     if fmt is not None:
-        fmt = fmt.lower().lstrip(".")
-        fmt = EXTENSIONS.get(f".{fmt}", fmt)
-        if fmt not in FORMATS:
-            raise ExportError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+        fmt = lookup(fmt).name
     if out_arg is None:
         if fmt is None:
-            raise ExportError("say which format: --to FMT (csv json graphml gexf dot png svg html) or --out FILE")
+            raise ExportError(f"say which format: --to FMT ({known_words()}) or --out FILE")
         return default_path(source, fmt), fmt
-    out = Path(out_arg)
+    out = Path(out_arg).expanduser()
     if out.is_dir() or out_arg.endswith(("/", "\\")):
         if fmt is None:
             raise ExportError(f"--out {out_arg!r} is a folder: say which format with --to FMT")
         return out / default_path(Path(source).name, fmt), fmt
     if fmt is None:
         return out, format_of(out)
-    if not out.suffix:
+    suffix = out.suffix.lower().lstrip(".")
+    if not suffix:
         return out.with_suffix(f".{fmt}"), fmt  # `--out circuit --to gexf` -> circuit.gexf
-    if out.suffix.lower() in EXTENSIONS and EXTENSIONS[out.suffix.lower()] != fmt:
-        raise ExportError(f"--to {fmt} does not match --out {out_arg!r} (a {EXTENSIONS[out.suffix.lower()]} file name)")
+    if suffix in EXPORT_FORMATS and EXPORT_FORMATS[suffix].name != fmt:
+        raise ExportError(f"--to {fmt} does not match --out {out_arg!r} (a {EXPORT_FORMATS[suffix].name} file name)")
     return out, fmt
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`atpdsl export result.json --to FMT [--out PATH]`: convert a saved result without rerunning."""
-    from atpdsl.outputs import write
+    from atpdsl.outputs.formats import planned_files
+    from atpdsl.outputs.writer import target_problems, write
     from atpdsl.pipeline import load
 
     out, err = _consoles()
@@ -327,6 +303,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         path, fmt = _export_target(str(args.result), getattr(args, "to", None), getattr(args, "out", None))
         res = load(args.result)
+        existing = set() if target_problems(path, fmt) else {str(p) for p in planned_files(path, fmt) if p.exists()}
         written = write(res, path, fmt)
     except AtpError as error:
         _error(err, str(error), output_format)
@@ -336,6 +313,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     if not getattr(args, "quiet", False):
         for p in written:
-            out.print(f"wrote {p}", highlight=False, soft_wrap=True)
+            again = " (replaced the existing file)" if str(p) in existing else ""
+            out.print(f"wrote {p}{again}", highlight=False, soft_wrap=True, markup=False)
     return 0
 

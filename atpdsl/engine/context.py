@@ -65,13 +65,11 @@ def align(corrupt: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def _check_metric(spec: MetricSpec, what: str) -> None:
-    if spec.kind not in METRIC_KINDS:
-        raise EngineError(f"{where_text(spec.where)}unknown {what} {spec.kind!r} (known: {', '.join(METRIC_KINDS)})")
-    need = {"logit_diff": (2,), "logprob": (1,), "prob": (1,), "kl": (0,), "loss": (0, 1)}[spec.kind]
-    if len(spec.args) not in need:
-        raise EngineError(
-            f"{where_text(spec.where)}{spec.kind} takes {' or '.join(map(str, need))} argument(s), got {len(spec.args)}"
-        )
+    from atpdsl.registry import metric_problem  # the metric's record decides (front: registry.METRICS)
+
+    problem = metric_problem(spec.kind, len(spec.args))
+    if problem is not None:
+        raise EngineError(f"{where_text(spec.where)}{what}: {problem}")
 
 
 def make_context(plan: Plan, loaded: Loaded) -> Context:
@@ -87,7 +85,7 @@ def make_context(plan: Plan, loaded: Loaded) -> Context:
     if table.size == 0:
         raise EngineError("the plan asks for no nodes (add a `nodes { ... }` block)")
     batches = make_batches(pairs, plan.batch, loaded.pad_id, loaded.device, positions)
-    sites = [TraceSite(key=s.name, module=s.module, attr=s.attr, order=s.order) for s in table.sites]
+    sites = [TraceSite(key=s.name, module=s.module, attr=s.attr, order=s.order, flat=s.flat) for s in table.sites]
     return Context(plan=plan, loaded=loaded, pairs=pairs, batches=batches, table=table, sites=sites)
 
 

@@ -1,4 +1,10 @@
-"""Prompt pairs to token tensors: lengths, slot alignment, answer tokens, left-padded batches."""
+"""Prompt pairs to token tensors: the encoding rule of language/encoding.py (shared with `check`) turned into
+left-padded batches with the positions and tokens each metric reads.
+
+A batch holds `per_pair` model rows per pair, pair-major: one row, or one per `sequence(...)` argument (the
+prompt followed by that answer's tokens but the last, teacher-forced). Answer positions are never nodes
+(`real` is False there). Per-row tensors (estimates) become per-pair ones with `pair_sum`.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,185 +12,30 @@ from dataclasses import dataclass
 
 import torch
 
+from atpdsl.engine.metrics import MetricReads
 from atpdsl.errors import DataError, EngineError
+from atpdsl.language.encoding import EncodedPair, TokenRead, as_tokenizer, where_prefix
+from atpdsl.language.encoding import encode_pairs as _encode
 from atpdsl.plan import MetricSpec, PromptPair, SourceRef
 
-__all__ = ["EncodedPair", "Batch", "encode_pairs", "make_batches", "node_positions", "where_text"]
+__all__ = ["EncodedPair", "Batch", "encode_pairs", "make_batches", "node_positions", "where_text", "pair_sum"]
 
 
 def where_text(where: SourceRef | None) -> str:
     """`file:line:col: ` for a message, or nothing when the item has no source position."""
-    if where is None:
-        return ""
-    return f"{where.file}:{where.line}:{where.column}: "
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedPair:
-    """One pair as token ids, with the clean-to-corrupt position map and resolved metric tokens.
-
-    `cmap[t]` is the corrupt-prompt position aligned with clean position t, or -1 when the clean token
-    has no partner (only inside a template slot whose two values tokenize to different lengths).
-    `answers` holds the metric's argument tokens; `eval_answers` those of the evaluation metric.
-    """
-
-    index: int
-    origin: str
-    clean: tuple[int, ...]
-    corrupt: tuple[int, ...]
-    cmap: tuple[int, ...]
-    metric_pos: int  # clean position the metric reads
-    corrupt_metric_pos: int
-    eval_pos: int
-    corrupt_eval_pos: int
-    answers: tuple[int, ...]
-    eval_answers: tuple[int, ...]
-    slot_last: tuple[tuple[str, int], ...]  # slot name -> last clean token of the slot
-
-    @property
-    def identity(self) -> bool:
-        """Whether clean and corrupt positions align one to one."""
-        return len(self.clean) == len(self.corrupt)
-
-
-def _ids(tok, text: str, special: bool = True) -> list[int]:
-    return list(tok(text, add_special_tokens=special)["input_ids"])
-
-
-def _token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
-    """First and last token overlapping the character range [start, end)."""
-    hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-    return (hit[0], hit[-1]) if hit else None
-
-
-def _tokens_text(tok, ids: Sequence[int]) -> str:
-    return "[" + ", ".join(repr(t) for t in tok.convert_ids_to_tokens(list(ids))) + "]"
-
-
-def _answer_tokens(tok, pair: PromptPair, spec: MetricSpec, clean_ids: list[int], at_last: bool) -> tuple[int, ...]:
-    """One token per metric argument: the tokens the text adds after the clean prompt."""
-    out: list[int] = []
-    args = spec.args
-    if spec.kind == "loss" and not args:
-        from atpdsl.plan import MetricArg
-
-        args = (MetricArg(field="answer"),)
-    for arg in args:
-        try:
-            text = arg.text(pair)
-        except KeyError:
-            raise DataError(
-                f"{where_text(spec.where)}pair {pair.origin or '?'} has no field {arg.field!r} "
-                f"(fields: {', '.join(k for k, _ in pair.fields) or 'none'})"
-            ) from None
-        ids: list[int] = []
-        if at_last:
-            # The answer as the model would continue the clean prompt (tokenizers that fold a
-            # leading space into the next word need the context).
-            full = _ids(tok, pair.clean + text)
-            if full[: len(clean_ids)] == clean_ids:
-                ids = full[len(clean_ids):]
-        if not ids:
-            ids = _ids(tok, text, special=False)
-        if not ids:
-            raise DataError(f"{where_text(spec.where)}answer {text!r} of pair {pair.origin or '?'} has no tokens")
-        if len(ids) > 1 and not arg.first_token:
-            raise DataError(
-                f"{where_text(spec.where)}answer {text!r} of pair {pair.origin or '?'} is {len(ids)} tokens "
-                f"{_tokens_text(tok, ids)}; a metric needs one token: write first_token({arg.field or repr(text)}) "
-                f"to use the first, or pick a single-token answer"
-            )
-        out.append(ids[0])
-    return tuple(out)
-
-
-def _slot_spans(tok, pair: PromptPair, clean_ids: list[int], corrupt_ids: list[int]):
-    """Per slot: (name, clean token span, corrupt token span), in prompt order."""
-    if not pair.slots:
-        return []
-    co = tok(pair.clean, return_offsets_mapping=True)["offset_mapping"]
-    ko = tok(pair.corrupt, return_offsets_mapping=True)["offset_mapping"]
-    spans = []
-    for slot in pair.slots:
-        cs = _token_span(co, slot.clean.start, slot.clean.end)
-        ks = _token_span(ko, slot.corrupt.start, slot.corrupt.end)
-        if cs is None or ks is None:
-            raise DataError(f"pair {pair.origin or '?'}: template slot {slot.name!r} covers no token")
-        spans.append((slot.name, cs, ks))
-    spans.sort(key=lambda s: s[1][0])
-    return spans
-
-
-def _align(pair: PromptPair, tok, clean_ids: list[int], corrupt_ids: list[int], spans) -> tuple[int, ...]:
-    """Clean position -> corrupt position; text outside slots must tokenize alike in both prompts."""
-    if len(clean_ids) == len(corrupt_ids):
-        return tuple(range(len(clean_ids)))
-    if not spans:
-        raise DataError(
-            f"pair {pair.origin or '?'}: clean and corrupt prompts tokenize to different lengths "
-            f"({len(clean_ids)} vs {len(corrupt_ids)} tokens); clean {_tokens_text(tok, clean_ids)}, "
-            f"corrupt {_tokens_text(tok, corrupt_ids)}. Make them the same length, or write the pair as a "
-            f"template whose named slots mark the words that differ"
-        )
-    cmap = [-1] * len(clean_ids)
-    c_prev = k_prev = 0
-    for name, (cf, cl), (kf, kl) in spans + [("", (len(clean_ids), -1), (len(corrupt_ids), -1))]:
-        if cf - c_prev != kf - k_prev:
-            raise DataError(
-                f"pair {pair.origin or '?'}: the text before slot {name or '(end)'!r} tokenizes to "
-                f"{cf - c_prev} tokens in the clean prompt but {kf - k_prev} in the corrupt one; clean "
-                f"{_tokens_text(tok, clean_ids)}, corrupt {_tokens_text(tok, corrupt_ids)}"
-            )
-        for i in range(cf - c_prev):
-            cmap[c_prev + i] = k_prev + i
-        if cl < 0:
-            break
-        # inside a slot: align from the slot's last token backwards
-        n = min(cl - cf, kl - kf) + 1
-        for i in range(n):
-            cmap[cl - i] = kl - i
-        c_prev, k_prev = cl + 1, kl + 1
-    return tuple(cmap)
-
-
-def _position(spec: MetricSpec, n_tokens: int, slots: dict[str, int], pair: PromptPair) -> int:
-    if spec.position == "last":
-        return n_tokens - 1
-    if spec.position in slots:
-        return slots[spec.position]
-    raise DataError(
-        f"{where_text(spec.where)}metric reads at {spec.position!r} but pair {pair.origin or '?'} has no such "
-        f"slot (slots: {', '.join(slots) or 'none'}); use `at last` or a template slot name"
-    )
+    return where_prefix(where)
 
 
 def encode_pairs(tok, pairs: Sequence[PromptPair], metric: MetricSpec, eval_metric: MetricSpec | None,
                  ) -> list[EncodedPair]:
-    """Tokenize every pair, check lengths and answers, and align positions (DataError on bad input)."""
-    out = []
-    for i, pair in enumerate(pairs):
-        clean = _ids(tok, pair.clean)
-        corrupt = _ids(tok, pair.corrupt)
-        spans = _slot_spans(tok, pair, clean, corrupt)
-        cmap = _align(pair, tok, clean, corrupt, spans)
-        c_slots = {name: cs[1] for name, cs, _ in spans}
-        k_slots = {name: ks[1] for name, _, ks in spans}
-        em = eval_metric or metric
-        out.append(EncodedPair(
-            index=i,
-            origin=pair.origin or f"pair {i}",
-            clean=tuple(clean),
-            corrupt=tuple(corrupt),
-            cmap=cmap,
-            metric_pos=_position(metric, len(clean), c_slots, pair),
-            corrupt_metric_pos=_position(metric, len(corrupt), k_slots, pair),
-            eval_pos=_position(em, len(clean), c_slots, pair),
-            corrupt_eval_pos=_position(em, len(corrupt), k_slots, pair),
-            answers=_answer_tokens(tok, pair, metric, clean, metric.position == "last"),
-            eval_answers=_answer_tokens(tok, pair, em, clean, em.position == "last"),
-            slot_last=tuple(sorted(c_slots.items())),
-        ))
-    return out
+    """Tokenize every pair, check lengths and answers, and align positions (DataError on the first bad pair)."""
+    encoded, problems = _encode(as_tokenizer(tok), pairs, metric, eval_metric)
+    if problems:
+        p = problems[0]
+        more = f" (and {len(problems) - 1} more pairs with problems; `atpdsl check` lists them)" if len(problems) > 1 \
+            else ""
+        raise DataError(f"{where_prefix(p.where)}{p.message}{more}")
+    return [e for e in encoded if e is not None]
 
 
 def node_positions(pairs: Sequence[EncodedPair]) -> tuple[str, list[int | str]]:
@@ -220,28 +71,49 @@ def node_positions(pairs: Sequence[EncodedPair]) -> tuple[str, list[int | str]]:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A left-padded batch: model inputs for both prompts plus index tensors in padded coordinates."""
+    """A left-padded batch: model inputs for both prompts plus index tensors in padded coordinates.
+
+    Inputs, `cmap`, `real` and `node_pos` have one row per model row (`pairs * per_pair`); `metric_pos`,
+    `answers` and their eval twins one per pair (row 0's: the one-position metric call); `reads`/`eval_reads`
+    what each metric reads (atpdsl.engine.metrics.MetricReads).
+    """
 
     pairs: tuple[EncodedPair, ...]
     clean: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids
     corrupt: dict[str, torch.Tensor]
-    cmap: torch.Tensor | None  # [b, S] padded corrupt position per clean position (-1 none); None = identity
-    real: torch.Tensor  # [b, S] bool: clean positions that carry a node value (real and aligned)
+    cmap: torch.Tensor | None  # [rows, S] padded corrupt position per clean position (-1 none); None = identity
+    real: torch.Tensor  # [rows, S] bool: clean positions that carry a node value (real and aligned)
     metric_pos: torch.Tensor  # [b]
     corrupt_metric_pos: torch.Tensor
     eval_pos: torch.Tensor
     corrupt_eval_pos: torch.Tensor
     answers: torch.Tensor  # [b, n_args]
     eval_answers: torch.Tensor
-    node_pos: torch.Tensor | None  # [b, P] padded clean position of each per-position node position
+    node_pos: torch.Tensor | None  # [rows, P] padded clean position of each per-position node position
+    reads: MetricReads | None = None
+    eval_reads: MetricReads | None = None
+    per_pair: int = 1
 
     @property
     def size(self) -> int:
         return len(self.pairs)
 
     @property
+    def n_rows(self) -> int:
+        """Model rows: pairs times rows per pair."""
+        return len(self.pairs) * self.per_pair
+
+    @property
     def indices(self) -> list[int]:
         return [p.index for p in self.pairs]
+
+
+def pair_sum(batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """A per-row tensor [rows, ...] as per-pair sums [pairs, ...] (identity with one row per pair): the AtP
+    estimate of a pair is the sum of its rows' estimates, since a node is patched in all of them."""
+    if batch.per_pair == 1:
+        return rows
+    return rows.view(batch.size, batch.per_pair, *rows.shape[1:]).sum(1)
 
 
 def _pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -255,62 +127,119 @@ def _pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int, device) -> dict
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
 
 
-def make_batches(pairs: Sequence[EncodedPair], size: int, pad_id: int, device,
-                 positions: tuple[str, list[int | str]] | None = None) -> list[Batch]:
-    """Split pairs into left-padded batches of at most `size` (clean and corrupt padded to one width)."""
-    batches = []
-    size = max(1, int(size))
-    for lo in range(0, len(pairs), size):
-        chunk = pairs[lo: lo + size]
-        width = max(max(len(p.clean), len(p.corrupt)) for p in chunk)
-        clean = _pad([p.clean for p in chunk], width, pad_id, device)
-        corrupt = _pad([p.corrupt for p in chunk], width, pad_id, device)
-        real = torch.zeros((len(chunk), width), dtype=torch.bool)
-        identity = all(p.identity for p in chunk)
-        cmap = None if identity else torch.full((len(chunk), width), -1, dtype=torch.long)
-        for i, p in enumerate(chunk):
-            c_off = width - len(p.clean)
-            k_off = width - len(p.corrupt)
+def _own_reads(p: EncodedPair, attr: str) -> tuple[TokenRead, ...]:
+    """A pair's reads of one metric; for a pair built by hand without them, its one-token answers."""
+    mine: tuple[TokenRead, ...] = getattr(p, attr)
+    if mine:
+        return mine
+    eval_ = attr == "eval_reads"
+    pos, kpos = (p.eval_pos, p.corrupt_eval_pos) if eval_ else (p.metric_pos, p.corrupt_metric_pos)
+    return tuple(TokenRead(0, pos, kpos, t, k) for k, t in enumerate(p.eval_answers if eval_ else p.answers))
+
+
+def _reads(chunk: Sequence[EncodedPair], attr: str, width: int, per_pair: int, sequence: tuple[bool, ...],
+           device) -> MetricReads:
+    """MetricReads of one metric (`attr`: "reads" or "eval_reads") in padded coordinates."""
+    rows: list[list[TokenRead]] = []
+    offsets: list[tuple[int, int]] = []
+    firsts: list[tuple[int, int]] = []
+    for p in chunk:
+        mine = _own_reads(p, attr)
+        pos = p.metric_pos if attr == "reads" else p.eval_pos
+        kpos = p.corrupt_metric_pos if attr == "reads" else p.corrupt_eval_pos
+        for r, tail in enumerate(p.tails):
+            rows.append(sorted((t for t in mine if t.row == r), key=lambda t: t.clean_pos))
+            offsets.append((width - len(p.clean) - len(tail), width - len(p.corrupt) - len(tail)))
+            firsts.append((pos, kpos))
+    k = max(1, max(len(r) for r in rows))
+    shape = (len(rows), k)
+    pos_t, kpos_t = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    tok_t, arg_t = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1, dtype=torch.long)
+    for i, (reads, (c_off, k_off), (pos, kpos)) in enumerate(zip(rows, offsets, firsts)):
+        pos_t[i], kpos_t[i] = c_off + pos, k_off + kpos  # padding reads sit at the metric position
+        for j, t in enumerate(reads):
+            pos_t[i, j], kpos_t[i, j] = c_off + t.clean_pos, k_off + t.corrupt_pos
+            tok_t[i, j], arg_t[i, j] = t.token, t.arg
+    return MetricReads(pos_t.to(device), kpos_t.to(device), tok_t.to(device), arg_t.to(device), per_pair, sequence)
+
+
+def _node_rows(p: EncodedPair, off: int, positions: tuple[str, list[int | str]]) -> list[int]:
+    mode, names = positions
+    if mode == "index":
+        return [off + int(n) for n in names]
+    if mode == "end":
+        return [off + len(p.clean) + int(n) for n in names]
+    slots = dict(p.slot_last)
+    return [off + slots[str(n)] for n in names]
+
+
+def _row_maps(chunk: Sequence[EncodedPair], width: int, identity: bool):
+    """Per model row: `real` (prompt positions with a partner) and the padded clean -> corrupt map."""
+    n_rows = sum(len(p.tails) for p in chunk)
+    real = torch.zeros((n_rows, width), dtype=torch.bool)
+    cmap = None if identity else torch.full((n_rows, width), -1, dtype=torch.long)
+    i = 0
+    for p in chunk:
+        for tail in p.tails:
+            c_off = width - len(p.clean) - len(tail)
+            k_off = width - len(p.corrupt) - len(tail)
             for t, k in enumerate(p.cmap):
                 if k >= 0:
                     real[i, c_off + t] = True
                     if cmap is not None:
                         cmap[i, c_off + t] = k_off + k
+            if cmap is not None:
+                for j in range(len(tail)):  # answer positions align with each other (never nodes)
+                    cmap[i, c_off + len(p.clean) + j] = k_off + len(p.corrupt) + j
+            i += 1
+    return real, cmap
 
-        def padded(attr: str, corrupt_side: bool = False) -> torch.Tensor:
-            vals = []
-            for p in chunk:
-                n = len(p.corrupt) if corrupt_side else len(p.clean)
-                vals.append(width - n + getattr(p, attr))
-            return torch.tensor(vals, dtype=torch.long, device=device)
 
-        node_pos = None
-        if positions is not None:
-            mode, names = positions
-            rows = []
-            for p in chunk:
-                off = width - len(p.clean)
-                slots = dict(p.slot_last)
-                if mode == "index":
-                    rows.append([off + int(n) for n in names])
-                elif mode == "end":
-                    rows.append([width + int(n) for n in names])
-                else:
-                    rows.append([off + slots[str(n)] for n in names])
-            node_pos = torch.tensor(rows, dtype=torch.long, device=device).reshape(len(chunk), len(names))
-        batches.append(Batch(
-            pairs=tuple(chunk),
-            clean=clean,
-            corrupt=corrupt,
-            cmap=None if cmap is None else cmap.to(device),
-            real=real.to(device),
-            metric_pos=padded("metric_pos"),
-            corrupt_metric_pos=padded("corrupt_metric_pos", True),
-            eval_pos=padded("eval_pos"),
-            corrupt_eval_pos=padded("corrupt_eval_pos", True),
-            answers=torch.tensor([p.answers for p in chunk], dtype=torch.long, device=device).reshape(len(chunk), -1),
-            eval_answers=torch.tensor([p.eval_answers for p in chunk], dtype=torch.long,
-                                      device=device).reshape(len(chunk), -1),
-            node_pos=node_pos,
-        ))
-    return batches
+def _batch(chunk: Sequence[EncodedPair], pad_id: int, device, positions, metric_sequence: tuple[bool, ...],
+           eval_sequence: tuple[bool, ...]) -> Batch:
+    per_pair = len(chunk[0].tails)
+    width = max(max(len(p.clean), len(p.corrupt)) + len(t) for p in chunk for t in p.tails)
+    clean = _pad([p.clean + t for p in chunk for t in p.tails], width, pad_id, device)
+    corrupt = _pad([p.corrupt + t for p in chunk for t in p.tails], width, pad_id, device)
+    real, cmap = _row_maps(chunk, width, all(p.identity for p in chunk))
+
+    def padded(attr: str, corrupt_side: bool = False) -> torch.Tensor:
+        vals = [width - (len(p.corrupt) if corrupt_side else len(p.clean)) - len(p.tails[0]) + getattr(p, attr)
+                for p in chunk]
+        return torch.tensor(vals, dtype=torch.long, device=device)
+
+    node_pos = None
+    if positions is not None:
+        rows = [_node_rows(p, width - len(p.clean) - len(t), positions) for p in chunk for t in p.tails]
+        node_pos = torch.tensor(rows, dtype=torch.long, device=device).reshape(len(rows), len(positions[1]))
+    return Batch(
+        pairs=tuple(chunk), clean=clean, corrupt=corrupt, cmap=None if cmap is None else cmap.to(device),
+        real=real.to(device), metric_pos=padded("metric_pos"), corrupt_metric_pos=padded("corrupt_metric_pos", True),
+        eval_pos=padded("eval_pos"), corrupt_eval_pos=padded("corrupt_eval_pos", True),
+        answers=torch.tensor([p.answers for p in chunk], dtype=torch.long, device=device).reshape(len(chunk), -1),
+        eval_answers=torch.tensor([p.eval_answers for p in chunk], dtype=torch.long,
+                                  device=device).reshape(len(chunk), -1),
+        node_pos=node_pos,
+        reads=_reads(chunk, "reads", width, per_pair, metric_sequence, device),
+        eval_reads=_reads(chunk, "eval_reads", width, per_pair, eval_sequence, device),
+        per_pair=per_pair,
+    )
+
+
+def _sequence_flags(pairs: Sequence[EncodedPair], attr: str) -> tuple[bool, ...]:
+    """Which arguments of a metric are whole answers (none for pairs built by hand without resolved answers)."""
+    if not pairs:
+        return ()
+    resolved = getattr(pairs[0], attr)
+    if resolved:
+        return tuple(r.use == "sequence" for r in resolved)
+    return (False,) * len(pairs[0].eval_answers if attr == "eval_resolved" else pairs[0].answers)
+
+
+def make_batches(pairs: Sequence[EncodedPair], size: int, pad_id: int, device,
+                 positions: tuple[str, list[int | str]] | None = None) -> list[Batch]:
+    """Split pairs into left-padded batches of at most `size` pairs (clean and corrupt padded to one width)."""
+    size = max(1, int(size))
+    metric_seq, eval_seq = _sequence_flags(pairs, "resolved"), _sequence_flags(pairs, "eval_resolved")
+    return [_batch(pairs[lo: lo + size], pad_id, device, positions, metric_seq, eval_seq)
+            for lo in range(0, len(pairs), size)]

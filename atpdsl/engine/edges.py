@@ -10,8 +10,8 @@ output (`embed`), the whole residual after a layer (`resid`). The input of v is 
 v's block, taken only through that block's branch (its input norm), never through the skip path: the
 attention block's input norm for attention-side nodes (heads, queries, keys, values, attn), the MLP block's
 input norm for neurons and `mlp`, the final norm for `logits`. These are the "reader blocks"
-`L{m}.attn-in`, `L{m}.mlp-in` and `logits`. The branch-only gradient is read by replacing each norm's input
-with a clone (the clone has one consumer, the norm, so its gradient is that branch's alone).
+`L{m}.attn-in`, `L{m}.mlp-in` and `logits`. The branch-only gradient is the norm's output gradient (the output
+has one consumer, the block) pulled back through the norm module itself at its clean input.
 
 The residual stream is a sum and position-wise, so the product is taken position by position and summed
 (a write at position p reaches later positions only through attention inside a reader block, which the
@@ -35,41 +35,34 @@ per-position node counts only its own position; between two per-position nodes a
 same position; a summed node pairs with a per-position one at that node's position. A per-position target
 gets its block's input gradient at its position (block-level, like every target).
 
-Cost per batch: one corrupt forward (reads only) and one clean forward with one backward, through the
-engine's one generic trace (`trace.run_trace`, norm inputs patched with clones); then per source site one
-matmul of the stacked reader gradients [2L+1, b, S, d] (held for the batch) onto the source's columns.
+Cost: nothing of its own in the passes. The run's clean forward + backward also reads each reader norm's input
+and output gradient (`edge_reads` step, atpdsl.engine.edge_reads); after ranking and selection, the `edges` step
+does, per kept batch and source site, one matmul of the stacked reader gradients [2L+1, b, S, d] onto the
+selected sources' columns.
 Edge weight = mean over pairs of the per-pair edge score (signed, same convention as node estimates).
 The weights are plain first-order products: AtP*'s QK fix and GradDrop, and the norm fix, do not apply to edges.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from atpdsl.errors import EngineError
 from atpdsl.circuit.graph import EDGE_SEMANTICS
-from atpdsl.names import NodeId, NodeKind
-from atpdsl.plan import NodeGroup, Plan
 from atpdsl.circuit.scores import EdgeScore
-from atpdsl.engine.context import Context, align
-from atpdsl.engine.data import Batch, encode_pairs, make_batches, node_positions
-from atpdsl.engine.load import Loaded, load_model
-from atpdsl.engine.node_table import build_table, unit_columns, unit_values
-from atpdsl.engine.trace import Backward, TraceSite, run_trace
+from atpdsl.errors import EngineError
+from atpdsl.names import NodeId, NodeKind
+from atpdsl.plan import NodeGroup
+from atpdsl.engine.load import Loaded
 
-__all__ = ["Reader", "EdgeMatrix", "edge_matrix", "edge_scores", "weighted_edges", "readers", "write_matrix",
-           "EDGE_SEMANTICS"]
+__all__ = ["Reader", "EdgeMatrix", "weighted_edges", "readers", "write_matrix", "write_point", "node_groups",
+           "per_position", "EDGE_SEMANTICS", "ATTN_SIDE", "QKV", "EMBED"]
 
-Progress = Callable[[str, int, int], None]
-
-
-_ATTN_SIDE = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTN)
+ATTN_SIDE = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTN)
 _MLP_SIDE = (NodeKind.NEURON, NodeKind.MLP)
-_QKV = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
-_EMBED = NodeId(-1, NodeKind.EMBED)
+QKV = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
+EMBED = NodeId(-1, NodeKind.EMBED)
 _STAGE_ATTN_IN, _STAGE_MLP_IN = 5, 40  # between the arch.STAGES of the layer's sites
 
 
@@ -109,7 +102,7 @@ def write_point(kind: NodeKind | str, layer: int, parallel: bool) -> int:
     kind = NodeKind(kind)
     if kind is NodeKind.EMBED:
         return 0
-    if kind in _ATTN_SIDE:
+    if kind in ATTN_SIDE:
         return 2 * layer + (2 if parallel else 1)
     return 2 * layer + 2
 
@@ -121,7 +114,7 @@ def _write_point(node: NodeId, parallel: bool) -> int:
 def _read_point(node: NodeId, parallel: bool) -> int:
     if node.kind is NodeKind.LOGITS:
         return 10**9  # after everything
-    if node.kind in _ATTN_SIDE:
+    if node.kind in ATTN_SIDE:
         return 2 * node.layer
     if node.kind in _MLP_SIDE:
         return 2 * node.layer + (0 if parallel else 1)
@@ -159,7 +152,7 @@ class EdgeMatrix:
         return self.per_pair.sum(-1)
 
 
-def _groups(nodes: Sequence[NodeId]) -> tuple[NodeGroup, ...]:
+def node_groups(nodes: Sequence[NodeId]) -> tuple[NodeGroup, ...]:
     """Node groups that cover exactly the requested (layer, kind, units), per position or summed."""
     wanted: dict[tuple[int, str, bool], set[int]] = {}
     for n in nodes:
@@ -191,42 +184,7 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-@dataclass(slots=True)
-class _Setup:
-    ctx: Context
-    readers: list[Reader]
-    cols: list[int]  # table column of each requested node (sources 1..)
-    sources: list[NodeId]
-    parallel: bool
-
-
-def _setup(plan: Plan, loaded: Loaded, nodes: Sequence[NodeId]) -> _Setup:
-    pairs = encode_pairs(loaded.tokenizer, plan.pairs, plan.metric, plan.eval_metric)
-    if not pairs:
-        raise EngineError("the plan has no prompt pairs")
-    groups = _groups(nodes)
-    positions = node_positions(pairs) if any(g.per_position for g in groups) else None
-    table = build_table(loaded.arch, loaded.geom, groups, positions)
-    batches = make_batches(pairs, plan.batch, loaded.pad_id, loaded.device, positions)
-    sites = [TraceSite(key=s.name, module=s.module, attr=s.attr, order=s.order,
-                       grad=any(k in ("queries", "keys", "values") for k in s.kinds)) for s in table.sites]
-    ctx = Context(plan=plan, loaded=loaded, pairs=pairs, batches=batches, table=table, sites=sites)
-    index = {n: i for i, n in enumerate(table.nodes)}
-    cols, sources, seen = [], [_EMBED], set()
-    for n in nodes:
-        if n.kind in (NodeKind.EMBED, NodeKind.LOGITS) or n in seen:
-            continue
-        if n not in index:
-            raise EngineError(f"edge attribution: node {n.name} is not in the model's node table")
-        seen.add(n)
-    for c, n in enumerate(table.nodes):  # table (forward) order
-        if n in seen:
-            cols.append(c)
-            sources.append(n)
-    return _Setup(ctx, readers(loaded), cols, sources, loaded.parallel)
-
-
-def _per_position(vals: torch.Tensor, node_pos: torch.Tensor | None) -> torch.Tensor | None:
+def per_position(vals: torch.Tensor, node_pos: torch.Tensor | None) -> torch.Tensor | None:
     """[R, b, S, u] -> [R, b, P, u] at the batch's node positions."""
     if node_pos is None:
         return None
@@ -235,129 +193,12 @@ def _per_position(vals: torch.Tensor, node_pos: torch.Tensor | None) -> torch.Te
     return vals.gather(2, idx)
 
 
-def _edge_batch(st: _Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One batch: (per-pair products [b, n_src, R], q/k/v estimates [b, n_src], per-position [b, n_src, R, P])."""
-    ctx, loaded = st.ctx, st.ctx.loaded
-    table = ctx.table
-    n_layers = loaded.geom.n_layers
-    emb = TraceSite("edges.embed", loaded.arch.embed, "output", grad=False, order=(-1, 0))
-    reads = [TraceSite(f"edges.{r.name}", r.module, "input",
-                       order=(r.layer, 0 if r.layer == n_layers else
-                              (_STAGE_ATTN_IN if r.name.endswith("attn-in") else _STAGE_MLP_IN)))
-             for r in st.readers]
-    write_sites = [emb] + list(ctx.sites)
-    clean_sites = sorted(write_sites + reads, key=lambda s: s.order)
-    with torch.no_grad():
-        corrupt = run_trace(ctx.model, batch.corrupt, write_sites)
-    clone = {s.key: (lambda x: x.clone()) for s in reads}
-    clean = run_trace(ctx.model, batch.clean, clean_sites, embed=ctx.embed, metric=ctx.metric_fn(batch),
-                      patches=clone, backwards=[Backward()])
-    grads = clean.grads["main"]
-    G = torch.stack([_f(grads[s.key]) for s in reads])  # [R, b, S, d]
-    R, b = G.shape[0], batch.size
-    n_src = len(st.sources)
-    P = batch.node_pos.shape[1] if batch.node_pos is not None else 0
-    prod = torch.zeros((b, n_src, R), dtype=torch.float64)
-    qkv = torch.zeros((b, n_src), dtype=torch.float64)
-    at = torch.zeros((b, n_src, R, P), dtype=torch.float64) if P else None
-    real = batch.real.unsqueeze(-1)
-
-    def delta(key: str) -> torch.Tensor:
-        return (_f(align(corrupt.acts[key], batch)) - _f(clean.acts[key])) * real
-
-    def put(per_unit: torch.Tensor, columns: Sequence[tuple[int, int, int | None]],
-            out: torch.Tensor, out_at: torch.Tensor | None) -> None:
-        """Scatter a site's per-unit products [R, b, S, u] into rows `out` [b, n_src, R] (and `out_at`) for
-        (source, unit, position index or None) columns."""
-        tot = per_unit.sum(2).cpu().double()  # [R, b, u]
-        pp = _per_position(per_unit, batch.node_pos)
-        pp = None if pp is None else pp.cpu().double()  # [R, b, P, u]
-        for src, ui, pos in columns:
-            if pos is None:
-                out[:, src] = tot[:, :, ui].T
-                if out_at is not None:
-                    out_at[:, src] = pp[:, :, :, ui].permute(1, 0, 2)
-            else:  # a per-position node: its own position only
-                out[:, src] = pp[:, :, pos, ui].T
-                if out_at is not None:
-                    out_at[:, src, :, pos] = pp[:, :, pos, ui].T
-
-    d_emb = delta(emb.key)
-    put((d_emb.unsqueeze(0) * G).sum(-1, keepdim=True), [(0, 0, None)], prod, at)
-    src_of = {c: i + 1 for i, c in enumerate(st.cols)}
-    for si, site in enumerate(table.sites):
-        blocks = [bl for bl in table.blocks_at(si)
-                  if any(c in src_of for c in range(bl.first, bl.first + bl.size))]
-        if not blocks:
-            continue
-        d = delta(site.name)
-        for bl in blocks:
-            columns = []
-            for c in range(bl.first, bl.first + bl.size):
-                if c in src_of:
-                    unit, pos = bl.locate(c)
-                    columns.append((src_of[c], bl.units.index(unit), pos))
-            if bl.kind in ("queries", "keys", "values"):  # no residual write: their own AtP estimate
-                per_unit = unit_values(d * _f(grads[site.name]), bl.layout)[..., list(bl.units)]
-                put(per_unit.unsqueeze(0), columns, qkv.unsqueeze(-1), None)
-                continue
-            if bl.kind in ("heads", "neurons"):
-                cols = unit_columns(bl).to(d.device)
-                module = (site.module if site.attr == "input"
-                          else loaded.arch.neuron_proj.format(layer=site.layer))
-                proj = G @ write_matrix(loaded.hf.get_submodule(module), cols)  # [R, b, S, k]
-                per_unit = (d[..., cols].unsqueeze(0) * proj).unflatten(-1, (len(bl.units), bl.layout.width)).sum(-1)
-            else:  # attn, mlp, resid: the whole vector is the write
-                per_unit = (d.unsqueeze(0) * G).sum(-1, keepdim=True)
-            put(per_unit, columns, prod, at)
-    # A reader before the source's write sees none of it.
-    points = torch.tensor([r.point for r in st.readers])
-    valid = torch.stack([points >= _write_point(s, st.parallel) for s in st.sources])  # [n_src, R]
-    valid[[i for i, s in enumerate(st.sources) if s.kind in _QKV]] = False
-    prod *= valid
-    if at is not None:
-        at *= valid.unsqueeze(-1)
-    return prod, qkv, at
-
-
-def edge_matrix(plan: Plan, nodes: Sequence[NodeId], *, loaded: Loaded | None = None,
-                progress: Progress | None = None) -> EdgeMatrix:
-    """The per-pair products of `embed` and every node in `nodes` with every reader block (see module docstring)."""
-    t0 = time.perf_counter()
-    if loaded is None:
-        loaded = load_model(plan.model)
-    st = _setup(plan, loaded, nodes)
-    rows, qkv_rows, at_sum = [], [], None
-    n = len(st.ctx.batches)
-    for i, batch in enumerate(st.ctx.batches):
-        prod, qkv, at = _edge_batch(st, batch)
-        rows.append(prod)
-        qkv_rows.append(qkv)
-        if at is not None:
-            at_sum = at.sum(0) if at_sum is None else at_sum + at.sum(0)
-        if progress:
-            progress("edges", i + 1, n)
-    per_pair = torch.cat(rows)
-    positions = tuple(st.ctx.table.positions[1]) if st.ctx.table.positions else ()
-    return EdgeMatrix(
-        sources=tuple(st.sources),
-        readers=tuple(st.readers),
-        per_pair=per_pair,
-        qkv=torch.cat(qkv_rows),
-        at=None if at_sum is None else at_sum / per_pair.shape[0],
-        positions=positions,
-        parallel=st.parallel,
-        group_size=loaded.geom.group_size,
-        seconds=time.perf_counter() - t0,
-    )
-
-
 def _reads_of(m: EdgeMatrix, target: NodeId) -> list[int]:
     """The reader blocks whose products make up an edge into `target`."""
     names = [r.name for r in m.readers]
     if target.kind is NodeKind.LOGITS:
         return [names.index("logits")]
-    if target.kind in _ATTN_SIDE:
+    if target.kind in ATTN_SIDE:
         return [names.index(f"L{target.layer}.attn-in")]
     if target.kind in _MLP_SIDE:
         return [names.index(f"L{target.layer}.mlp-in")]
@@ -392,7 +233,7 @@ def weighted_edges(m: EdgeMatrix, targets: Sequence[NodeId]) -> list[EdgeScore]:
     qkv_mean = m.qkv.mean(0).tolist()
     out: list[EdgeScore] = []
     for si, s in enumerate(m.sources):
-        if s.kind in _QKV:
+        if s.kind in QKV:
             heads = [t for t in tgts if t.kind is NodeKind.HEAD and t.layer == s.layer
                      and t.index in _qkv_heads(s, m.group_size) and _same_place(s, t)]
             if not heads:
@@ -414,14 +255,3 @@ def weighted_edges(m: EdgeMatrix, targets: Sequence[NodeId]) -> list[EdgeScore]:
                 weight = summed[si][k]
             out.append(EdgeScore(s.name, t.name, weight))
     return out
-
-
-def edge_scores(plan: Plan, nodes: Sequence[NodeId], *, loaded: Loaded | None = None,
-                progress: Progress | None = None) -> tuple[EdgeScore, ...]:
-    """Weighted edges among `nodes` plus `embed` and `logits` (mean over the plan's pairs; module docstring).
-
-    Head, query, key, value and attn targets of one layer share the attention block's input gradient (and
-    neuron and mlp targets the MLP block's), so they get the block-level weight.
-    """
-    m = edge_matrix(plan, nodes, loaded=loaded, progress=progress)
-    return tuple(weighted_edges(m, nodes))

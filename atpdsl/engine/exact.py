@@ -6,19 +6,20 @@ the corrupt values on that node's columns and positions (`torch.where` with a pr
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from atpdsl.plan import MetricSpec
+from atpdsl.plan import MetricSpec, Step
 from atpdsl.engine.context import Context, align
 from atpdsl.engine.data import Batch
 from atpdsl.engine.metrics import metric_rows
 from atpdsl.engine.node_table import block_estimates, unit_values
-from atpdsl.engine.trace import TraceSite, run_trace
+from atpdsl.engine.state import BatchWork, RunState
+from atpdsl.engine.trace import TraceOut, TraceSite, run_trace
 
-__all__ = ["BatchRefs", "batch_refs", "changed_columns", "exact_effects", "subset_effects", "run_exact_all", "chunk_rows"]
+__all__ = ["BatchRefs", "batch_refs", "changed_columns", "exact_effects", "subset_effects", "clean_forward",
+           "exact_patch_step", "chunk_rows"]
 
 
 class BatchRefs:
@@ -38,10 +39,15 @@ def batch_refs(ctx: Context, batch: Batch, sites: Sequence[TraceSite], spec: Met
     """Corrupt forward (site values) and clean forward (metric rows) without gradients."""
     pos = batch.eval_pos if eval_ else batch.metric_pos
     cpos = batch.corrupt_eval_pos if eval_ else batch.corrupt_metric_pos
-    answers = batch.eval_answers if eval_ else batch.answers
     with torch.no_grad():
         corrupt = run_trace(ctx.model, batch.corrupt, sites, last_pos=cpos)
         clean = run_trace(ctx.model, batch.clean, sites, last_pos=pos)
+    return _refs(corrupt, clean, batch, spec, pos, eval_)
+
+
+def _refs(corrupt: TraceOut, clean: TraceOut, batch: Batch, spec: MetricSpec, pos: torch.Tensor,
+          eval_: bool = False) -> BatchRefs:
+    answers = batch.eval_answers if eval_ else batch.answers
     clean_lp = torch.log_softmax(clean.last.float(), -1)
     clean_rows = metric_rows(spec, clean.last, answers, clean_lp)
     corrupt_rows = metric_rows(spec, corrupt.last, answers, clean_lp)
@@ -197,24 +203,28 @@ def _patcher(mask: torch.Tensor, source: torch.Tensor):
     return patch
 
 
-def run_exact_all(ctx: Context, *, progress: Callable[[str, int, int], None] | None = None):
-    """`method exact`: every node patched on every pair. Returns (per-pair effects [n_pairs, N], clean, corrupt)."""
-    table = ctx.table
+def clean_forward(state: RunState, step: Step, work: BatchWork) -> None:
+    """`method exact`: the clean prompts without gradients (the metric's baseline and the clean site values),
+    after the corrupt forward; together they are the batch's patching references."""
+    ctx, batch = state.ctx, work.batch
     spec = ctx.plan.metric
+    with torch.no_grad():
+        clean = run_trace(ctx.model, batch.clean, ctx.sites, last_pos=batch.metric_pos)
+    work.clean = clean
+    work.cache["refs"] = refs = _refs(work.corrupt, clean, batch, spec, batch.metric_pos)
+    work.clean_rows, work.corrupt_rows = refs.clean_rows, refs.corrupt_rows
+
+
+def exact_patch_step(state: RunState, step: Step, work: BatchWork) -> None:
+    """`method exact`: every node patched on its own in the batch's clean run; the effects are its numbers."""
+    ctx = state.ctx
+    table = ctx.table
     total = len(ctx.batches) * table.size
-    done = 0
-    rows, clean_sum, corrupt_sum = [], 0.0, 0.0
-    t0 = time.perf_counter()
-    for batch in ctx.batches:
-        refs = batch_refs(ctx, batch, ctx.sites, spec, eval_=False)
-        clean_sum += float(refs.clean_rows.double().sum())
-        corrupt_sum += float(refs.corrupt_rows.double().sum())
+    base = state.parts.get("exact_done", 0)
 
-        def tick(n: int, base: int = done) -> None:
-            if progress:
-                progress("exact", base + n, total)
+    def tick(n: int) -> None:
+        state.report("exact", base + n, total)
 
-        rows.append(exact_effects(ctx, batch, list(range(table.size)), refs, spec, progress=tick))
-        done += table.size
-    ctx.add_time("exact", time.perf_counter() - t0)
-    return torch.cat(rows), clean_sum, corrupt_sum
+    work.est = exact_effects(ctx, work.batch, list(range(table.size)), work.cache["refs"], ctx.plan.metric,
+                             progress=tick)
+    state.parts["exact_done"] = base + table.size

@@ -1,44 +1,57 @@
-"""The AtP* false-negative diagnostic (atp-star.md section 6): random-subset patching and a Welch/union bound.
+"""Statistics of the false-negative diagnostic (atp-star.md section 6), in numpy: random subsets, Welch tests,
+per-node upper confidence limits and the test of a single-node measurement against its subset estimate.
 
-Procedure: draw `samples` random subsets of the unverified nodes (each node in a subset independently with
-probability `inclusion`), patch each whole subset at once and record its effect y_j. For node i:
-i+ / s+ / N+ = mean / sample std / count of y over draws containing i, i- / s- / N- over the others,
-Ihat_i = i+ - i-. Welch test of H0_i: |I_i| >= theta against |I_i| < theta at the worst-case simple null
-|I_i| = theta: t_i = (theta - |Ihat_i|) / se_i, se_i^2 = s+^2/N+ + s-^2/N-, Welch-Satterthwaite dof,
-p_i = P(T_dof > t_i). Union (Bonferroni) over nodes: p(theta) = min(1, sum_i p_i). The bound is the smallest theta
-with p(theta) <= alpha = 1 - confidence (bisection; p is decreasing in theta): with that confidence no tested node
-changes the metric by more than the bound. Assumes roughly additive effects inside a subset.
+Random-subset patching (Kramar et al. 2024, arXiv 2403.00745, section 6 / Algorithm 1 as summarised in
+atp-star.md): `samples` subsets of the tested nodes, each node in a subset independently with probability
+`inclusion`; y_j is the effect of patching subset j all at once. For node i, Ihat_i = mean(y | i in) -
+mean(y | i out), se_i^2 = s_in^2/N_in + s_out^2/N_out (Welch), dof by Welch-Satterthwaite.
 
-A node that appears in fewer than 2 draws, or is missing from fewer than 2, has no variance estimate: the bound is
-then +inf (more samples or another inclusion probability are needed). No scipy: the Student-t CDF comes from a
-regularized incomplete beta function (continued fraction), accurate to ~1e-12.
+What Ihat_i estimates is the node's *average marginal effect* m_i = E_S[f(S + i) - f(S)] over random subsets S of
+the other nodes. It equals the node's effect alone, f({i}), only when effects add up inside a subset; with
+saturation or redundancy it does not (induction-prev: L0.H0.v@5 alone -15.17, in random subsets -13.6). So every
+limit here is a limit on m_i; `engine/diagnose.py` checks additivity before it calls it a limit on f({i}).
+
+Per-node upper limits: u_i(a) = |Ihat_i| + se_i * t_{1-a}(dof_i) is a one-sided level-a test of H0 |m_i| >= theta
+at the worst-case simple null |m_i| = theta. With a = alpha / n (Bonferroni over the n tested nodes), the limits
+hold *simultaneously*: P(some |m_i| > u_i) <= alpha. Because they are simultaneous, any data-chosen subset of
+nodes (the suspects) can be measured another way and the rest still keep their limits. Per pair (bounding the
+mean over pairs of |effect|), the family is n x pairs tests and a node's limit is the mean of its pair limits.
+
+A node in fewer than 2 draws, or out of fewer than 2, has no variance estimate: its limit is +inf. No scipy: the
+Student-t CDF comes from a regularized incomplete beta function (continued fraction), accurate to ~1e-12.
 
 API:
-    sample_subsets(n_nodes, samples, inclusion, seed) -> bool ndarray [samples, n_nodes]
-    bound_from_draws(masks [k, n] bool, effects [k], confidence) -> DiagnosticStats
-    run_diagnostic(patch_effects, n_nodes, samples, confidence, inclusion, seed) -> FalseNegativeBound
-        patch_effects(masks bool [k, n]) -> float array [k]: the metric change with every node of each row patched
-    student_t_cdf(t, dof) -> ndarray ;  betainc(a, b, x) -> ndarray (regularized incomplete beta)
+    sample_subsets(n_nodes, samples, inclusion, seed) -> bool [samples, n_nodes]
+    welch(masks [k, n], y [k] or [k, P]) -> Welch (arrays [n] or [P, n])
+    upper_limits(stats, level) -> ndarray: |Ihat| + se * t quantile (inf where untestable)
+    node_limits(masks, y [k, P], confidence, quantity) -> NodeLimits  (simultaneous limits per node)
+    discrepancy_p(alone, estimate, se, dof) -> two-sided p-values of alone - estimate under additivity
+    t_upper_quantile(level, dof) ;  student_t_cdf / student_t_sf(t, dof) ;  betainc(a, b, x)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from atpdsl.circuit.scores import FalseNegativeBound
-
 __all__ = [
+    "QUANTITIES",
     "sample_subsets",
-    "bound_from_draws",
-    "run_diagnostic",
-    "DiagnosticStats",
+    "Welch",
+    "welch",
+    "upper_limits",
+    "NodeLimits",
+    "node_limits",
+    "discrepancy_p",
+    "t_upper_quantile",
     "student_t_cdf",
     "student_t_sf",
     "betainc",
 ]
+
+QUANTITIES = ("abs_mean", "mean_abs")
+"""What a limit is about: |mean effect over pairs| (abs_mean) or the mean over pairs of |effect| (mean_abs)."""
 
 
 # --------------------------------------------------------------------------------------- special functions
@@ -122,7 +135,36 @@ def student_t_cdf(t, dof) -> np.ndarray:
     return 1.0 - student_t_sf(t, dof)
 
 
-# ------------------------------------------------------------------------------------------- the diagnostic
+def t_upper_quantile(level, dof) -> np.ndarray:
+    """The t with P(T_dof > t) = level (0 < level < 0.5), elementwise; +inf for dof <= 0 or NaN.
+
+    Bisection on student_t_sf over a bracket that doubles until it holds; accurate to ~1e-9 relative.
+    """
+    level, dof = np.broadcast_arrays(np.asarray(level, float), np.asarray(dof, float))
+    if np.any((level <= 0) | (level >= 0.5)):
+        raise ValueError("t_upper_quantile needs 0 < level < 0.5")
+    out = np.full(level.shape, np.inf)
+    ok = np.isfinite(dof) & (dof > 0)
+    if not np.any(ok):
+        return out
+    lv, df = level[ok], dof[ok]
+    lo, hi = np.zeros_like(lv), np.ones_like(lv)
+    for _ in range(80):
+        short = student_t_sf(hi, df) > lv
+        if not np.any(short):
+            break
+        hi = np.where(short, hi * 4.0, hi)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        above = student_t_sf(mid, df) > lv
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+        if np.all(hi - lo <= 1e-10 * hi):
+            break
+    out[ok] = hi
+    return out
+
+
+# ------------------------------------------------------------------------------------------- random subsets
 def sample_subsets(n_nodes: int, samples: int, inclusion: float, seed: int) -> np.ndarray:
     """Random subsets as a bool array [samples, n_nodes]: each node in each draw independently with p=inclusion."""
     if n_nodes < 1:
@@ -136,106 +178,125 @@ def sample_subsets(n_nodes: int, samples: int, inclusion: float, seed: int) -> n
 
 
 @dataclass(frozen=True)
-class DiagnosticStats:
-    """The bound and the per-node statistics behind it."""
+class Welch:
+    """Per-node Welch statistics; arrays [n] for one effect per draw, [P, n] for one per pair and draw."""
 
-    bound: float
-    confidence: float
-    samples: int
-    nodes_tested: int
-    inclusion: float  # observed fraction of node slots included
-    effect: np.ndarray  # [n] Ihat = i+ - i-
-    se: np.ndarray  # [n] Welch standard error (nan if untestable)
-    dof: np.ndarray  # [n] Welch-Satterthwaite degrees of freedom (nan if untestable)
-    untestable: int  # nodes with < 2 draws in or out
-
-    def combined_p(self, theta: float) -> float:
-        """Union bound p(theta) = min(1, sum_i P(T_i > (theta - |Ihat_i|) / se_i))."""
-        return _combined_p(theta, self.effect, self.se, self.dof)
+    effect: np.ndarray  # Ihat = mean(y | in) - mean(y | out)
+    se: np.ndarray  # Welch standard error (nan where untestable)
+    dof: np.ndarray  # Welch-Satterthwaite degrees of freedom (nan where untestable)
+    testable: np.ndarray  # bool [n]: at least 2 draws in and 2 out
 
 
-def _welch(masks: np.ndarray, y: np.ndarray):
-    """Per-node Ihat, se and dof (nan where a side has fewer than 2 draws)."""
-    inc = masks.astype(float)
-    exc = 1.0 - inc
-    n_in, n_out = inc.sum(0), exc.sum(0)
+def _welch_1d(inc: np.ndarray, exc: np.ndarray, n_in, n_out, y: np.ndarray):
     with np.errstate(invalid="ignore", divide="ignore"):
         m_in = inc.T @ y / n_in
         m_out = exc.T @ y / n_out
-        # two-pass variances for accuracy
-        r_in = (y[:, None] - m_in[None, :]) * inc
-        r_out = (y[:, None] - m_out[None, :]) * exc
-        v_in = (r_in**2).sum(0) / (n_in - 1)
-        v_out = (r_out**2).sum(0) / (n_out - 1)
+        v_in = (((y[:, None] - m_in[None, :]) * inc) ** 2).sum(0) / (n_in - 1)  # two-pass, for accuracy
+        v_out = (((y[:, None] - m_out[None, :]) * exc) ** 2).sum(0) / (n_out - 1)
         a, b = v_in / n_in, v_out / n_out
         se = np.sqrt(a + b)
         dof = (a + b) ** 2 / (a**2 / (n_in - 1) + b**2 / (n_out - 1))
-    ok = (n_in >= 2) & (n_out >= 2)
-    est = np.where(n_in >= 1, m_in, np.nan) - np.where(n_out >= 1, m_out, np.nan)
-    se = np.where(ok, se, np.nan)
-    dof = np.where(ok, dof, np.nan)
-    # zero variance on both sides: dof is 0/0; any finite dof gives the same (degenerate) test
-    dof = np.where(ok & ~np.isfinite(dof), 1e9, dof)
-    return est, se, dof, ok
+    return m_in - m_out, se, dof
 
 
-def _combined_p(theta: float, est: np.ndarray, se: np.ndarray, dof: np.ndarray) -> float:
-    gap = theta - np.abs(est)
-    zero = se == 0
-    p = np.empty_like(gap)
-    p[zero] = np.where(gap[zero] > 0, 0.0, 1.0)
-    nz = ~zero
-    if np.any(nz):
-        p[nz] = student_t_sf(gap[nz] / se[nz], dof[nz])
-    return float(min(1.0, p.sum()))
-
-
-def bound_from_draws(masks: np.ndarray, effects: np.ndarray, confidence: float) -> DiagnosticStats:
-    """The smallest theta such that, at `confidence`, no node in the draws has |effect| >= theta."""
+def welch(masks: np.ndarray, y: np.ndarray) -> Welch:
+    """Welch statistics of every node from the draws `masks` [k, n] and their effects `y` [k] or [k, P]."""
     masks = np.asarray(masks, bool)
-    y = np.asarray(effects, float).reshape(-1)
+    y = np.asarray(y, float)
     if masks.ndim != 2:
         raise ValueError(f"masks must be [samples, nodes], got shape {masks.shape}")
-    if masks.shape[0] != y.shape[0]:
-        raise ValueError(f"{masks.shape[0]} subsets but {y.shape[0]} effects")
+    if y.shape[0] != masks.shape[0] or y.ndim not in (1, 2):
+        raise ValueError(f"{masks.shape[0]} subsets but effects of shape {y.shape}")
     if not np.all(np.isfinite(y)):
         raise ValueError("patch effects contain NaN or infinity")
+    inc = masks.astype(float)
+    exc = 1.0 - inc
+    n_in, n_out = inc.sum(0), exc.sum(0)
+    ok = (n_in >= 2) & (n_out >= 2)
+    cols = y[:, None] if y.ndim == 1 else y
+    parts = [_welch_1d(inc, exc, n_in, n_out, cols[:, p]) for p in range(cols.shape[1])]
+    est, se, dof = (np.stack([part[i] for part in parts]) for i in range(3))
+    se = np.where(ok, se, np.nan)
+    # zero variance on both sides: dof is 0/0; any finite dof gives the same (degenerate) test
+    dof = np.where(ok & ~np.isfinite(dof), 1e9, np.where(ok, dof, np.nan))
+    if y.ndim == 1:
+        est, se, dof = est[0], se[0], dof[0]
+    return Welch(effect=est, se=se, dof=dof, testable=ok)
+
+
+_DOF_GRID = np.geomspace(1.0, 1e6, 1390)  # neighbours 1% apart
+
+
+def _quantiles(level: float, dof: np.ndarray) -> np.ndarray:
+    """t_{1-level}(dof) for many dofs: exact for a few, else at the grid dof just below each (t falls as dof
+    grows, so this errs on the large, conservative side: by under 1% at dof >= 10, up to 16% near dof 1 at
+    level 1e-7). Welch dofs are >= 1."""
+    dof = np.nan_to_num(np.asarray(dof, float), nan=-1.0)
+    if dof.size <= 256:
+        return t_upper_quantile(np.full(dof.shape, level), dof)
+    idx = np.clip(np.searchsorted(_DOF_GRID, dof, side="right") - 1, 0, len(_DOF_GRID) - 1)
+    used, where = np.unique(idx, return_inverse=True)
+    q = t_upper_quantile(np.full(used.shape, level), _DOF_GRID[used])[where].reshape(dof.shape)
+    return np.where(dof >= 1.0, q, np.inf)
+
+
+def upper_limits(stats: Welch, level: float) -> np.ndarray:
+    """|Ihat| + se * t_{1-level}(dof): each a level-`level` upper limit on |m_i| (inf where untestable)."""
+    q = _quantiles(level, stats.dof)
+    with np.errstate(invalid="ignore"):
+        limit = np.abs(stats.effect) + np.where(stats.se == 0, 0.0, stats.se * q)
+    return np.where(np.isfinite(stats.se), limit, np.inf)
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """Simultaneous upper limits on every tested node's average marginal effect, and the statistics behind them."""
+
+    limits: np.ndarray  # [n] in units of `quantity`; inf where untestable
+    effect: np.ndarray  # [n] Ihat of the mean over pairs (signed)
+    se: np.ndarray  # [n] its Welch standard error
+    dof: np.ndarray  # [n]
+    testable: np.ndarray  # [n] bool
+    quantity: str
+    level: float  # per-test level: alpha / n (abs_mean) or alpha / (n x pairs) (mean_abs)
+
+
+def node_limits(masks: np.ndarray, y: np.ndarray, confidence: float, quantity: str = "abs_mean") -> NodeLimits:
+    """Limits that hold together for all nodes with probability >= confidence (if effects add up).
+
+    `y` [k, P]: each draw's effect per pair. abs_mean limits |mean over pairs|; mean_abs limits the mean over
+    pairs of |effect| (a node's limit is the mean of its per-pair limits, each at alpha / (n x P)).
+    """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence}")
+    if quantity not in QUANTITIES:
+        raise ValueError(f"unknown quantity {quantity!r} (known: {', '.join(QUANTITIES)})")
+    y = np.asarray(y, float)
+    y = y[:, None] if y.ndim == 1 else y
+    n, pairs = np.shape(masks)[1], y.shape[1]
     alpha = 1.0 - confidence
-    est, se, dof, ok = _welch(masks, y)
-    k, n = masks.shape
-    base = dict(confidence=confidence, samples=k, nodes_tested=n, inclusion=float(masks.mean()),
-                effect=est, se=se, dof=dof, untestable=int((~ok).sum()))
-    if not ok.all():
-        return DiagnosticStats(bound=math.inf, **base)
-    lo = 0.0
-    if _combined_p(lo, est, se, dof) <= alpha:  # only possible with zero-variance draws
-        return DiagnosticStats(bound=0.0, **base)
-    scale = float(np.max(np.abs(est)) + np.max(se)) or 1.0
-    hi = scale
-    while _combined_p(hi, est, se, dof) > alpha:
-        hi *= 2.0
-        if hi > 1e300:
-            return DiagnosticStats(bound=math.inf, **base)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _combined_p(mid, est, se, dof) <= alpha:
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo <= 1e-10 * hi:
-            break
-    return DiagnosticStats(bound=hi, **base)
+    mean = welch(masks, y.mean(1))
+    if quantity == "abs_mean":
+        level = alpha / n
+        limits = upper_limits(mean, level)
+    else:
+        level = alpha / (n * pairs)
+        limits = upper_limits(welch(masks, y), level).mean(0)
+    return NodeLimits(limits=limits, effect=mean.effect, se=mean.se, dof=mean.dof, testable=mean.testable,
+                      quantity=quantity, level=level)
 
 
-def run_diagnostic(patch_effects: Callable[[np.ndarray], np.ndarray], n_nodes: int, samples: int,
-                   confidence: float, inclusion: float, seed: int) -> FalseNegativeBound:
-    """Sample subsets, ask `patch_effects` for their metric changes, and bound the missed effects."""
-    masks = sample_subsets(n_nodes, samples, inclusion, seed)
-    effects = np.asarray(patch_effects(masks), float).reshape(-1)
-    if effects.shape[0] != samples:
-        raise ValueError(f"patch_effects returned {effects.shape[0]} effects for {samples} subsets")
-    stats = bound_from_draws(masks, effects, confidence)
-    return FalseNegativeBound(bound=stats.bound, confidence=confidence, samples=samples, nodes_tested=n_nodes,
-                              inclusion=inclusion)
+def discrepancy_p(alone, estimate, se, dof, tolerance: float = 0.0) -> np.ndarray:
+    """Two-sided p-values of `alone - estimate` (a node's effect alone minus its subset estimate, signed means over
+    pairs) against 0, the value additivity predicts; 1.0 where the node was untestable (se NaN) or the gap is
+    within `tolerance` (rounding); 0.0 for a gap beyond it when se is 0."""
+    alone, estimate, se, dof = np.broadcast_arrays(*(np.asarray(v, float) for v in (alone, estimate, se, dof)))
+    gap = np.abs(alone - estimate)
+    out = np.ones(gap.shape)
+    ok = np.isfinite(se) & np.isfinite(dof) & (gap > tolerance)
+    zero = ok & (se == 0)
+    out[zero] = 0.0
+    live = ok & (se > 0)
+    if np.any(live):
+        out[live] = np.minimum(1.0, 2.0 * student_t_sf(gap[live] / se[live], dof[live]))
+    return out

@@ -47,6 +47,7 @@ class TraceSite:
     item: int | None = None
     grad: bool = True
     order: tuple[int, int] = (0, 0)  # (layer, stage): forward-order sort key when site lists are merged
+    flat: bool = False  # the module sees [batch * positions, W] (OPT's MLP): read, patch and differentiate as [b, S, W]
 
     @property
     def point(self) -> tuple[str, tuple[str, ...], str]:
@@ -82,6 +83,30 @@ def resolve(model, module: str, source: tuple[str, ...], attr: str):
     for op in source:
         env = getattr(env.source, op)
     return getattr(env, attr)
+
+
+def _flat_shape(site: TraceSite, value, rows: torch.Tensor):
+    """The original shape of a flat site's [b * S, W] value (None: not flat, or not that shape)."""
+    if site.flat and isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] % len(rows) == 0:
+        return value.shape
+    return None
+
+
+def _as_bsw(site: TraceSite, value, rows: torch.Tensor):
+    """A flat site's [b * S, W] value viewed as [b, S, W]; any other value unchanged."""
+    return value if _flat_shape(site, value, rows) is None else value.view(len(rows), -1, value.shape[-1])
+
+
+def _unflatten(sites: Sequence[TraceSite], acts: dict, grads: dict, rows: torch.Tensor) -> tuple[dict, dict]:
+    """Site values and per-block gradients with flat sites' [b * S, W] tensors viewed as [b, S, W]."""
+    for s in sites:
+        if s.flat:
+            if s.key in acts:
+                acts[s.key] = _as_bsw(s, acts[s.key], rows)
+            for block in grads.values():
+                if block.get(s.key) is not None:
+                    block[s.key] = _as_bsw(s, block[s.key], rows)
+    return acts, grads
 
 
 def _assign(model, module: str, source: tuple[str, ...], attr: str, value) -> None:
@@ -162,6 +187,9 @@ def run_trace(
                 if changed:
                     _assign(model, module, source, attr, tuple(items))
             else:
+                flat_shape = _flat_shape(group[0], value, rows)
+                if flat_shape is not None and any(s.key in patches for s in group):
+                    value = value.view(len(rows), -1, value.shape[-1])  # patches see [b, S, W]
                 for s in group:
                     fn = patches.get(s.key)
                     if fn is not None:
@@ -170,7 +198,7 @@ def run_trace(
                 for s in group:
                     acts[s.key] = value
                 if changed:
-                    _assign(model, module, source, attr, value)
+                    _assign(model, module, source, attr, value if flat_shape is None else value.reshape(flat_shape))
         logits = model.output.logits
         out_last = nnsight.save([None])
         if last_pos is not None:
@@ -209,7 +237,8 @@ def run_trace(
                 acts[key] = acts[key].detach()
         else:
             acts.clear()
-    return TraceOut(acts=dict(acts), grads=dict(grads), metric=out_metric[0], last=out_last[0],
+    acts, grads = _unflatten(sites, dict(acts), dict(grads), rows)
+    return TraceOut(acts=acts, grads=grads, metric=out_metric[0], last=out_last[0],
                     backward_s=max(0.0, clock[1] - clock[0]) if backwards else 0.0)
 
 
@@ -229,7 +258,8 @@ def _read_only(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
     acts = {}
     for s in sites:
         value = getattr(cache["model." + s.module if s.module else "model"], s.attr)
-        acts[s.key] = value[s.item] if s.item is not None else value
+        value = value[s.item] if s.item is not None else value
+        acts[s.key] = _as_bsw(s, value, rows)
     return TraceOut(acts=acts, last=out_last[0])
 
 
@@ -244,14 +274,25 @@ def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[
                              include_inputs=any(s.attr == "input" for s in sites))
         if embed is not None:
             model.get(embed).output.requires_grad_(True)
+        shaped, original = nnsight.save({}), nnsight.save({})
+        for s in sites if keep_graph else ():  # flat sites: splice in a [b, S, W] view, a graph node for `live`
+            if s.flat and s.point not in shaped:
+                value = resolve(model, s.module, s.source, s.attr)
+                flat_shape = _flat_shape(s, value, rows)
+                if flat_shape is not None:
+                    original[s.point] = value
+                    shaped[s.point] = value.view(len(rows), -1, value.shape[-1])
+                    _assign(model, s.module, s.source, s.attr, shaped[s.point].reshape(flat_shape))
         logits = model.output.logits
         out = nnsight.save([None, None])
         out[0] = metric(logits)
         if last_pos is not None:
             out[1] = logits[rows, last_pos].detach()
-    values = []
+    values = []  # as the model computed them (flat sites [b * S, W]): their gradients are the full ones
     for s in sites:
-        value = getattr(cache["model." + s.module if s.module else "model"], s.attr)
+        value = original.get(s.point)
+        if value is None:
+            value = getattr(cache["model." + s.module if s.module else "model"], s.attr)
         values.append(value[s.item] if s.item is not None else value)
     total = out[0].sum()
     t0 = time.perf_counter()
@@ -264,6 +305,6 @@ def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[
         grads[block.name] = {sites[j].key: (torch.zeros_like(values[j]) if g is None else g)
                              for j, g in zip(idx, got)}
     backward_s = time.perf_counter() - t0
-    acts = {s.key: v.detach() for s, v in zip(sites, values)}
-    live = {s.key: v for s, v in zip(sites, values)} if keep_graph else {}
+    acts, grads = _unflatten(sites, {s.key: v.detach() for s, v in zip(sites, values)}, grads, rows)
+    live = {s.key: shaped.get(s.point, v) for s, v in zip(sites, values)} if keep_graph else {}
     return TraceOut(acts=acts, grads=grads, metric=out[0].detach(), last=out[1], backward_s=backward_s, live=live)

@@ -9,13 +9,16 @@ from typing import Any
 from atpdsl.language import syntax as n
 from atpdsl.language.checker import CheckResult, check, group_indices
 from atpdsl.language.diagnostics import render_concise
+from atpdsl.language.export_check import export_path
+from atpdsl.language.metric_check import metric_spec
 from atpdsl.errors import AtpError, SpecError
 from atpdsl.language.parser import parse
 from atpdsl.plan import (
-    Diagnosis, ExportTarget, MetricArg, MetricSpec, MethodSpec, ModelRef, NodeGroup, Pass, Plan, Selection,
-    NORM_FIX_KINDS, SourceRef, Verification, graddrop_cost, norm_fix_cost,
+    Diagnosis, ExportTarget, MethodSpec, ModelRef, NodeGroup, Plan, Selection,
+    SourceRef, Verification,
 )
-from atpdsl.registry import DIAGNOSE_SETTINGS, DTYPES, LAST, SWITCHES
+from atpdsl.lowering import lower_steps, node_count
+from atpdsl.registry import DIAGNOSE_SETTINGS, DTYPES, SWITCHES, VERIFY_BUDGET_DEFAULT
 
 __all__ = [
     "check_text",
@@ -25,26 +28,16 @@ __all__ = [
     "compile_file",
     "read_spec",
     "node_count",
-    "QK_FIX_COST_PER_LAYER",
 ]
 
-QK_FIX_COST_PER_LAYER = 0.05
-"""Forward-equivalents of one layer's attention-pattern recomputation (small next to a forward)."""
-
-
 def read_spec(path: str | Path) -> str:
-    """A spec file's text; AtpError naming the file when it cannot be read."""
-    p = Path(path)
+    """A spec file's text; AtpError naming the file when it cannot be read (never blocks: see language.files)."""
+    from atpdsl.language.files import FileProblem, read_text
+
     try:
-        return p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AtpError(f"spec file not found: {p}") from None
-    except IsADirectoryError:
-        raise AtpError(f"spec path is a folder, not a file: {p}") from None
-    except UnicodeDecodeError:
-        raise AtpError(f"spec file is not UTF-8 text: {p}") from None
-    except OSError as e:
-        raise AtpError(f"cannot read spec file {p}: {e.strerror or e}") from None
+        return read_text(Path(path), "spec file", str(path))
+    except FileProblem as e:
+        raise AtpError(e.message) from None
 
 
 def check_text(text: str, *, filename: str = "<string>", base_dir: str | Path = ".",
@@ -65,21 +58,7 @@ def _where(span: Any) -> SourceRef:
     return SourceRef(span.file, span.line, span.column, span.end_line, span.end_column)
 
 
-def _arg(arg: n.Arg) -> MetricArg:
-    if isinstance(arg, n.ArgCall):
-        inner = _arg(arg.arg)
-        return MetricArg(inner.field, inner.literal, True)
-    if isinstance(arg, n.ArgLiteral):
-        return MetricArg(literal=arg.value.value)
-    return MetricArg(field=arg.name.name)
-
-
-def _metric(stmt: n.Metric | None) -> MetricSpec | None:
-    if stmt is None:
-        return None
-    position = stmt.at.name if stmt.at is not None else LAST
-    return MetricSpec(stmt.call.func.name, tuple(_arg(a) for a in stmt.call.args or ()), position,
-                      _where(stmt.span))
+_metric = metric_spec  # the one lowering of a metric statement (language/metric_check.py)
 
 
 def _settings(settings: tuple[n.Setting, ...]) -> dict[str, Any]:
@@ -149,79 +128,26 @@ def _groups(stmt: n.Nodes | None) -> tuple[NodeGroup, ...]:
     return tuple(out)
 
 
-def node_count(groups: tuple[NodeGroup, ...], geom: Any) -> int | None:
-    """Nodes scored per position-summed unit (None without model sizes); per-position groups count once."""
-    if geom is None:
+def _verification(stmt: n.Verify | None, selection: Selection | None) -> Verification | None:
+    """`verify top K`, or `verify until confident { budget B }` (its first round: the selection's K, or 20)."""
+    if stmt is None:
         return None
-    total = 0
-    for g in groups:
-        lo, hi = g.layers if g.layers is not None else (0, geom.n_layers - 1)
-        layers = max(0, min(hi, geom.n_layers - 1) - lo + 1)
-        if g.heads is not None:
-            units = len(g.heads)
-        elif g.kind == "neurons":
-            units = geom.mlp
-        elif g.kind in ("keys", "values"):
-            units = geom.n_kv_heads
-        elif g.kind in ("heads", "queries"):
-            units = geom.n_heads
-        else:
-            units = 1
-        total += layers * units
-    return total
+    if stmt.kind.name == "top":
+        return Verification(int(stmt.value.value))
+    budget = int(_settings(stmt.settings).get("budget", VERIFY_BUDGET_DEFAULT))
+    first = int(selection.value) if selection is not None and selection.kind == "top" else 20
+    return Verification(min(first, budget), adaptive=True, budget=budget)
 
 
-def computes_edges(method: MethodSpec, metric_kind: str) -> bool:
-    """Whether a run computes edge attributions among its selected nodes: gradient methods only, and not
-    for `kl`, whose gradient at the clean run is zero."""
-    return method.name in ("atp", "atp*") and metric_kind != "kl"
-
-
-def _passes(method: MethodSpec, groups: tuple[NodeGroup, ...], n_layers: int | None, nodes: int | None,
-            verification: Verification | None, diagnosis: Diagnosis | None,
-            metric_kind: str = "logit_diff") -> tuple[Pass, ...]:
-    """What the engine runs per batch, costed in forward-equivalent passes."""
-    layers = n_layers if n_layers is not None else max((g.layers[1] + 1 for g in groups if g.layers), default=1)
-    depth_note = "" if n_layers is not None else " (model depth unknown offline: estimated from the node groups)"
-    per_position = any(g.per_position for g in groups)
-    passes: list[Pass] = [Pass("corrupt forward", 1.0, "run the corrupt prompts; cache node activations")]
-    if method.name == "exact":
-        passes.append(Pass("clean forward", 1.0, "run the clean prompts: the metric's baseline"))
-        count = float(nodes) if nodes is not None else 0.0
-        what = f"{nodes} nodes" if nodes is not None else "node count unknown until the model config is read"
-        if per_position:
-            what += "; per-position nodes once per token position"
-        passes.append(Pass("patched forwards", count, f"one clean forward per node with it set to its corrupt"
-                                                      f" value ({what})"))
-    else:
-        passes.append(Pass("clean forward", 1.0, "run the clean prompts, keeping the graph for the backward"))
-        passes.append(Pass("backward", 2.0, "gradient of the metric at every node (AtP)"))
-        if method.name == "atp*" and method.qk_fix and any(g.kind in ("queries", "keys") for g in groups):
-            passes.append(Pass("qk fix", round(QK_FIX_COST_PER_LAYER * layers, 6),
-                               f"exact softmax for patched queries and keys: one attention-pattern recomputation"
-                               f" per layer x {layers}{depth_note}"))
-        fixed = NORM_FIX_KINDS | ({"queries", "keys"} if method.qk_fix else set())
-        if method.name == "atp*" and method.norm_fix and any(g.kind in fixed for g in groups):
-            passes.append(Pass("norm fix", round(norm_fix_cost(layers, method.graddrop, method.graddrop_mode), 6),
-                               f"exact block-input and final norms on every node's own write, per layer x {layers}"
-                               f"{' and per GradDrop term' if method.graddrop else ''}{depth_note}"))
-        if method.name == "atp*" and method.graddrop:
-            drops = layers * (2 if method.graddrop_mode == "sublayer" else 1)
-            unit = "sublayer (attention and MLP apart)" if method.graddrop_mode == "sublayer" else "layer"
-            passes.append(Pass("graddrop", round(2.0 * graddrop_cost(layers, method.graddrop_mode), 6),
-                               f"{drops} extra backward terms, one per {unit} with its gradient dropped; each"
-                               f" recomputes only the layers below its cut{depth_note}"))
-    if computes_edges(method, metric_kind):
-        passes.append(Pass("edges", 4.0, "edge attribution among the selected nodes: corrupt forward, clean forward"
-                                         " and one backward reading every block's input gradient"))
-    if verification is not None:
-        passes.append(Pass("verify", float(verification.top),
-                           f"exact patching of the {verification.top} best-ranked nodes, one forward each"))
-    if diagnosis is not None:
-        passes.append(Pass("diagnose", float(diagnosis.samples),
-                           f"{diagnosis.samples} forwards with random node subsets patched (inclusion"
-                           f" {diagnosis.inclusion}) to bound false negatives at confidence {diagnosis.confidence}"))
-    return tuple(passes)
+def _diagnosis(stmt: n.Diagnose | None) -> Diagnosis | None:
+    """`diagnose false_negatives { ... }` with the registry's defaults for the settings it leaves out."""
+    if stmt is None:
+        return None
+    values = {k: (int(v.default) if v.bound and v.bound.integer else float(v.default))
+              for k, v in DIAGNOSE_SETTINGS.items()}
+    values.update(_settings(stmt.settings))
+    return Diagnosis(samples=int(values["samples"]), confidence=float(values["confidence"]),
+                     inclusion=float(values["inclusion"]))
 
 
 def build_plan(result: CheckResult) -> Plan:
@@ -241,21 +167,10 @@ def build_plan(result: CheckResult) -> Plan:
     batch_stmt, seed_stmt = first(n.Batch), first(n.Seed)
     select_stmt, verify_stmt, diagnose_stmt = first(n.Select), first(n.Verify), first(n.Diagnose)
     selection = Selection(select_stmt.kind.name, select_stmt.value.value) if select_stmt else None
-    verification = Verification(int(verify_stmt.value.value)) if verify_stmt else None
-    diagnosis = None
-    if diagnose_stmt is not None:
-        values = _settings(diagnose_stmt.settings)
-        defaults = {k: (int(v.default) if v.bound and v.bound.integer else float(v.default))
-                    for k, v in DIAGNOSE_SETTINGS.items()}
-        defaults.update(values)
-        diagnosis = Diagnosis(samples=int(defaults["samples"]), confidence=float(defaults["confidence"]),
-                              inclusion=float(defaults["inclusion"]))
-    exports = []
-    for stmt in spec.of(n.Export):
-        written = stmt.path.value
-        target = (result.out_dir / Path(written).name) if result.out_dir is not None else \
-            (result.base_dir / written).resolve()
-        exports.append(ExportTarget(str(target), Path(written).suffix.lower().lstrip(".")))
+    verification = _verification(verify_stmt, selection)
+    diagnosis = _diagnosis(diagnose_stmt)
+    exports = [ExportTarget(str(export_path(s.path.value, result.base_dir, result.out_dir)),
+                            Path(s.path.value).suffix.lower().lstrip(".")) for s in spec.of(n.Export)]
     info = result.model
     geom = info.geometry if info else None
     n_layers = geom.n_layers if geom is not None else None
@@ -290,9 +205,11 @@ def build_plan(result: CheckResult) -> Plan:
         diagnosis=diagnosis,
         exports=tuple(exports),
         write_per_pair=bool(spec.of(n.Keep)) or aggregate == "per_pair",
-        passes=_passes(method, groups, n_layers, nodes, verification, diagnosis, metric.kind),
+        steps=lower_steps(method, groups, n_layers=n_layers, nodes=nodes, verification=verification,
+                          diagnosis=diagnosis, metric_kind=metric.kind, eval_metric=eval_metric is not None),
         sites=sites,
         extras=tuple(extras),
+        warnings=tuple(render_concise([d]) for d in result.warnings),
     )
 
 

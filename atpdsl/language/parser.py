@@ -4,11 +4,13 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 from lark.lexer import PatternStr
 
 from atpdsl.language import syntax as n
+from atpdsl.language.files import lone_surrogate
+from atpdsl.language.grammar import cached_parser
 from atpdsl.language.diagnostics import Diagnostic, Severity, cap_list, did_you_mean, quote
 from atpdsl.errors import AtpError
 from atpdsl.registry import STATEMENTS
@@ -41,18 +43,13 @@ def grammar_path() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def get_parser() -> Lark:
-    """The LALR parser, built once per process."""
-    return Lark(
-        grammar_path().read_text(encoding="utf-8"),
-        parser="lalr",
-        strict=True,
-        propagate_positions=True,
-        maybe_placeholders=True,
-    )
+    """The LALR parser, loaded once per process (tables cached on disk: language/grammar.py)."""
+    return cached_parser(grammar_path().read_text(encoding="utf-8"))
 
 
 def decode_string(token_text: str) -> str:
-    """The value of a string literal: quotes removed, `\\n \\t \\r \\" \\\\ \\uXXXX` decoded.
+    """The value of a string literal: quotes removed, `\\n \\t \\r \\" \\\\ \\uXXXX` decoded (a surrogate pair
+    `\\ud83d\\ude00` into one character; a lone surrogate stays, and the parser reports it).
 
     Other backslash pairs are kept as written, so Windows-like paths survive.
     """
@@ -73,7 +70,14 @@ def decode_string(token_text: str) -> str:
             if nxt == "u" and i + 6 <= len(body):
                 digits = body[i + 2 : i + 6]
                 if all(ch in "0123456789abcdefABCDEF" for ch in digits):
-                    out.append(chr(int(digits, 16)))
+                    code = int(digits, 16)
+                    low = body[i + 8 : i + 12] if body[i + 6 : i + 8] == "\\u" else ""
+                    if 0xD800 <= code < 0xDC00 and len(low) == 4 and all(ch in "0123456789abcdefABCDEF" for ch in low) \
+                            and 0xDC00 <= int(low, 16) < 0xE000:  # a surrogate pair, as JSON writes non-BMP characters
+                        out.append(chr(0x10000 + ((code - 0xD800) << 10) + (int(low, 16) - 0xDC00)))
+                        i += 12
+                        continue
+                    out.append(chr(code))
                     i += 6
                     continue
         out.append(c)
@@ -85,19 +89,31 @@ def decode_string(token_text: str) -> str:
 class _Builder(Transformer):
     """Reshape the Lark tree into `atpdsl.language.syntax`; no checks here (they belong to the checker)."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, base: int = 0) -> None:
         super().__init__()
         self.source = source
+        self.problems: list[Diagnostic] = []  # found while building (lone surrogates in strings)
+        # a piece parsed alone (error recovery) starts at offset `base` of the source: shift its positions
+        self.base = base
+        self.line0, self.column0 = source.position(base) if base else (1, 1)
 
     # -- helpers
+    def _at(self, line: int, column: int) -> tuple[int, int]:
+        return line + self.line0 - 1, column + (self.column0 - 1 if line == 1 else 0)
+
+    def _make(self, line: int, column: int, end_line: int, end_column: int, start: int, end: int) -> Span:
+        if self.base:
+            (line, column), (end_line, end_column) = self._at(line, column), self._at(end_line, end_column)
+            start, end = start + self.base, end + self.base
+        return Span(self.source, line, column, end_line, end_column, start, end)
+
     def _span(self, meta) -> Span:
         if getattr(meta, "empty", True):
             return self.source.span(0, 0)
-        return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column, meta.start_pos,
-                    meta.end_pos)
+        return self._make(meta.line, meta.column, meta.end_line, meta.end_column, meta.start_pos, meta.end_pos)
 
     def _tspan(self, tok: Token) -> Span:
-        return Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column, tok.start_pos, tok.end_pos)
+        return self._make(tok.line, tok.column, tok.end_line, tok.end_column, tok.start_pos, tok.end_pos)
 
     def _ident(self, tok: Token) -> n.Ident:
         return n.Ident(str(tok), self._tspan(tok))
@@ -114,7 +130,15 @@ class _Builder(Transformer):
         return n.Num(value, text, self._tspan(tok))
 
     def _str(self, tok: Token) -> n.Str:
-        return n.Str(decode_string(str(tok)), self._tspan(tok))
+        value = decode_string(str(tok))
+        span = self._tspan(tok)
+        bad = lone_surrogate(value)
+        if bad is not None:
+            self.problems.append(Diagnostic("E005", Severity.ERROR, f"string holds a lone surrogate {bad}, which no"
+                                            " file name, file or tokenizer can hold", span,
+                                            ("write the character itself, or a surrogate pair such as"
+                                             " \\ud83d\\ude00",)))
+        return n.Str(value, span)
 
     # -- leaves
     def text(self, meta, children):
@@ -256,8 +280,12 @@ class _Builder(Transformer):
     def select(self, meta, children):
         return n.Select(self._ident(children[0]), children[1], self._span(meta))
 
+    def verify_word(self, meta, children):
+        return self._ident(children[0])
+
     def verify(self, meta, children):
-        return n.Verify(self._ident(children[0]), children[1], self._span(meta))
+        kind, value, settings = children
+        return n.Verify(self._ident(kind), value, settings or (), self._span(meta))
 
     def diagnose(self, meta, children):
         target, settings = children
@@ -269,9 +297,9 @@ class _Builder(Transformer):
 
 # ---------------------------------------------------------------- syntax errors
 
-def _scan(text: str):
-    """Yield (kind, start, end) for words, braces and newlines, skipping strings and comments."""
-    i, size = 0, len(text)
+def _scan(text: str, start: int = 0, stop: int | None = None):
+    """Yield (kind, start, end) for words, braces and newlines in text[start:stop], skipping strings and comments."""
+    i, size = start, len(text) if stop is None else stop
     while i < size:
         c = text[i]
         if c == "#":
@@ -330,11 +358,6 @@ def _chunks(text: str) -> list[tuple[int, int]]:
         line_start = False
     bounds = starts + [len(text)]
     return [(bounds[k], bounds[k + 1]) for k in range(len(starts))]
-
-
-def _blank(text: str) -> str:
-    """Text of the same shape (lines and columns) with every character but newlines blanked."""
-    return "".join(c if c == "\n" else " " for c in text)
 
 
 @functools.lru_cache(maxsize=1)
@@ -401,18 +424,18 @@ def _describe_token(tok: Token) -> str:
 def _unclosed_brace(text: str, start: int, end: int) -> int | None:
     """Offset of the innermost `{` left open in text[start:end], or None."""
     stack: list[int] = []
-    for kind, i, _ in _scan(text[start:end]):
+    for kind, i, _ in _scan(text, start, end):
         if kind == "{":
-            stack.append(start + i)
+            stack.append(i)
         elif kind == "}" and stack:
             stack.pop()
     return stack[-1] if stack else None
 
 
 def _next_word(text: str, end: int) -> tuple[str, int] | None:
-    for kind, i, j in _scan(text[end:]):
+    for kind, i, j in _scan(text, end):
         if kind == "word":
-            return text[end + i : end + j], end + i
+            return text[i:j], i
     return None
 
 
@@ -439,11 +462,13 @@ def _acceptable(e: UnexpectedInput) -> set[str]:
 
 
 def _syntax_error(e: UnexpectedInput, source: Source, start: int, end: int) -> Diagnostic:
-    """A friendly diagnostic for a Lark error in the piece text[start:end]."""
+    """A friendly diagnostic for a Lark error in the piece text[start:end], which was parsed alone (Lark's
+    positions count from `start`)."""
     text = source.text
     if isinstance(e, UnexpectedCharacters):
-        char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
-        span = source.span(e.pos_in_stream)
+        at = start + e.pos_in_stream
+        char = text[at] if at < len(text) else ""
+        span = source.span(at)
         if char == '"':
             return Diagnostic("E003", Severity.ERROR, "unterminated string", span,
                               ('a string ends with `"` on the same line',))
@@ -471,8 +496,8 @@ def _syntax_error(e: UnexpectedInput, source: Source, start: int, end: int) -> D
                           source.span(_last_token_end(text, end)))
     assert isinstance(e, UnexpectedToken)  # the only UnexpectedInput left (internal invariant)
     tok = e.token
-    span = Span(source, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1,
-                tok.start_pos or 0, tok.end_pos or 0)
+    tok_start = start + (tok.start_pos or 0)
+    span = source.span(tok_start, max(start + (tok.end_pos or 0), tok_start + 1))
     expected = _acceptable(e)
     hints: list[str] = []
     if tok.type == "NAME" or str(tok).isidentifier():
@@ -488,27 +513,56 @@ def _syntax_error(e: UnexpectedInput, source: Source, start: int, end: int) -> D
     return Diagnostic("E001", Severity.ERROR, message, span, tuple(hints))
 
 
+def _completed_prefix(e: UnexpectedInput, builder: _Builder) -> tuple[list[n.Statement], int]:
+    """The statements the failed parse had already completed, and the offset where they end.
+
+    They are final (an LALR parser never undoes a reduction), so only the text after them needs
+    statement-by-statement re-parsing. Reads Lark's parser state; any surprise there means (no statements, 0).
+    """
+    try:
+        stack = e.interactive_parser.parser_state.value_stack  # type: ignore[union-attr]
+        done = [v for v in stack[:1] if isinstance(v, Tree) and v.data.startswith("__start_star")]
+        if not done:
+            return [], 0
+        items = [c for c in done[0].children if isinstance(c, Tree)]
+        if not items:
+            return [], 0
+        end = max(c.meta.end_pos for c in items)
+        return list(builder.transform(Tree("start", items))), end
+    except Exception:  # noqa: BLE001 - only speed is lost: every piece is then re-parsed
+        builder.problems.clear()
+        return [], 0
+
+
 def parse(text: str, name: str = "<string>", path: str | None = None) -> tuple[n.Spec, list[Diagnostic]]:
     """Parse a spec. Returns the tree of every statement that parsed and a diagnostic per syntax error.
 
-    After a syntax error the text is re-parsed statement by statement, so each broken statement
-    gets its own diagnostic and the good ones are still checked.
+    After a syntax error the text after the statements that parsed is re-parsed statement by statement, so
+    each broken statement gets its own diagnostic and the good ones are still checked.
     """
     source = Source(name, text, path)
     parser = get_parser()
+    builder = _Builder(source)
     try:
         tree = parser.parse(text)
     except UnexpectedInput as first:
-        statements: list[n.Statement] = []
-        diagnostics: list[Diagnostic] = []
+        statements, resume = _completed_prefix(first, builder)
+        diagnostics: list[Diagnostic] = list(builder.problems)
+        syntax: list[Diagnostic] = []
         for start, end in _chunks(text):
-            try:
-                piece = parser.parse(_blank(text[:start]) + text[start:end])
-            except UnexpectedInput as e:
-                diagnostics.append(_syntax_error(e, source, start, end))
+            if end <= resume:
                 continue
-            statements.extend(_Builder(source).transform(piece))
-        if not diagnostics:
-            diagnostics.append(_syntax_error(first, source, 0, len(text)))
-        return n.Spec(tuple(statements), source), diagnostics
-    return n.Spec(tuple(_Builder(source).transform(tree)), source), []
+            start = max(start, resume)
+            try:
+                piece = parser.parse(text[start:end])  # alone: re-reading the prefix made recovery quadratic
+            except UnexpectedInput as e:
+                syntax.append(_syntax_error(e, source, start, end))
+                continue
+            chunk = _Builder(source, start)
+            statements.extend(chunk.transform(piece))
+            diagnostics.extend(chunk.problems)
+        if not syntax:
+            syntax.append(_syntax_error(first, source, 0, len(text)))
+        return n.Spec(tuple(statements), source), syntax + diagnostics
+    statements = builder.transform(tree)
+    return n.Spec(tuple(statements), source), list(builder.problems)

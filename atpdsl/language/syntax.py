@@ -45,6 +45,13 @@ class Num:
         """Whether the number was written as an integer."""
         return isinstance(self.value, int)
 
+    @property
+    def shown(self) -> str:
+        """The number as messages show it: as written, or its start and length when it is very long."""
+        if len(self.text) <= 24:
+            return self.text
+        return f"{self.text[:12]}... ({len(self.text)} characters)"
+
 
 @dataclass(frozen=True, slots=True)
 class Word:
@@ -323,11 +330,12 @@ class Select:
 
 @dataclass(frozen=True, slots=True)
 class Verify:
-    """`verify top K`."""
+    """`verify top K`, or `verify until confident { budget B }`: `value` is the number or the word after the kind."""
 
     keyword: ClassVar[str] = "verify"
     kind: Ident
-    value: Num
+    value: Num | Ident
+    settings: tuple[Setting, ...]
     span: Span
 
 

@@ -2,8 +2,9 @@
 
 `x.csv` holds `SCORE_COLUMNS` plus a constant `sign_convention` column (so the file states its
 convention without a comment line that would trip CSV readers). Beside it, `x-edges.csv` when the
-run computed edge attributions, and `x-pairs.csv` (one row per node and pair) when the spec keeps
-per-pair numbers (`aggregate per_pair`, or the plan's `write_per_pair`).
+run computed edge attributions (every edge, `in_circuit` marking those the graph kept), and
+`x-pairs.csv` (one row per node and pair: estimate, ranking score, measured effect) when the spec
+keeps per-pair numbers (`keep per_pair` or `aggregate per_pair`).
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from atpdsl.circuit.scores import SIGN_CONVENTION
 from atpdsl.outputs.table import Table, edges_table, pairs_table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from atpdsl.pipeline import Result
+    from atpdsl.outputs.result import Result
 
-__all__ = ["write_csv", "read_csv", "companion", "wants_pairs"]
+__all__ = ["write_csv", "export_csv", "read_csv", "companion", "wants_pairs"]
 
 
 def companion(path: str | Path, suffix: str) -> Path:
@@ -28,11 +29,13 @@ def companion(path: str | Path, suffix: str) -> Path:
 def wants_pairs(res: "Result") -> bool:
     """Whether the spec asked for per-pair numbers in the exports."""
     plan = res.plan
-    return plan is not None and (plan.write_per_pair or plan.method.aggregate == "per_pair")
+    if plan is None:
+        return any(n.per_pair for n in res.result.nodes)
+    return plan.write_per_pair or plan.method.aggregate == "per_pair"
 
 
 def write_csv(res: "Result", path: str | Path) -> list[Path]:
-    """Write the scores table and its companions; returns every file written."""
+    """Write the scores table and its companions (each file atomically); returns every file written."""
     path = Path(path)
     res.scores.to_csv(path, extra={"sign_convention": SIGN_CONVENTION})
     written = [path]
@@ -45,6 +48,10 @@ def write_csv(res: "Result", path: str | Path) -> list[Path]:
         pairs_table(res.result).to_csv(pairs)
         written.append(pairs)
     return written
+
+
+export_csv = write_csv
+"""The format registry's writer (see atpdsl.outputs.formats)."""
 
 
 def read_csv(path: str | Path) -> Table:

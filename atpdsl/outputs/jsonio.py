@@ -6,16 +6,20 @@ Shape (schema_version 1; fields are added, never renamed):
     sign_convention   the sentence defining effect and estimate signs
     spec_file, spec_hash, model_id, model_revision (null when unpinned)
     method, metric, n_pairs, clean_metric, corrupt_metric
-    selection         {rule, kind, value, cut, selected: [names], dropped: [{node, verified, cut}]}
+    selection         {rule, kind, value, cut, aggregate, value_definition, selected: [names],
+                      dropped: [{node, verified, cut}]}
     false_negatives   {bound, confidence, samples, nodes_tested, inclusion, sentence} or null
     diagnostic        the diagnostic's sentence, or null
+    non_finite        present only when some number was NaN or infinite: where (it is written as null)
     timings           {engine: {phase: seconds}, pipeline: {phase: seconds}} (pipeline: compile,
                       execute, select, graph, export)
     provenance        {key: value} from the engine
     versions          {package: version} at the time of writing
-    scores            {columns, rows}: SCORE_COLUMNS plus per_pair, verified_per_pair (lists or
-                      null) and attrs ({key: scalar}); rows in the engine's rank order
+    scores            {columns, rows}: SCORE_COLUMNS (selection_value and decision among them) plus
+                      per_pair, per_pair_score, verified_per_pair (lists or null) and attrs
+                      ({key: scalar}); rows in the engine's rank order
     edges             {columns, rows}: source, target, weight (null when unweighted), in_circuit
+                      (kept by the graph's edge cut), verified_weight (null unless path-patched)
     extras            the engine's extras (arrays as nested lists)
     plan              the compiled Plan as a dict, or null
     graph             networkx node-link data (`node_link_data(G, edges="edges")`)
@@ -28,7 +32,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import networkx as nx
 
@@ -40,14 +44,14 @@ from atpdsl.circuit.select import DroppedNode, SelectionOutcome
 from atpdsl.outputs.streams import read_text, write_text
 from atpdsl.outputs.table import EDGE_COLUMNS, SCORE_COLUMNS, edges_table
 
-if TYPE_CHECKING:  # pragma: no cover
-    from atpdsl.pipeline import Result
+from atpdsl.outputs.result import Result
 
 __all__ = [
     "FORMAT",
     "document",
     "dumps",
     "write_json",
+    "export_json",
     "read_document",
     "read_result",
     "load_result",
@@ -55,7 +59,7 @@ __all__ = [
 ]
 
 FORMAT = "atpdsl-result"
-_EXTRA_SCORE_COLUMNS = ("per_pair", "verified_per_pair", "attrs")
+_EXTRA_SCORE_COLUMNS = ("per_pair", "per_pair_score", "verified_per_pair", "attrs")
 
 
 def _plain(value: Any) -> Any:
@@ -85,6 +89,7 @@ def _pairs_to_dict(pairs: Any) -> dict[str, Any]:
 def _score_row(base: dict[str, Any], score: NodeScore) -> dict[str, Any]:
     row = dict(base)
     row["per_pair"] = None if score.per_pair is None else [float(v) for v in score.per_pair]
+    row["per_pair_score"] = None if score.per_pair_score is None else [float(v) for v in score.per_pair_score]
     row["verified_per_pair"] = None if score.verified_per_pair is None else [float(v) for v in score.verified_per_pair]
     row["attrs"] = {k: v for k, v in score.attrs}
     return row
@@ -127,6 +132,8 @@ def document(res: "Result") -> dict[str, Any]:
             "kind": res.selection.kind,
             "value": res.selection.value,
             "cut": res.selection.cut,
+            "aggregate": res.selection.aggregate,
+            "value_definition": res.selection.value_definition,
             "selected": list(res.selection.selected),
             "dropped": [dataclasses.asdict(d) for d in res.selection.dropped],
         },
@@ -146,14 +153,38 @@ def document(res: "Result") -> dict[str, Any]:
     }
 
 
+def _finite(value: Any, where: str, found: list[str]) -> Any:
+    """The value with NaN and infinities replaced by null (standard JSON has neither); `found` lists where."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(where)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}", found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
 def dumps(res: "Result", *, indent: int | None = 1) -> str:
-    """The JSON document as text."""
-    return json.dumps(document(res), indent=indent, default=_plain)
+    """The JSON document as text: standard JSON, so a NaN or infinity is written as null and its place
+    listed under `non_finite` (a reader sees that a number was not a number instead of a silent gap)."""
+    found: list[str] = []
+    doc = json.loads(json.dumps(document(res), default=_plain))  # plain lists and dicts, NaN still in
+    doc = _finite(doc, "$", found)
+    if found:
+        doc["non_finite"] = found
+    return json.dumps(doc, indent=indent, allow_nan=False)
 
 
 def write_json(res: "Result", path: str | Path | IO[str]) -> None:
-    """Write the JSON result."""
+    """Write the JSON result (atomically when given a path)."""
     write_text(path, dumps(res))
+
+
+def export_json(res: "Result", path: str | Path) -> list[Path]:
+    """The format registry's writer (see atpdsl.outputs.formats)."""
+    write_json(res, path)
+    return [Path(path)]
 
 
 def read_document(path: str | Path | IO[str]) -> dict[str, Any]:
@@ -202,9 +233,11 @@ def _run_result(doc: dict[str, Any], name: str) -> RunResult:
                 verified_effect=row.get("verified_effect"),
                 verified_per_pair=_tuple_or_none(row.get("verified_per_pair")),
                 attrs=tuple((row.get("attrs") or {}).items()),
+                per_pair_score=_tuple_or_none(row.get("per_pair_score")),
             )
         )
-    edges = tuple(EdgeScore(e["source"], e["target"], e.get("weight")) for e in doc.get("edges", {}).get("rows", []))
+    edges = tuple(EdgeScore(e["source"], e["target"], e.get("weight"), e.get("verified_weight"))
+                  for e in doc.get("edges", {}).get("rows", []))
     fn = doc.get("false_negatives")
     bound = None
     if fn is not None:
@@ -242,10 +275,15 @@ def read_result(path: str | Path | IO[str]) -> tuple[RunResult, nx.DiGraph]:
     return _run_result(doc, name), _graph(doc)
 
 
-def load_result(path: str | Path | IO[str]) -> "Result":
-    """A whole pipeline Result from a JSON result (plan rebuilt when its shape still matches)."""
-    from atpdsl.pipeline import Result
+def _aggregate(doc: dict[str, Any]) -> str:
+    """The aggregate a saved selection used (older results did not store it: the plan's, else mean_abs)."""
+    sel, plan, extras = doc["selection"], doc.get("plan") or {}, doc.get("extras") or {}
+    return str(sel.get("aggregate") or (plan.get("method") or {}).get("aggregate") or extras.get("aggregate")
+               or "mean_abs")
 
+
+def load_result(path: str | Path | IO[str]) -> Result:
+    """A whole Result from a JSON result (plan rebuilt when its shape still matches)."""
     doc = read_document(path)
     name = getattr(path, "name", str(path))
     run_result = _run_result(doc, name)
@@ -256,6 +294,7 @@ def load_result(path: str | Path | IO[str]) -> "Result":
         cut=float(sel["cut"]),
         selected=tuple(sel["selected"]),
         dropped=tuple(DroppedNode(**d) for d in sel.get("dropped", [])),
+        aggregate=_aggregate(doc),
     )
     plan_dict = doc.get("plan")
     plan = None

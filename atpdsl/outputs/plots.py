@@ -5,7 +5,8 @@ One export path gives up to three files (the same extension, .png or .svg):
     x-heads.png    layer x head heatmaps of score and signed estimate, one row per kind among
                    heads, queries, keys, values (when the run scored any of them)
     x-neurons.png  per-layer neuron scores (when the run scored neurons)
-Colours follow every other output: blue = patching the node raises the metric, red = lowers it.
+Colours follow every other output: blue = patching the node raises the metric, red = lowers it; a
+verified node is drawn with its measured (exact) effect, the estimate printed beside it.
 matplotlib's Agg canvas draws off screen; pyplot is never imported, so no global state changes.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import io
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import networkx as nx
 
@@ -23,16 +24,19 @@ from atpdsl.circuit.scores import NodeScore, RunResult
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from atpdsl.pipeline import Result
+    from atpdsl.outputs.result import Result
 
 __all__ = [
     "circuit_figure",
     "heads_figure",
     "neurons_figure",
     "figures",
+    "figure_builders",
     "figure_paths",
     "figure_bytes",
     "write_figures",
+    "export_png",
+    "export_svg",
 ]
 
 _HEAD_KINDS = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
@@ -55,30 +59,74 @@ def _new_figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def _row_label(stage: int, n_layers: int) -> str:
-    if stage == 0:
-        return "embed"
-    if stage >= 4 * n_layers + 1:
-        return "logits"
-    layer, part = divmod(stage - 1, 4)
-    return f"L{layer} " + ("q/k/v", "attention", "MLP", "resid")[part]
-
-
 def _node_label(node: str, data: dict) -> str:
-    """Name, then the estimate and (for verified nodes) the exact effect."""
+    """Name, then the exact effect with the estimate beside it (verified nodes) or the estimate."""
     label = str(data.get("name", node))
-    if "estimate" in data:
-        label += f"\n{data['estimate']:+.3g}"
     if "verified_effect" in data:
-        label += f" (exact {data['verified_effect']:+.3g})"
+        return label + f"\nexact {data['verified_effect']:+.3g} (est {data['estimate']:+.3g})"
+    if "estimate" in data:
+        label += f"\nest {data['estimate']:+.3g}"
     return label
+
+
+def _draw_edges(ax: Any, G: nx.DiGraph, positions: dict[str, tuple[float, float]]) -> None:
+    """Edges as arrows: colour by the sign of the weight (verified where measured), width by |weight|."""
+    from matplotlib.patches import FancyArrowPatch
+
+    def weight(data: dict) -> float:
+        return float(data.get("verified_weight", data["weight"]))
+
+    weights = [abs(weight(d)) for *_, d in G.edges(data=True) if "weight" in d]
+    top_weight = max(weights, default=0.0) or 1.0
+    edges = list(G.edges(data=True))
+    # residual-stream edges say little one by one: the more there are, the fainter they are drawn
+    alpha = 0.6 if weights else max(0.06, min(0.5, 2.5 / max(1, len(edges)) ** 0.5))
+    for a, b, data in edges:
+        if "weight" in data:
+            w = weight(data)
+            colour, lw = (_BLUE if w >= 0 else _RED), 0.5 + 3.5 * abs(w) / top_weight
+        else:
+            colour, lw = "#8c8c8c", 0.7
+        (xa, ya), (xb, yb) = positions[a], positions[b]
+        # an edge that skips rows bends, so it does not run straight through the nodes between
+        bend = 0.0 if abs(yb - ya) <= 1 else (0.35 if xa == xb else 0.15)
+        ax.add_patch(FancyArrowPatch((xa, ya), (xb, yb), arrowstyle="-|>", mutation_scale=7 + 2 * lw,
+                                     connectionstyle=f"arc3,rad={bend}", color=colour, linewidth=lw,
+                                     alpha=alpha, zorder=1, shrinkA=12, shrinkB=12))
+
+
+def _decorate(fig: "Figure", ax: Any, G: nx.DiGraph, rows: dict[int, list[str]], half: float, width: float) -> None:
+    """Row labels, limits, the title (selection, dropped nodes, edge cut) and the colour legend."""
+    from matplotlib.patches import Patch
+
+    from atpdsl.circuit.graph import describe_edges
+    from atpdsl.outputs.style import row_label
+
+    n_layers = int(G.graph.get("n_layers", 0))
+    ax.set_yticks(range(len(rows)), [row_label(s, n_layers) for s in rows])
+    ax.set_xticks([])
+    ax.set_xlim(-half, half)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    title = f"Circuit: {G.graph.get('model_id', '')}, {G.graph.get('metric', '')}"
+    detail = f"{G.number_of_nodes() - 2} node(s), select {G.graph.get('selection', '')}"
+    if G.graph.get("dropped_verified"):
+        detail += f"; dropped after verification: {G.graph['dropped_verified'].replace(',', ', ')}"
+    detail += f"; edges: {describe_edges(G)}"
+    chars = int(width * 11)
+    ax.set_title(textwrap.fill(title, chars) + "\n" + textwrap.fill(detail, int(chars * 1.15)), fontsize=9)
+    handles = [
+        Patch(facecolor=_BLUE, label="patching raises the metric"),
+        Patch(facecolor=_RED, label="patching lowers the metric"),
+        Patch(facecolor="white", edgecolor="black", linewidth=2.4, label="verified: coloured by the exact effect"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
 
 
 def circuit_figure(G: nx.DiGraph) -> "Figure":
     """The circuit, bottom (embed) to top (logits), one row per stage; node colour = sign, size = score."""
-    from matplotlib.patches import FancyArrowPatch, Patch
-
-    from atpdsl.outputs.style import layered_positions, node_rgb, row_order, top_abs
+    from atpdsl.outputs.style import effect_of, layered_positions, node_rgb, row_order, top_abs, top_effect
 
     rows = row_order(G)
     positions = layered_positions(G)
@@ -91,29 +139,11 @@ def circuit_figure(G: nx.DiGraph) -> "Figure":
     height = min(30.0, max(4.5, 0.9 * len(rows) + 1.5))
     fig = _new_figure(width, height)
     ax = fig.add_subplot()
-    top_est, top_score = top_abs(G), top_abs(G, "score")
-    weights = [abs(d["weight"]) for *_, d in G.edges(data=True) if "weight" in d]
-    top_weight = max(weights, default=0.0) or 1.0
-    edges = list(G.edges(data=True))
-    # residual-stream edges say little one by one: the more there are, the fainter they are drawn
-    alpha = 0.6 if weights else max(0.06, min(0.5, 2.5 / max(1, len(edges)) ** 0.5))
-    for a, b, data in edges:
-        if "weight" in data:
-            w = float(data["weight"])
-            colour, lw = (_BLUE if w >= 0 else _RED), 0.5 + 3.5 * abs(w) / top_weight
-        else:
-            colour, lw = "#8c8c8c", 0.7
-        (xa, ya), (xb, yb) = positions[a], positions[b]
-        # an edge that skips rows bends, so it does not run straight through the nodes between
-        bend = 0.0 if abs(yb - ya) <= 1 or xa != xb else 0.35
-        if abs(yb - ya) > 1 and xa != xb:
-            bend = 0.15
-        ax.add_patch(FancyArrowPatch((xa, ya), (xb, yb), arrowstyle="-|>", mutation_scale=7 + 2 * lw,
-                                     connectionstyle=f"arc3,rad={bend}", color=colour, linewidth=lw,
-                                     alpha=alpha, zorder=1, shrinkA=12, shrinkB=12))
+    top_est, top_score = top_effect(G), top_abs(G, "score")
+    _draw_edges(ax, G, positions)
     for node, data in G.nodes(data=True):
         x, y = positions[node]
-        rgb = tuple(c / 255 for c in node_rgb(data.get("estimate"), top_est))
+        rgb = tuple(c / 255 for c in node_rgb(effect_of(data), top_est))
         label = labels[node]
         pad = 0.3 + 0.9 * abs(float(data.get("score", 0.0))) / top_score
         box = {
@@ -125,38 +155,23 @@ def circuit_figure(G: nx.DiGraph) -> "Figure":
         dark = sum(rgb) < 1.5
         ax.text(x, y, label, ha="center", va="center", fontsize=font, color="white" if dark else "black",
                 bbox=box, zorder=3)
-    n_layers = int(G.graph.get("n_layers", 0))
-    ax.set_yticks(range(len(rows)), [_row_label(s, n_layers) for s in rows])
-    ax.set_xticks([])
-    half = (widest - 1) / 2.0 + 0.8
-    ax.set_xlim(-half, half)
-    ax.set_ylim(-0.6, len(rows) - 0.4)
-    for side in ("top", "right", "bottom"):
-        ax.spines[side].set_visible(False)
-    title = f"Circuit: {G.graph.get('model_id', '')}, {G.graph.get('metric', '')}"
-    detail = f"{G.number_of_nodes() - 2} node(s), select {G.graph.get('selection', '')}"
-    if G.graph.get("dropped_verified"):
-        detail += f"; dropped after verification: {G.graph['dropped_verified'].replace(',', ', ')}"
-    edge_rule = "edge attribution" if G.graph.get("edge_rule") == "attribution" else "residual stream (unweighted)"
-    detail += f"; edges: {edge_rule}"
-    chars = int(width * 11)
-    ax.set_title(textwrap.fill(title, chars) + "\n" + textwrap.fill(detail, int(chars * 1.15)), fontsize=9)
-    handles = [
-        Patch(facecolor=_BLUE, label="patching raises the metric"),
-        Patch(facecolor=_RED, label="patching lowers the metric"),
-        Patch(facecolor="white", edgecolor="black", linewidth=2.4, label="verified (exact patching)"),
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    _decorate(fig, ax, G, rows, (widest - 1) / 2.0 + 0.8, width)
     return fig
 
 
+def _effect(n: NodeScore) -> float:
+    """The signed number a node is drawn with: exact where verified, else the estimate."""
+    return float(n.estimate if n.verified_effect is None else n.verified_effect)
+
+
 def _summed(nodes: Iterable[NodeScore]) -> dict[tuple[int, int], tuple[float, float]]:
-    """(layer, index) -> (score, estimate), summed over positions for per-position nodes."""
+    """(layer, index) -> (score, effect), summed over positions for per-position nodes; the effect is the
+    exact one for verified nodes and the estimate otherwise (see `_effect`)."""
     out: dict[tuple[int, int], tuple[float, float]] = {}
     for n in nodes:
         key = (n.node.layer, int(n.node.index or 0))
         score, est = out.get(key, (0.0, 0.0))
-        out[key] = (score + float(n.score), est + float(n.estimate))
+        out[key] = (score + float(n.score), est + _effect(n))
     return out
 
 
@@ -192,7 +207,7 @@ def heads_figure(result: RunResult, in_circuit: Iterable[str] = ()) -> "Figure |
         bound = float(finite_est.max()) if finite_est.size and finite_est.max() > 0 else 1.0
         panels = (
             (score, "score (mean |estimate|)", colormaps["Purples"].with_extremes(bad="#e6e6e6"), 0.0, None),
-            (est, "estimate (mean, signed)", colormaps["RdBu"].with_extremes(bad="#e6e6e6"), -bound, bound),
+            (est, "effect (exact where verified, else estimate)", colormaps["RdBu"].with_extremes(bad="#e6e6e6"), -bound, bound),
         )
         for col, (values, label, cmap, vmin, vmax) in enumerate(panels):
             ax = axes[row][col]
@@ -217,7 +232,7 @@ def heads_figure(result: RunResult, in_circuit: Iterable[str] = ()) -> "Figure |
 
 
 def neurons_figure(result: RunResult, in_circuit: Iterable[str] = ()) -> "Figure | None":
-    """Per-layer neuron scores (stems coloured by the sign of the estimate); None if no neurons."""
+    """Per-layer neuron scores (stems coloured by the sign of the effect, exact where verified); None if none."""
     members = set(in_circuit)
     neurons = [n for n in result.nodes if n.node.kind is NodeKind.NEURON]
     if not neurons:
@@ -246,7 +261,8 @@ def neurons_figure(result: RunResult, in_circuit: Iterable[str] = ()) -> "Figure
     return fig
 
 
-def _builders(res: "Result") -> dict[str, Callable[[], "Figure | None"]]:
+def figure_builders(res: "Result") -> dict[str, Callable[[], "Figure | None"]]:
+    """Suffix ("" for the circuit diagram, "heads", "neurons") -> a function drawing that figure or None."""
     members = res.selection.selected
     return {
         "": lambda: circuit_figure(res.graph),
@@ -257,7 +273,7 @@ def _builders(res: "Result") -> dict[str, Callable[[], "Figure | None"]]:
 
 def figures(res: "Result") -> dict[str, "Figure"]:
     """The figures for a result, keyed by file-name suffix ("" for the circuit diagram)."""
-    made = {suffix: build() for suffix, build in _builders(res).items()}
+    made = {suffix: build() for suffix, build in figure_builders(res).items()}
     return {suffix: fig for suffix, fig in made.items() if fig is not None}
 
 
@@ -282,22 +298,23 @@ def write_figures(res: "Result", path: str | Path, fmt: str | None = None) -> li
     """Write every figure for `path` (see the module docstring); returns the files written.
 
     A figure that fails does not stop the others; the failure is raised after they are written.
+    Each file is written atomically.
     """
-    from atpdsl.outputs import ExportError
+    from atpdsl.outputs.atomic import write_bytes
+    from atpdsl.outputs.formats import ExportError
 
     fmt = fmt or Path(path).suffix.lstrip(".").lower()
     if fmt not in ("png", "svg"):
         raise ExportError(f"cannot draw {str(path)!r} as {fmt!r}: figures are .png or .svg")
     written: list[Path] = []
     errors: list[str] = []
-    for suffix, build in _builders(res).items():
+    for suffix, build in figure_builders(res).items():
         target = figure_paths(path, [suffix])[suffix]
         try:
             fig = build()
             if fig is None:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(figure_bytes(fig, fmt))
+            write_bytes(target, figure_bytes(fig, fmt))
             written.append(target)
         except Exception as error:  # noqa: BLE001 - the other figures are still written
             errors.append(f"{target}: {type(error).__name__}: {error}")
@@ -305,3 +322,13 @@ def write_figures(res: "Result", path: str | Path, fmt: str | None = None) -> li
         raise ExportError("could not write " + "; ".join(errors))
     return written
 
+
+
+def export_png(res: "Result", path: str | Path) -> list[Path]:
+    """The format registry's writer for `.png` (see atpdsl.outputs.formats)."""
+    return write_figures(res, path, "png")
+
+
+def export_svg(res: "Result", path: str | Path) -> list[Path]:
+    """The format registry's writer for `.svg` (see atpdsl.outputs.formats)."""
+    return write_figures(res, path, "svg")

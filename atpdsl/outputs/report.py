@@ -7,12 +7,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from atpdsl.circuit.graph import describe_edges
 from atpdsl.circuit.scores import SIGN_CONVENTION
 
 if TYPE_CHECKING:  # pragma: no cover
-    from atpdsl.pipeline import Result
+    from atpdsl.outputs.result import Result
 
-__all__ = ["render_html", "write_html", "TOP_ROWS"]
+__all__ = ["render_html", "write_html", "export_html", "TOP_ROWS"]
 
 TOP_ROWS = 40
 """How many best-ranked nodes the report's table lists (verified and circuit nodes are always listed)."""
@@ -29,9 +30,12 @@ figcaption{font-size:.85em;color:#555}
 
 _FIGURE_CAPTIONS = {
     "": "Circuit diagram: embed at the bottom, logits at the top, one row per stage; colour is the sign of "
-    "the estimate (blue raises the metric, red lowers it), size is the score; thick outline = verified.",
-    "heads": "Layer x head heatmaps of score (left) and signed estimate (right); boxed cells are in the circuit.",
-    "neurons": "Neuron scores per layer; stems coloured by the sign of the estimate, black dots are in the circuit.",
+    "the effect (blue raises the metric, red lowers it): the exact effect for verified nodes (thick outline), "
+    "else the estimate; size is the score.",
+    "heads": "Layer x head heatmaps of score (left) and signed effect, exact where verified (right); boxed cells "
+    "are in the circuit.",
+    "neurons": "Neuron scores per layer; stems coloured by the sign of the effect (exact where verified), black "
+    "dots are in the circuit.",
 }
 
 
@@ -74,10 +78,10 @@ def _repeat(value: str) -> Iterable[str]:
 
 def _images(res: "Result") -> list[tuple[str, str]]:
     """(caption, <img> tag) per figure, PNG inlined as base64; a figure that fails becomes a note."""
-    from atpdsl.outputs.plots import _builders, figure_bytes
+    from atpdsl.outputs.plots import figure_builders, figure_bytes
 
     out = []
-    for suffix, build in _builders(res).items():
+    for suffix, build in figure_builders(res).items():
         try:
             fig = build()
             if fig is None:
@@ -90,14 +94,68 @@ def _images(res: "Result") -> list[tuple[str, str]]:
     return out
 
 
+def _summary(res: "Result") -> list[str]:
+    result, sel = res.result, res.selection
+    rows = [
+        ["metric", _e(result.metric)],
+        ["clean metric (mean)", _num(float(result.clean_metric))],
+        ["corrupt metric (mean)", _num(float(result.corrupt_metric))],
+        ["selection", _e(sel.rule) + f" (cut {_mag(sel.cut)} on selection value)"],
+        ["selection value", _e(sel.value_definition)],
+        ["nodes in the circuit", _e(len(sel.selected))],
+        ["edges", _e(describe_edges(res.graph))],
+        ["sign convention", _e(SIGN_CONVENTION)],
+    ]
+    parts = ["<h2>Summary</h2>", _table([], rows, left=2)]
+    if result.false_negatives is not None:
+        parts.append(f"<p><strong>Diagnostic:</strong> {_e(result.false_negatives.sentence)}.</p>")
+    else:
+        parts.append('<p class="note">No false-negative diagnostic was run (add <code>diagnose false_negatives</code>).</p>')
+    if sel.dropped:
+        dropped = [[_e(d.node), _mag(d.verified), _mag(d.cut)] for d in sel.dropped]
+        parts += [
+            "<h2>Dropped after verification</h2>",
+            '<p class="note">Selected by estimate, but exact patching measured a selection value below the cut.</p>',
+            _table(["node", "measured selection value", "cut"], dropped),
+        ]
+    return parts
+
+
+def _nodes_section(res: "Result") -> list[str]:
+    scores = res.scores.rows
+    selected = set(res.selection.selected)
+    shown = [r for i, r in enumerate(scores) if i < TOP_ROWS or r["in_circuit"] or r["verified_effect"] is not None]
+    headers = ["rank", "node", "kind", "verified effect", "estimate", "score", "selection value", "decision"]
+    rows = [[_e(r["rank"]), _e(r["node"]), _e(r["kind"]), _num(r["verified_effect"]), _num(r["estimate"]),
+             _mag(r["score"]), _mag(r["selection_value"]), _e(r["decision"].replace("_", " "))] for r in shown]
+    return [
+        "<h2>Top nodes: verified effect vs estimate</h2>",
+        f'<p class="note">{len(scores)} node(s) scored; the {min(TOP_ROWS, len(scores))} best and every verified '
+        "or circuit node are listed. Shaded rows are in the circuit. The selection cut "
+        f"({_mag(res.selection.cut)}) is applied to the selection value.</p>",
+        _table(headers, rows, left=3, classes=["in" if r["node"] in selected else "" for r in shown]),
+    ]
+
+
+def _edges_section(res: "Result") -> list[str]:
+    G = res.graph
+    weighted = [(a, b, d) for a, b, d in G.edges(data=True) if "weight" in d]
+    if not weighted:
+        return []
+    weighted.sort(key=lambda e: (-abs(e[2].get("verified_weight", e[2]["weight"])), e[0], e[1]))
+    rows = [[_e(a), _e(b), _num(d.get("verified_weight")), _num(d["weight"])] for a, b, d in weighted[:TOP_ROWS]]
+    more = f" ({len(weighted) - TOP_ROWS} more in the -edges.csv / JSON exports)" if len(weighted) > TOP_ROWS else ""
+    return [
+        "<h2>Strongest edges in the circuit</h2>",
+        f'<p class="note">{_e(describe_edges(G))}. Each edge once, strongest first{_e(more)}; '
+        "verified = measured by path patching where it was run.</p>",
+        _table(["source", "target", "verified", "weight (estimate)"], rows, left=2),
+    ]
+
+
 def render_html(res: "Result") -> str:
     """The report as one HTML string: no scripts, no external files, no network."""
-    result, G = res.result, res.graph
-    attrs = G.graph
-    selected = set(res.selection.selected)
-    dropped = {d.node for d in res.selection.dropped}
-    scores = res.scores.rows
-    shown = [r for i, r in enumerate(scores) if i < TOP_ROWS or r["in_circuit"] or r["verified_effect"] is not None]
+    result, attrs = res.result, res.graph.graph
     spec_text = attrs.get("spec_text") or (res.plan.spec_text if res.plan is not None else "")
     parts = [
         "<!DOCTYPE html>",
@@ -107,66 +165,11 @@ def render_html(res: "Result") -> str:
         "<h1>atpdsl circuit report</h1>",
         f'<p class="note">{_e(attrs.get("spec_file", ""))} &middot; model {_e(result.model_id)} &middot; '
         f"method {_e(result.method)} &middot; {result.n_pairs} pair(s)</p>",
-        "<h2>Summary</h2>",
-        _table(
-            [],
-            [
-                ["metric", _e(result.metric)],
-                ["clean metric (mean)", _num(float(result.clean_metric))],
-                ["corrupt metric (mean)", _num(float(result.corrupt_metric))],
-                ["selection", _e(res.selection.rule)],
-                ["nodes in the circuit", _e(len(res.selection.selected))],
-                ["edges", _e("edge attribution" if result.edges else "residual stream, unweighted")],
-                ["sign convention", _e(SIGN_CONVENTION)],
-            ],
-            left=2,
-        ),
+        *_summary(res),
+        *_nodes_section(res),
+        *_edges_section(res),
+        "<h2>Plots</h2>",
     ]
-    if result.false_negatives is not None:
-        parts.append(f"<p><strong>Diagnostic:</strong> {_e(result.false_negatives.sentence)}.</p>")
-    else:
-        parts.append('<p class="note">No false-negative diagnostic was run (add <code>diagnose false_negatives</code>).</p>')
-    if res.selection.dropped:
-        rows = [[_e(d.node), _mag(d.verified), _mag(d.cut)] for d in res.selection.dropped]
-        parts += [
-            "<h2>Dropped after verification</h2>",
-            '<p class="note">Selected by estimate, but exact patching measured a smaller effect than the cut.</p>',
-            _table(["node", "measured |effect|", "cut"], rows),
-        ]
-    parts.append("<h2>Top nodes: estimate vs verified</h2>")
-    parts.append(
-        f'<p class="note">{len(scores)} node(s) scored; the {min(TOP_ROWS, len(scores))} best and every verified '
-        "or circuit node are listed. Shaded rows are in the circuit.</p>"
-    )
-    parts.append(
-        _table(
-            ["rank", "node", "kind", "estimate", "score", "verified effect", "in circuit"],
-            [
-                [
-                    _e(r["rank"]),
-                    _e(r["node"]),
-                    _e(r["kind"]),
-                    _num(r["estimate"]),
-                    _mag(r["score"]),
-                    _num(r["verified_effect"]),
-                    "yes" if r["in_circuit"] else "dropped (verified)" if r["node"] in dropped else "",
-                ]
-                for r in shown
-            ],
-            left=3,
-            classes=["in" if r["node"] in selected else "" for r in shown],
-        )
-    )
-    if result.edges:
-        weighted = sorted(
-            (e for e in result.edges if e.weight is not None and G.has_edge(e.source, e.target)),
-            key=lambda e: -abs(e.weight or 0.0),
-        )[:TOP_ROWS]
-        parts += [
-            "<h2>Strongest edges in the circuit</h2>",
-            _table(["source", "target", "weight"], [[_e(e.source), _e(e.target), _num(e.weight)] for e in weighted], left=2),
-        ]
-    parts.append("<h2>Plots</h2>")
     for caption, tag in _images(res):
         parts.append(f"<figure>{tag}<figcaption>{_e(caption)}</figcaption></figure>")
     parts += ["<h2>Spec</h2>", f"<pre>{_e(spec_text)}</pre>"]
@@ -174,11 +177,18 @@ def render_html(res: "Result") -> str:
     if timings:
         parts += ["<h2>Timings</h2>", _table(["phase", "seconds"], [[_e(k), f"{v:.3f}"] for k, v in timings])]
     provenance = [[_e(k), _e(v)] for k, v in sorted(attrs.items()) if k != "spec_text"]
-    parts += ["<h2>Provenance</h2>", _table(["key", "value"], provenance, left=2)]
-    parts.append("</body></html>")
+    parts += ["<h2>Provenance</h2>", _table(["key", "value"], provenance, left=2), "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
 def write_html(res: "Result", path: str | Path) -> None:
-    """Write the report (self-contained: open it anywhere, offline)."""
-    Path(path).write_text(render_html(res), encoding="utf-8")
+    """Write the report atomically (self-contained: open it anywhere, offline)."""
+    from atpdsl.outputs.atomic import write_text
+
+    write_text(path, render_html(res))
+
+
+def export_html(res: "Result", path: str | Path) -> list[Path]:
+    """The format registry's writer (see atpdsl.outputs.formats)."""
+    write_html(res, path)
+    return [Path(path)]

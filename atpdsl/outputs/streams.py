@@ -1,4 +1,8 @@
-"""Every writer and reader takes a path or an open file: the one place that tells them apart."""
+"""Every writer and reader takes a path or an open file: the one place that tells them apart.
+
+Paths are written atomically (atpdsl.outputs.atomic): an interrupted or failing write leaves the
+old file as it was. Open files are written as given and left open.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,15 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from atpdsl.outputs.atomic import replacing
+from atpdsl.outputs.atomic import write_text as _write_text
+
 __all__ = ["write_text", "read_text", "read_bytes", "binary_sink"]
 
 
 def write_text(path: str | Path | IO[str], text: str) -> None:
-    """Write UTF-8 text to a path, or to an open text file."""
+    """Write UTF-8 text to a path (atomically), or to an open text file."""
     if hasattr(path, "write"):
         path.write(text)
     else:
-        Path(path).write_text(text, encoding="utf-8")
+        _write_text(path, text)
 
 
 def read_text(path: str | Path | IO[str]) -> str:
@@ -29,9 +36,9 @@ def read_bytes(path: str | Path | IO[bytes]) -> bytes:
 
 @contextmanager
 def binary_sink(path: str | Path | IO[bytes]) -> Iterator[IO[bytes]]:
-    """An open binary file to write to: the given one (left open), or the path opened and closed here."""
+    """An open binary file to write to: the given one (left open), or an atomic replacement of the path."""
     if hasattr(path, "write"):
         yield path
     else:
-        with open(path, "wb") as f:
+        with replacing(path) as f:
             yield f

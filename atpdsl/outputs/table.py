@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from atpdsl.circuit.scores import RunResult
-from atpdsl.circuit.select import ranked
+from atpdsl.circuit.select import SelectionOutcome, ranked, selection_value
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -31,11 +31,18 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "rank",
     "verified_effect",
     "in_circuit",
+    "selection_value",
+    "decision",
 )
-"""The scores table's columns, in order. Users parse these: add columns at the end, never rename."""
+"""The scores table's columns, in order. Users parse these: add columns at the end, never rename.
 
-EDGE_COLUMNS: tuple[str, ...] = ("source", "target", "weight", "in_circuit")
-PAIR_COLUMNS: tuple[str, ...] = ("node", "pair", "estimate", "verified_effect")
+`selection_value` is the number the selection cut is applied to (the measured magnitude for a verified
+node, else the ranking score; see atpdsl.circuit.select.VALUE_DEFINITIONS); `decision` is `kept`,
+`dropped_verified` (a candidate whose measured magnitude missed the cut) or `not_selected`."""
+
+EDGE_COLUMNS: tuple[str, ...] = ("source", "target", "weight", "in_circuit", "verified_weight")
+PAIR_COLUMNS: tuple[str, ...] = ("node", "pair", "estimate", "verified_effect", "score")
+"""Per-pair rows: `score` is that pair's ranking magnitude (|estimate| for AtP, GradDrop's for AtP*)."""
 
 _TYPES: dict[str, type] = {
     "layer": int,
@@ -46,7 +53,9 @@ _TYPES: dict[str, type] = {
     "verified_effect": float,
     "in_circuit": bool,
     "weight": float,
+    "verified_weight": float,
     "pair": int,
+    "selection_value": float,
 }
 """How CSV text turns back into values; columns not listed stay strings. Empty cells are None."""
 
@@ -101,7 +110,9 @@ class Table:
             writer.writerow([_cell(row.get(c)) for c in self.columns] + list(extra.values()))
         text = buffer.getvalue()
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            from atpdsl.outputs.atomic import write_text
+
+            write_text(path, text)
         return text
 
     @classmethod
@@ -141,12 +152,23 @@ def _parse(column: str, text: str) -> Any:
     return text
 
 
-def scores_table(result: RunResult, in_circuit: Iterable[str] = ()) -> Table:
+def _decisions(result: RunResult, selection: SelectionOutcome | Iterable[str]) -> tuple[dict[str, str], str]:
+    """Each node's decision and the aggregate its selection value follows."""
+    if isinstance(selection, SelectionOutcome):
+        decision = {name: "kept" for name in selection.selected}
+        decision.update({d.node: "dropped_verified" for d in selection.dropped})
+        return decision, selection.aggregate
+    aggregate = result.extras.get("aggregate", "mean_abs") if isinstance(result.extras, dict) else "mean_abs"
+    return {name: "kept" for name in selection}, str(aggregate)
+
+
+def scores_table(result: RunResult, selection: SelectionOutcome | Iterable[str] = ()) -> Table:
     """Every scored node in the engine's rank order: the circuit's numbers and those that missed it.
 
-    `rank` is the engine's rank, or the position by |score| when the engine left it 0.
+    `selection` is the SelectionOutcome (or just the names in the circuit). `rank` is the engine's
+    rank, or the position by |score| when the engine left it 0.
     """
-    members = set(in_circuit)
+    decision, aggregate = _decisions(result, selection)
     order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
     rows = []
     for score in result.nodes:
@@ -163,7 +185,9 @@ def scores_table(result: RunResult, in_circuit: Iterable[str] = ()) -> Table:
                 "method": score.method,
                 "rank": int(score.rank or order[score.name]),
                 "verified_effect": None if score.verified_effect is None else float(score.verified_effect),
-                "in_circuit": score.name in members,
+                "in_circuit": decision.get(score.name) == "kept",
+                "selection_value": float(selection_value(score, aggregate)),
+                "decision": decision.get(score.name, "not_selected"),
             }
         )
     return Table(SCORE_COLUMNS, rows)
@@ -178,6 +202,7 @@ def edges_table(result: RunResult, in_circuit: Iterable[tuple[str, str]] = ()) -
             "target": e.target,
             "weight": None if e.weight is None else float(e.weight),
             "in_circuit": (e.source, e.target) in members,
+            "verified_weight": None if e.verified is None else float(e.verified),
         }
         for e in result.edges
     ]
@@ -185,12 +210,13 @@ def edges_table(result: RunResult, in_circuit: Iterable[tuple[str, str]] = ()) -
 
 
 def pairs_table(result: RunResult) -> Table:
-    """Per-pair signed estimates (and measured effects where verified), one row per node and pair."""
+    """Per-pair signed estimates, ranking scores and (where verified) measured effects, one row per node and pair."""
     rows = []
     for score in ranked(result.nodes):
         if not score.per_pair:
             continue
         verified = score.verified_per_pair or ()
+        magnitudes = score.per_pair_score or ()
         for i, value in enumerate(score.per_pair):
             rows.append(
                 {
@@ -198,6 +224,7 @@ def pairs_table(result: RunResult) -> Table:
                     "pair": i,
                     "estimate": float(value),
                     "verified_effect": float(verified[i]) if i < len(verified) else None,
+                    "score": float(magnitudes[i]) if i < len(magnitudes) else None,
                 }
             )
     return Table(PAIR_COLUMNS, rows)

@@ -49,11 +49,9 @@ def score(name: str, per_pair: tuple[float, ...], *, verified: tuple[float, ...]
 def ranked_result(scores: list[NodeScore], **kw) -> RunResult:
     """A RunResult with nodes sorted by score and ranks 1..n, as the engine returns them."""
     order = sorted(scores, key=lambda s: (-s.score, s.name))
-    nodes = tuple(
-        NodeScore(s.node, s.estimate, s.score, s.method, i + 1, s.per_pair, s.verified_effect,
-                  s.verified_per_pair, s.attrs)
-        for i, s in enumerate(order)
-    )
+    from dataclasses import replace
+
+    nodes = tuple(replace(s, rank=i + 1) for i, s in enumerate(order))
     base = dict(
         model_id="zoo/induction-2l",
         spec_hash="sha256:0123abcd",
@@ -136,9 +134,46 @@ def make_plan(tmp: Path | None = None, *, selection: Selection | None = Selectio
     )
 
 
+def twenty_node_result() -> RunResult:
+    """A 5-layer study with 20 selected nodes (heads, neurons, an MLP) and an attributed edge between every
+    pair of nodes whose blocks are in order, weights spread over three orders of magnitude (some exactly 0)."""
+    import random
+
+    rng = random.Random(5)
+    names = ["L0.H1", "L0.N79", "L0.N134", "L1.H3", "L1.H0", "L1.N12", "L2.H2", "L2.H5", "L2.mlp", "L2.N40",
+             "L3.H1", "L3.H4", "L3.N7", "L3.N99", "L4.H0", "L4.H2", "L4.H4", "L4.N3", "L4.N18", "L4.N61"]
+    scores = [score(n, tuple(rng.choice((-1, 1)) * rng.uniform(0.05, 2.0) for _ in range(4))) for n in names]
+    scores = verified(scores, {"L0.N134": (-0.2, -0.3, -0.25, -0.36), "L4.H2": (0.01, 0.0, 0.02, -0.002)})
+    order = {n: i for i, n in enumerate(names)}
+    edges = [EdgeScore("embed", n, rng.uniform(-1, 1)) for n in names[:6]]
+    for a in names:
+        for b in names:
+            if parse_node(a).layer < parse_node(b).layer and order[a] < order[b]:
+                w = 0.0 if rng.random() < 0.05 else rng.choice((-1, 1)) * 10 ** rng.uniform(-3, 0)
+                edges.append(EdgeScore(a, b, w))
+    edges += [EdgeScore(n, "logits", rng.uniform(-1.5, 1.5)) for n in names[10:]]
+    return ranked_result(scores, edges=tuple(edges), provenance=(("n_layers", 5),))
+
+
+def finished(plan: Plan | None, run: RunResult, **kw):
+    """`pipeline.finish` (exports not written unless asked), as the outputs' own Result class.
+
+    The pipeline builds `atpdsl.outputs.result.Result` once the lead swaps its class for it; until
+    then this re-wraps the pipeline's Result so the outputs are tested on the class they will get.
+    """
+    from dataclasses import fields
+
+    from atpdsl.outputs.result import Result
+    from atpdsl.pipeline import finish
+
+    kw.setdefault("write_exports", False)
+    res = finish(plan, run, **kw)
+    return res if isinstance(res, Result) else Result(**{f.name: getattr(res, f.name) for f in fields(Result)})
+
+
 def node_ids(names: list[str]) -> list[NodeId]:
     return [parse_node(n) for n in names]
 
 
 __all__ = ["SPEC_TEXT", "score", "ranked_result", "mixed_scores", "verified", "mixed_result", "make_plan",
-           "node_ids", "NodeKind"]
+           "finished", "twenty_node_result", "node_ids", "NodeKind"]

@@ -9,7 +9,7 @@ from atpdsl.circuit.graph import build_graph, n_layers_of, residual_edges, stage
 from atpdsl.names import parse_node
 from atpdsl.plan import Selection
 from atpdsl.circuit.scores import SCHEMA_VERSION, SIGN_CONVENTION, EdgeScore
-from atpdsl.circuit.select import select
+from atpdsl.circuit.select import EdgeCut, select
 
 
 def circuit(run, rule=Selection("top", 100), plan=None) -> nx.DiGraph:
@@ -33,6 +33,7 @@ def test_nodes_are_the_selection_plus_embed_and_logits_with_their_numbers():
         "name": "L1.H1", "layer": 1, "kind": "heads", "stage": 6, "index": 1,
         "estimate": pytest.approx(-0.4), "score": pytest.approx(0.4), "method": "atp*", "rank": 4,
         "verified": True, "verified_effect": pytest.approx(-0.4),
+        "selection_value": pytest.approx(0.4),  # mean |exact effect| per pair: (0.35 + 0.4 + 0.45) / 3
     }
     q = G.nodes["L1.H2.q@3"]
     assert (q["kind"], q["index"], q["position"], q["stage"], q["verified"]) == ("queries", 2, "3", 5, False)
@@ -69,7 +70,9 @@ def test_graph_attributes_hold_the_provenance():
     assert (g["method"], g["corrections"], g["aggregate"]) == ("atp*", "qk_fix, graddrop per layer", "mean_abs")
     assert g["selection"] == "top 6" and g["dropped_verified"] == "L1.H3"
     assert g["fn_bound"] == 0.0123 and g["fn_confidence"] == 0.9
-    assert g["diagnostic"] == "with 90% confidence no unverified node changes the metric by more than 0.0123"
+    assert g["diagnostic"] == run.false_negatives.sentence
+    assert g["selection_cut"] == pytest.approx(0.3) and g["selection_aggregate"] == "mean_abs"
+    assert g["selection_value_definition"].startswith("selection_value = mean over pairs of |exact effect|")
     assert g["version_networkx"] == nx.__version__
     assert g["device"] == "cpu" and g["edge_rule"] == "residual"
 
@@ -107,16 +110,35 @@ def test_edges_never_run_to_an_earlier_position():
     assert ("L0.H1@5", "L1.H3@-1") in got  # -1 counts from the end: order unknown, so connected
 
 
-def test_computed_edge_attributions_replace_the_residual_rule():
+def test_computed_edge_attributions_replace_the_residual_rule_and_are_cut_at_90_percent():
     run = mixed_result(edges=True)
     G = circuit(run, Selection("top", 6))
     assert G.graph["edge_rule"] == "attribution"
+    # in the graph: |weights| 0.35, 0.2, 0.15, 0.05 (total 0.75; 90% = 0.675); 0.35 + 0.2 = 0.55 falls short,
+    # + 0.15 = 0.70 covers it, so the 0.05 edge is left out. L0.N0 -> logits has an end outside the graph.
     assert {(a, b): d for a, b, d in G.edges(data=True)} == {
         ("embed", "L0.H3"): {"weight": 0.2},
         ("L0.H3", "L1.H1"): {"weight": -0.15},
         ("L1.H1", "logits"): {"weight": -0.35},
-        ("L1.H2.q@3", "L1.H2"): {"weight": 0.05},
     }
+    g = G.graph
+    assert (g["n_edges_computed"], g["n_edges_kept"], g["n_edges_left_out"], g["n_edges_zero"]) == (4, 3, 1, 0)
+    assert g["edge_cut"] == "cumulative 0.9 of |weight|"
+    every = build_graph(run, select(run, Selection("top", 6)), edge_cut=None)
+    assert ("L1.H2.q@3", "L1.H2") in every.edges and every.graph["n_edges_left_out"] == 0
+
+
+def test_zero_weight_edges_are_never_in_the_graph_and_verified_edges_carry_their_measurement():
+    run = ranked_result([score("L0.H1", (0.5,)), score("L1.H0", (0.4,))],
+                        edges=(EdgeScore("L0.H1", "L1.H0", 0.0), EdgeScore("embed", "L0.H1", 0.3, -0.25),
+                               EdgeScore("L1.H0", "logits", -0.1)))
+    G = build_graph(run, select(run, Selection("top", 2)), edge_cut=None)
+    assert ("L0.H1", "L1.H0") not in G.edges and G.graph["n_edges_zero"] == 1
+    assert G.edges["embed", "L0.H1"] == {"weight": 0.3, "verified_weight": -0.25}
+    top1 = build_graph(run, select(run, Selection("top", 2)), edge_cut=EdgeCut("top", 1))
+    assert set(top1.edges) == {("embed", "L0.H1")} and top1.graph["n_edges_left_out"] == 1
+    above = build_graph(run, select(run, Selection("top", 2)), edge_cut=EdgeCut("threshold", 0.1))
+    assert set(above.edges) == {("embed", "L0.H1"), ("L1.H0", "logits")}
 
 
 def test_unweighted_computed_edges_have_no_weight_attribute():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -146,3 +147,54 @@ def test_threshold_and_top_partition_the_nodes(values, x, k):
     assert len(top) == min(k, len(values))
     rest = [v for n, v in mags.items() if n not in top]
     assert all(mags[n] >= max(rest, default=-math.inf) for n in top)
+
+
+def aggregated(name: str, est: tuple[float, ...], measured: tuple[float, ...] | None, aggregate: str) -> NodeScore:
+    """A node scored as the engine scores it under `aggregate`: mean |est| per pair, or |mean est|."""
+    n = len(est)
+    score_value = abs(sum(est) / n) if aggregate == "abs_mean" else sum(abs(v) for v in est) / n
+    node = NodeScore(parse_node(name), sum(est) / n, score_value, "atp", per_pair=est,
+                     per_pair_score=tuple(abs(v) for v in est))
+    return node if measured is None else node.with_verification(sum(measured) / len(measured), measured)
+
+
+HAND = {  # name: (per-pair estimates, per-pair exact effects or None)
+    "L0.H0": ((0.6, 0.4), (0.5, -0.5)),    # mean |effect| 0.5, |mean effect| 0
+    "L0.H1": ((0.3, 0.3), (0.35, 0.25)),   # 0.3 either way
+    "L1.H0": ((0.2, -0.2), None),          # score 0.2 (mean |.|) or 0 (|mean|)
+    "L1.H1": ((0.25, 0.25), (0.1, -0.1)),  # mean |effect| 0.1, |mean effect| 0
+}
+
+
+@pytest.mark.parametrize("aggregate, kept, dropped, values", [
+    ("mean_abs", ("L0.H0", "L0.H1"), ["L1.H1"], {"L0.H0": 0.5, "L0.H1": 0.3, "L1.H0": 0.2, "L1.H1": 0.1}),
+    ("per_pair", ("L0.H0", "L0.H1"), ["L1.H1"], {"L0.H0": 0.5, "L0.H1": 0.3, "L1.H0": 0.2, "L1.H1": 0.1}),
+    ("abs_mean", ("L0.H1",), ["L0.H0", "L1.H1"], {"L0.H0": 0.0, "L0.H1": 0.3, "L1.H0": 0.0, "L1.H1": 0.0}),
+])
+def test_every_aggregate_compares_like_with_like_by_hand(aggregate, kept, dropped, values):
+    """threshold 0.25. mean_abs / per_pair: candidates by mean |est| are L0.H0 (.5), L0.H1 (.3), L1.H1 (.25);
+    measured mean |effect| .5, .3, .1: L1.H1 is refuted. abs_mean: candidates by |mean est| are the same
+    three (L1.H0's |mean| is 0); measured |mean effect| 0, .3, 0: only L0.H1 stays."""
+    from atpdsl.circuit.select import selection_value, verified_magnitude
+
+    run = ranked_result([aggregated(n, e, m, aggregate) for n, (e, m) in HAND.items()])
+    out = select(run, Selection("threshold", 0.25), aggregate=aggregate)
+    assert out.selected == kept and [d.node for d in out.dropped] == dropped and out.aggregate == aggregate
+    by_name = run.by_name()
+    assert {n: selection_value(by_name[n], aggregate) for n in HAND} == pytest.approx(values)
+    assert verified_magnitude(by_name["L1.H0"], aggregate) is None
+
+
+def test_aggregate_per_pair_and_keep_per_pair_select_the_same_nodes():
+    """The issue's case: on the same pairs, `aggregate per_pair` (ranking by mean |.|) must not check verified
+    nodes against |mean effect| while `keep per_pair` (mean_abs) checks mean |effect|."""
+    nodes = [aggregated(n, e, m, "mean_abs") for n, (e, m) in HAND.items()]
+    run = ranked_result(nodes)
+    for rule in (Selection("top", 3), Selection("threshold", 0.2), Selection("cumulative", 0.9)):
+        assert select(run, rule, aggregate="per_pair") == replace(select(run, rule, aggregate="mean_abs"),
+                                                                  aggregate="per_pair")
+
+
+def test_an_unknown_aggregate_is_an_error():
+    with pytest.raises(AtpError, match="unknown aggregate 'median'"):
+        select(run_of(FOUR), Selection("top", 1), aggregate="median")

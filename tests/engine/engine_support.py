@@ -57,7 +57,8 @@ def make_plan(source: str | Path, pairs: list[dict[str, str]] | list[PromptPair]
 
 
 def with_(plan: Plan, **kw: Any) -> Plan:
-    return replace(plan, **kw)
+    """The plan with fields changed and its steps lowered again (Plan.with_)."""
+    return plan.with_(**kw)
 
 
 @lru_cache(maxsize=None)
@@ -83,3 +84,15 @@ def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 __all__ = ["tm", "STORIES", "PRONOUN", "SHARED", "LOGIT_DIFF", "pair", "stories_pairs", "make_plan", "with_",
            "tiny_folder", "per_pair", "max_abs_diff", "NodeGroup", "MetricSpec", "MetricArg", "Verification",
            "SourceRef"]
+
+
+def first_batch(ctx, kinds: set[str] | None = None):
+    """Prepare a run of the context's plan and run the first batch's steps (only those of `kinds` when given).
+    Returns (state, work); the caller frees the kept graph with `work.clean.live.clear()`."""
+    from atpdsl.engine.run import complete_plan
+    from atpdsl.engine.steps import new_state, prepare_steps, run_batch
+
+    ctx.plan = complete_plan(ctx.plan, ctx.loaded)
+    state = new_state(ctx)
+    prepare_steps(state)
+    return state, run_batch(state, ctx.batches[0], kinds)

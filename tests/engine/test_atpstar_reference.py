@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_support import NodeGroup, make_plan, tm
+from engine_support import NodeGroup, first_batch, make_plan, tm
 import torch_reference as R  # noqa: I001  (tests/ is on sys.path once engine_support is imported)
 
 from atpdsl.engine import execute
-from atpdsl.engine.atp import MAIN, atp_batch, atp_estimates
-from atpdsl.engine.atpstar import corrections_for
+from atpdsl.engine.atp import MAIN
 from atpdsl.engine.context import make_context
 from atpdsl.engine.graddrop import zero_and_atp_terms
 from atpdsl.engine.load import wrap_model
@@ -68,14 +67,14 @@ def test_graddrop_term_gradients_equal_hook_reference(arch, mode):
     _, ref = R.graddrop_grads(model, tok, PAIR, R.logit_diff(tok), mode=mode)
     loaded = wrap_model(model, tok)
     ctx = make_context(make_plan("tiny", [PAIR], ALL_KINDS, batch=1, method_spec=_star(mode)), loaded)
-    star = corrections_for(ctx)[0]
-    run = atp_batch(ctx, ctx.batches[0], [star])
+    state, run = first_batch(ctx, {"corrupt_forward", "clean_backward"})
+    star = state.parts["graddrop"]
     main = run.clean.grads[MAIN]
     keys = _site_keys(loaded, 3)
     assert len(star.terms) == len(ref) == (3 if mode == "layer" else 6)
     worst, moved = 0.0, 0.0
     for j in range(len(star.terms)):
-        recomputed, cut = star.term_gradients(run, j)
+        recomputed, cut = star.gradients(run, star.terms[j])
         for site, key in keys.items():
             g = recomputed[key] if key in recomputed else torch.zeros_like(main[key]) if key in cut else main[key]
             worst = max(worst, float((g - ref[j][site]).abs().max()))
@@ -161,14 +160,10 @@ def test_zero_term_and_plain_terms(mode, arch, parallel):
     model, tok = _model(arch), tm.make_tokenizer()
     loaded = wrap_model(model, tok)
     ctx = make_context(make_plan("tiny", [PAIR], ALL_KINDS, batch=1, method_spec=_star(mode)), loaded)
-    star = corrections_for(ctx)[0]
-    run = atp_batch(ctx, ctx.batches[0], [star])
-    est = atp_estimates(ctx, run)
-    qk = {q.layer: star._qk_prepare(run, q) for q in star.qk_layers}
-    main = run.clean.grads[MAIN]
-    for q in star.qk_layers:
-        star._qk_write(run, q, qk[q.layer], main[q.pattern_key], est)
-    terms = torch.stack(list(star.term_estimates(run, est, qk)))  # [n_terms, 1, N]
+    state, run = first_batch(ctx, {"corrupt_forward", "clean_backward", "qk_fix"})
+    star = state.parts["graddrop"]
+    est = run.est
+    terms = torch.stack([star.estimates(run, t) for t in star.terms])  # [n_terms, 1, N]
     run.clean.live.clear()
     checked = 0
     for col, node in enumerate(ctx.table.nodes):

@@ -6,7 +6,6 @@ exports weighted edges that sum to the node estimates."""
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ import torch
 from engine_support import NodeGroup, make_plan, per_pair, tm
 
 from atpdsl.engine import execute
-from atpdsl.engine.edges import edge_matrix, readers, weighted_edges
+from atpdsl.engine.edge_reads import edge_matrix
+from atpdsl.engine.edges import readers, weighted_edges
 from atpdsl.engine.load import wrap_model
 from atpdsl.names import NodeKind, parse_node
 
@@ -256,11 +256,11 @@ def test_edge_is_derivative_through_one_block_input(name, monkeypatch):
     assert checked >= 5 and worst < 1e-6, (checked, worst)
 
 
-def test_pipeline_exports_weighted_edges_that_sum_to_node_estimates(tmp_path):
+def test_pipeline_exports_weighted_edges_that_sum_to_node_estimates(tmp_path, monkeypatch):
     """`atpdsl.run` on the zoo model (parallel GPT-NeoX): every attention and MLP block is a node, so each
     node's out-edges cover every later reader and add up to its estimate; graphml and the edge CSV carry them."""
     import atpdsl
-    from atpdsl import pipeline
+    from atpdsl.engine import edge_reads
     from atpdsl.outputs.graphml import read_graphml
 
     spec = (
@@ -278,26 +278,27 @@ def test_pipeline_exports_weighted_edges_that_sum_to_node_estimates(tmp_path):
     assert G.graph["edge_rule"] == "attribution" and "edge_semantics" in G.graph
     assert res.result.edges and all(e.weight is not None for e in res.result.edges)
     assert "edges" in dict(res.result.timings)
-    assert ("L0.attn", "L0.mlp") not in G.edges  # parallel residual
+    weights = {(e.source, e.target): e.weight for e in res.result.edges}  # every edge, before the graph's cut
+    kind = {n.name: n.node.kind.value for n in res.result.nodes}
+    assert ("L0.attn", "L0.mlp") not in weights  # parallel residual
     for u in ("L0.attn", "L0.mlp", "L1.attn", "L1.mlp"):
-        targets = [v for v in G.successors(u) if G.nodes[v]["kind"] in ("attn", "mlp", "logits")]
-        total = sum(G.edges[u, v]["weight"] for v in targets)
-        assert total == pytest.approx(G.nodes[u]["estimate"], abs=1e-5)
-    heads = [v for v in G.successors("L0.attn") if G.nodes[v]["kind"] == "heads"]
-    assert heads and {G.edges["L0.attn", v]["weight"] for v in heads} == {G.edges["L0.attn", "L1.attn"]["weight"]}
-    assert abs(G.edges["L1.attn", "logits"]["weight"]) > 1e-2  # the corrupted token matters
+        total = sum(w for (a, b), w in weights.items() if a == u and kind.get(b, "logits") in ("attn", "mlp", "logits"))
+        assert total == pytest.approx(res.result.by_name()[u].estimate, abs=1e-5)
+    heads = [b for (a, b) in weights if a == "L0.attn" and kind.get(b) == "heads"]
+    assert heads and {weights["L0.attn", v] for v in heads} == {weights["L0.attn", "L1.attn"]}
+    assert abs(weights["L1.attn", "logits"]) > 1e-2  # the corrupted token matters
     H = read_graphml(tmp_path / "e.graphml")
     assert {(a, b): round(d["weight"], 9) for a, b, d in H.edges(data=True)} == {
         (a, b): round(d["weight"], 9) for a, b, d in G.edges(data=True)}
     with open(tmp_path / "e-edges.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(res.result.edges) and all(r["weight"] not in ("", None) for r in rows)
-    # no edges for more than EDGE_LIMIT selected nodes or for method exact (the model is not even loaded)
-    bare = replace(res.result, edges=())
-    assert pipeline.add_edges(replace(res.plan, method=replace(res.plan.method, name="exact")), bare).edges == ()
-    original = pipeline.EDGE_LIMIT
-    try:
-        pipeline.EDGE_LIMIT = 3
-        assert pipeline.add_edges(res.plan, bare).edges == ()
-    finally:
-        pipeline.EDGE_LIMIT = original
+    # the edges come from the AtP passes themselves: no step runs the model again
+    steps = [s["kind"] for s in res.result.extras["steps"]]
+    assert steps == [s.kind for s in res.plan.steps] and steps.count("corrupt_forward") == 1
+    # no edges for method exact (no edge steps in its plan) or for more than EDGE_LIMIT selected nodes
+    exact = atpdsl.run(text=spec.replace("method atp", "method exact"), out_dir=tmp_path / "x")
+    assert exact.result.edges == () and "edges" not in [s.kind for s in exact.plan.steps]
+    monkeypatch.setattr(edge_reads, "EDGE_LIMIT", 3)
+    few = atpdsl.run(text=spec, out_dir=tmp_path / "y")
+    assert few.result.edges == () and "6 nodes selected" in few.result.extras["edges_skipped"]

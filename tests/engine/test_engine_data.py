@@ -65,7 +65,7 @@ def test_result_shape_ranking_timings_provenance(stories):
     assert all(n.verified_effect is not None for n in res.nodes[:3])
     assert all(n.verified_effect is None for n in res.nodes[3:])
     timings = dict(res.timings)
-    assert {"load", "forward", "backward", "verify", "total"} <= set(timings)
+    assert {"load", "corrupt forward", "clean forward + backward", "rank", "verify", "total"} <= set(timings)
     prov = dict(res.provenance)
     for key in ("model_id", "revision", "torch", "nnsight", "transformers", "seed", "dtype", "device"):
         assert key in prov

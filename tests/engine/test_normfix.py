@@ -13,13 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_support import NodeGroup, make_plan, tm
+from engine_support import NodeGroup, first_batch, make_plan, tm
 import normfix_reference as NR
 import torch_reference as R  # noqa: I001
 
-from atpdsl.engine import atpstar, execute
-from atpdsl.engine.atp import MAIN, atp_batch, atp_estimates
-from atpdsl.engine.atpstar import corrections_for
+from atpdsl.engine import execute
+from atpdsl.engine.corrections import norm_fix
 from atpdsl.engine.context import make_context
 from atpdsl.engine.graddrop import zero_and_atp_terms
 from atpdsl.engine.load import wrap_model
@@ -167,21 +166,17 @@ def _terms(arch: str, mode: str, limit: int | None = None):
     model, tok = _model(arch), tm.make_tokenizer()
     loaded = wrap_model(model, tok)
     ctx = make_context(make_plan("tiny", [PAIR], NODES, batch=1, method_spec=_fix(gd=True, mode=mode)), loaded)
-    star = corrections_for(ctx)[0]
-    run = atp_batch(ctx, ctx.batches[0], [star])
-    est = atp_estimates(ctx, run)
-    old = atpstar.NORM_SUFFIX_LIMIT
+    old = norm_fix.NORM_SUFFIX_LIMIT
     if limit is not None:
-        atpstar.NORM_SUFFIX_LIMIT = limit
+        norm_fix.NORM_SUFFIX_LIMIT = limit
     try:
-        qk = {q.layer: star._qk_prepare(run, q) for q in star.qk_layers}
-        star._norm_suffix.clear()
-        star._norm_inputs.clear()
-        star._norm_write(run, run.clean.grads[MAIN].get, est, qk=qk)
-        terms = torch.stack(list(star.term_estimates(run, est, qk)))  # [n_terms, 1, N]
+        state, run = first_batch(ctx, {"corrupt_forward", "clean_backward", "qk_fix", "norm_fix"})
+        star = state.parts["graddrop"]
+        est = run.est
+        terms = torch.stack([star.estimates(run, t) for t in star.terms])  # [n_terms, 1, N]
     finally:
-        atpstar.NORM_SUFFIX_LIMIT = old
-        run.clean.live.clear()
+        norm_fix.NORM_SUFFIX_LIMIT = old
+    run.clean.live.clear()
     return model, tok, ctx, star, est, terms
 
 
@@ -224,12 +219,12 @@ def test_the_norm_check_names_the_reader():
     """A reader whose closed form does not reproduce the model's norm output stops the run on the first batch."""
     model, tok = _model("llama"), tm.make_tokenizer()
     ctx = make_context(make_plan("tiny", [PAIR], NODES, batch=1, method_spec=_fix()), wrap_model(model, tok))
-    star = corrections_for(ctx)[0]
-    assert star.norm_readers[3].name == "L1.mlp-in"
-    star.norm_readers[3].norm = norm_map(torch.nn.LayerNorm(32))  # centred: not the model's RMSNorm
-    run = atp_batch(ctx, ctx.batches[0], [star])
+    state, run = first_batch(ctx, {"corrupt_forward", "clean_backward"})
+    fix = state.parts["norm"]
+    assert fix.readers[3].name == "L1.mlp-in"
+    fix.readers[3].norm = norm_map(torch.nn.LayerNorm(32))  # centred: not the model's RMSNorm
     with pytest.raises(EngineError, match=r"L1\.mlp-in.*norm_fix off"):
-        star.apply(ctx, run, atp_estimates(ctx, run))
+        norm_fix.norm_fix_step(state, None, run)
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2", "qwen2"])

@@ -34,15 +34,16 @@ def test_hub_id_is_accepted_offline_without_geometry():
 
 def test_hub_like_path_next_to_a_folder_of_that_name_warns():
     r = check("", model='model "data/other"')
-    assert r.ok and codes(r) == ["W201"]
+    assert r.ok and codes(r) == ["W201", "W504"]  # W504: a hub model not in the cache: tokens not checked
     assert r.diagnostics[0].hints == ("write `./data/other` for a local folder",)
 
 
 def test_zoo_model_has_geometry():
     r = check("", model='model zoo "induction-2l"')
-    assert r.ok, r.diagnostics
     assert r.model.is_zoo and r.model.source == "induction-2l"
     assert r.model.geometry.n_layers == 2
+    # its tokenizer knows t0..t63 only: the golden pairs' answers are outside its vocabulary
+    assert {d.code for d in r.errors} == {"E507"}
 
 
 def test_unsupported_architecture(tmp_path):

@@ -1,6 +1,8 @@
 """The command line: exit codes, output formats, dispatch, no tracebacks (atpdsl/cli/app.py)."""
 import importlib
 import json
+import re
+import subprocess
 import sys
 import types
 
@@ -19,7 +21,7 @@ def spec(shared_dir):
 @pytest.fixture
 def bad(tmp_path):
     p = tmp_path / "bad.atp"
-    p.write_text('model "gpt2"\npair { clean "a" }\nmetric kl\nnodes { head }\n')
+    p.write_text('model "gpt2"\npair { clean "a" }\nmetric kl method exact\nnodes { head }\n')
     return str(p)
 
 
@@ -82,19 +84,51 @@ def test_check_missing_file_is_exit_1(capsys, tmp_path):
     assert code == 1 and "error: spec file not found" in err
 
 
+def _steps_table(out: str) -> str:
+    """The plan's steps table, from its title to the end of the output."""
+    assert "steps, in the order they run" in out, out
+    return out[out.index("steps, in the order they run"):]
+
+
+def _step_rows(out: str, name: str) -> list[int]:
+    """Numbers of the steps table's lines that start the row of the step called `name`."""
+    pattern = re.compile(rf"^ ?{re.escape(name)} {{2,}}")
+    return [i for i, line in enumerate(_steps_table(out).splitlines()) if pattern.match(line)]
+
+
+def _step_line(out: str, name: str) -> str:
+    """The steps table's line for the step called `name`."""
+    rows = _step_rows(out, name)
+    assert rows, f"no step {name!r} in:\n{out}"
+    return _steps_table(out).splitlines()[rows[0]]
+
+
 def test_plan_prints_tables(capsys, spec):
+    from atpdsl.language.compiler import compile_file
+
+    plan = compile_file(spec)
+    total = sum(step.cost for step in plan.steps)
     code, out, _ = run(capsys, "plan", spec)
     assert code == 0
+    words = " ".join(out.split())  # rich wraps long cells at the console's width
     for word in ("Plan for", "logit_diff(answer, wrong) at last", "atp* (qk_fix on, graddrop per layer)",
-                 "graddrop", "x 3 batches = 126 forward-equivalents", "model.layers.0.self_attn.o_proj.input"):
-        assert word in out, word
+                 "graddrop", f"x 3 batches = {total * 3:g} forward-equivalents", "model.layers.0.self_attn.o_proj.input"):
+        assert word in words, word
+    for step in plan.steps:  # every step the engine will run, in order, with its own cost
+        assert f" {step.cost:g} " in _step_line(out, step.name) + " "
+    rows = [_step_rows(out, step.name)[0] for step in plan.steps]
+    assert rows == sorted(rows)
 
 
 def test_plan_shows_the_norm_fix(capsys, project_root):
-    code, out, _ = run(capsys, "plan", str(project_root / "examples" / "pronoun-neurons.atp"))
-    assert code == 0
-    for word in ("atp* (qk_fix on, graddrop per layer, norm_fix on)", "norm fix", "6.5", "exact block-input and final"):
-        assert word in out, word
+    from atpdsl.language.compiler import compile_file
+
+    spec = project_root / "examples" / "pronoun-neurons.atp"
+    norm = [step for step in compile_file(spec).steps if "norm" in step.name]
+    code, out, _ = run(capsys, "plan", str(spec))
+    assert code == 0 and norm
+    assert "atp* (qk_fix on, graddrop per layer, norm_fix on)" in out
+    assert f" {norm[0].cost:g} " in _step_line(out, norm[0].name) + " "
 
 
 def test_plan_json_and_errors(capsys, spec, bad):
@@ -192,3 +226,157 @@ def test_plan_text_has_no_colour(spec):
 
     text = cli.plan_text(compile_file(spec), width=90)
     assert "\x1b[" not in text and max(len(line) for line in text.splitlines()) <= 90
+
+
+# ------------------------------------------------------------------ start-up cost, threads, progress
+
+@pytest.mark.parametrize("entry", ["atpdsl.cli", "atpdsl.cli.app"])
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["run", "--help"]])
+def test_version_and_help_do_not_import_rich_or_torch(entry, argv):
+    code = (f"import sys\nfrom {entry} import main\nrc = main({argv!r})\n"
+            "print(rc, sorted(m for m in ('rich', 'torch', 'lark', 'networkx') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 []"
+    if argv == ["--version"]:
+        assert done.stdout.splitlines()[0] == f"atpdsl {__version__}"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "2000"])
+def test_bad_thread_counts_are_usage_errors(capsys, value):
+    code, _, err = run(capsys, "run", "x.atp", "--threads", value)
+    assert code == 2 and "--threads" in err and "usage: atpdsl run" in err
+
+
+def _fake_commands(monkeypatch, seen):
+    import torch
+
+    fake = types.ModuleType("atpdsl.cli.commands")
+
+    def cmd_run(args):
+        seen.update(threads=torch.get_num_threads(), note=args.threads_note, log=args.log)
+        return 0
+
+    fake.cmd_run = cmd_run
+    monkeypatch.setitem(sys.modules, "atpdsl.cli.commands", fake)
+
+
+def test_threads_are_set_for_the_run_and_restored(capsys, monkeypatch):
+    import torch
+
+    seen = {}
+    _fake_commands(monkeypatch, seen)
+    before = torch.get_num_threads()
+    assert run(capsys, "run", "x.atp", "--threads", "3", "--log", "r.log")[0] == 0
+    assert seen == {"threads": 3, "note": "threads: 3 thread(s), as --threads asked", "log": "r.log"}
+    assert torch.get_num_threads() == before
+
+
+def test_default_threads_follow_the_cores(capsys, monkeypatch):
+    import torch
+
+    from atpdsl.cli import threads
+
+    seen = {}
+    _fake_commands(monkeypatch, seen)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    assert run(capsys, "run", "x.atp")[0] == 0
+    assert seen["threads"] == 1 and "2 usable core(s)" in seen["note"]
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("cores, load, omp, expected", [
+    (1, 0.0, "", 1), (2, 0.0, "", 1), (8, 0.0, "", 4), (8, 6.2, "", 2), (8, 30.0, "", 1), (16, 3.4, "", 4),
+    (8, 0.0, "3", None)])
+def test_choose_threads(cores, load, omp, expected):
+    from atpdsl.cli.threads import choose_threads
+
+    env = {"OMP_NUM_THREADS": omp} if omp else {}
+    choice = choose_threads(None, torch_default=4, cores=cores, load=load, environ=env)
+    assert choice.threads == expected, choice
+    assert choose_threads(5, torch_default=4, cores=cores, load=load, environ=env).threads == 5
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_lines_count_units_with_an_eta_from_the_first_unit(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from atpdsl.cli.progress import ProgressBars
+
+    clock, stream = _Clock(), io.StringIO()
+    with ProgressBars(Console(file=stream, width=200), log=tmp_path / "run.log", every=10.0, clock=clock,
+                      header="threads: 1") as bars:
+        bars("forward", 0, 2)
+        clock.now += 3.0
+        bars("forward", 1, 2)
+        clock.now += 3.0
+        bars("forward", 2, 2)
+        clock.now += 2.0  # the verify phase starts when forward ended: its first report is already 1 unit
+        bars("verify", 1, 20)
+        for done in range(2, 21):
+            clock.now += 2.0
+            bars("verify", done, 20)
+    lines = stream.getvalue().splitlines()
+    assert lines == (tmp_path / "run.log").read_text().splitlines()  # the log gets exactly what stderr got
+    assert lines[0] == "threads: 1"
+    assert lines[1:4] == ["[   0:00] forward passes: 0/2 batches, 0:00 spent, eta -:--",
+                          "[   0:03] forward passes: 1/2 batches, 0:03 spent, eta 0:03",
+                          "[   0:06] forward passes: 2/2 batches, 0:06 spent, done"]
+    # ETA from the first unit: 2 s for 1 node, 19 to go
+    assert lines[4] == "[   0:08] verifying (exact patching): 1/20 nodes, 0:02 spent, eta 0:38"
+    # then at most one line per 10 s, and the end of the phase
+    assert lines[5:] == ["[   0:18] verifying (exact patching): 6/20 nodes, 0:12 spent, eta 0:28",
+                         "[   0:28] verifying (exact patching): 11/20 nodes, 0:22 spent, eta 0:18",
+                         "[   0:38] verifying (exact patching): 16/20 nodes, 0:32 spent, eta 0:08",
+                         "[   0:46] verifying (exact patching): 20/20 nodes, 0:40 spent, done"]
+
+
+def test_quiet_progress_still_writes_the_log_and_a_bad_log_path_is_an_error(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from atpdsl.cli.progress import ProgressBars
+
+    stream = io.StringIO()
+    with ProgressBars(Console(file=stream), enabled=False, log=tmp_path / "q.log") as bars:
+        bars("diagnose", 1, 1)
+    assert stream.getvalue() == ""
+    assert "false-negative diagnostic: 1/1 samples" in (tmp_path / "q.log").read_text()
+    with pytest.raises(AtpError, match="cannot write the log file"):
+        with ProgressBars(Console(file=stream), log=tmp_path / "no" / "such" / "dir.log"):
+            pass
+
+
+def test_terminal_bars_show_phases_in_the_order_they_start():
+    import io
+
+    from rich.console import Console
+
+    from atpdsl.cli.progress import ProgressBars
+
+    stream = io.StringIO()
+    console = Console(file=stream, width=150, force_terminal=True, color_system=None)
+    with ProgressBars(console) as bars:
+        assert not bars.plain
+        for phase, total in (("forward", 2), ("backward", 2), ("graddrop", 5), ("verify", 12), ("diagnose", 200)):
+            for done in range(1, total + 1):
+                bars(phase, done, total)
+    final = stream.getvalue().split("\x1b[2K")[-6:]  # the last redraw: one line per phase
+    text = "".join(final)
+    order = [text.index(label) for label in ("forward passes", "backward passes", "GradDrop terms",
+                                             "verifying (exact patching)", "false-negative diagnostic")]
+    assert order == sorted(order)
+    for count in ("2/2 batches", "5/5 terms", "12/12 nodes", "200/200 samples"):
+        assert count in text

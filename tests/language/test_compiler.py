@@ -53,10 +53,15 @@ def test_pronoun_spec_plan(shared_dir):
         8, 0, "top", 20, 30)
     assert [e.format for e in plan.exports] == ["csv", "graphml", "json"]
     assert plan.exports[0].path == str(shared_dir.resolve() / "specs" / "out" / "pronoun.csv")
-    # no query/key nodes: no QK-fix pass; graddrop: term l recomputes layers < l, 2 x (0+1+2+3+4)/5 = 4
-    assert [(p.name, p.cost) for p in plan.passes] == [
-        ("corrupt forward", 1), ("clean forward", 1), ("backward", 2), ("graddrop", 4), ("edges", 4),
-        ("verify", 30)]
+    # no query/key nodes: no QK-fix step; graddrop: term l recomputes layers < l, 2 x (0+1+2+3+4)/5 = 4 in all
+    assert [s.name for s in plan.steps] == [
+        "corrupt forward", "clean forward + backward", "graddrop L0", "graddrop L1", "graddrop L2", "graddrop L3",
+        "graddrop L4", "edge reads", "rank", "verify", "edges"]
+    assert [s.scope for s in plan.steps] == ["batch"] * 8 + ["run"] * 3
+    costs = {s.name: s.cost for s in plan.steps}
+    assert (costs["corrupt forward"], costs["clean forward + backward"], costs["verify"]) == (1, 3, 32)
+    assert sum(s.cost for s in plan.steps if s.kind == "graddrop_term") == pytest.approx(4)
+    assert [s.param("layer") for s in plan.steps if s.kind == "graddrop_term"] == [0, 1, 2, 3, 4]
     assert plan.sites[:2] == ("model.layers.0.self_attn.o_proj.input", "model.layers.0.mlp.down_proj.input")
     assert dict(plan.extras)["node_count"] == 5 * 8 + 5 * 172
 
@@ -88,15 +93,21 @@ def test_defaults():
 def test_costs_of_atp_star_variants():
     plan = plan_of("nodes { queries keys } method atp* { graddrop per sublayer }\nverify top 5\n"
                    "diagnose false_negatives { samples 40 }")
-    assert [(p.name, p.cost) for p in plan.passes] == [
-        ("corrupt forward", 1), ("clean forward", 1), ("backward", 2), ("qk fix", 0.2), ("graddrop", 7),
-        ("edges", 4), ("verify", 5), ("diagnose", 40)]
+    kinds = [s.kind for s in plan.steps]
+    assert kinds == ["corrupt_forward", "clean_backward", "qk_fix"] + ["graddrop_term"] * 8 + [
+        "edge_reads", "rank", "verify", "diagnose", "edges"]
+    costs = {s.name: s.cost for s in plan.steps}
+    assert (costs["qk fix"], costs["verify"], costs["diagnose"]) == (0.2, 7, 42)
+    # 8 terms per sublayer: backward below each cut (2 x (0 + 0.5 + 1 + 1.5 + ... + 3.5) / 4 = 7), plus the QK
+    # fix again in the layers below the cut
+    assert [s.name for s in plan.steps if s.kind == "graddrop_term"][:3] == [
+        "graddrop L0.attn", "graddrop L0.mlp", "graddrop L1.attn"]
     assert (plan.diagnosis.samples, plan.diagnosis.confidence, plan.diagnosis.inclusion) == (40, 0.95, 0.1)
     plan = plan_of("nodes { queries } method atp* { qk_fix off graddrop off }")
-    assert [p.name for p in plan.passes] == ["corrupt forward", "clean forward", "backward", "edges"]
+    assert [s.kind for s in plan.steps] == ["corrupt_forward", "clean_backward", "edge_reads", "rank", "edges"]
     # kl has a zero gradient at the clean run: no edge attribution pass
     plan = compile_text('model "gpt2"\npair { clean "a" corrupt "b" }\nmetric kl\nmethod exact\n')
-    assert "edges" not in [p.name for p in plan.passes]
+    assert "edges" not in [s.kind for s in plan.steps]
 
 
 def test_norm_fix_is_off_unless_asked_and_costed_when_on():
@@ -104,23 +115,24 @@ def test_norm_fix_is_off_unless_asked_and_costed_when_on():
     plan = plan_of("nodes { neurons queries } method atp* { norm_fix on graddrop off }")
     assert plan.method.norm_fix and not plan.method.graddrop
     # 4 layers: the MLP writes of layers 0..3 against 7, 5, 3 and 1 later norms -> 0.5 x 16 / 4
-    assert [(p.name, p.cost) for p in plan.passes][3:5] == [("qk fix", 0.2), ("norm fix", 2.0)]
+    assert [(s.name, s.cost) for s in plan.steps][2:4] == [("qk fix", 0.2), ("norm fix", 2.0)]
     with_drop = plan_of("nodes { neurons } method atp* { norm_fix on }")
     # + each GradDrop term l redoes the writes of layers m < l against the 2 (l - m) norms up to its cut:
     # 2 + 6 + 12 = 20 more pairs -> 0.5 x 36 / 4
-    assert dict((p.name, p.cost) for p in with_drop.passes)["norm fix"] == 4.5
+    norm_in_terms = sum(s.cost for s in with_drop.steps if s.kind == "graddrop_term") - 2.0 * (0 + 1 + 2 + 3) / 4
+    assert dict((s.name, s.cost) for s in with_drop.steps)["norm fix"] + norm_in_terms == pytest.approx(4.5)
     only_qk = plan_of("nodes { queries keys } method atp* { norm_fix on }")
-    assert "norm fix" in [p.name for p in only_qk.passes]  # with the QK fix their heads' output change is the write
+    assert "norm fix" in [s.name for s in only_qk.steps]  # with the QK fix their heads' output change is the write
     no_qk = plan_of("nodes { queries keys } method atp* { norm_fix on qk_fix off }")
-    assert "norm fix" not in [p.name for p in no_qk.passes]  # without it they keep plain AtP
+    assert "norm fix" not in [s.name for s in no_qk.steps]  # without it they keep plain AtP
 
 
 def test_exact_costs_one_forward_per_node():
     plan = plan_of("nodes { heads 0, 1 layers 1..2 ; mlp ; keys } method exact")
     # 2 heads x 2 layers + 4 mlp + 2 KV groups x 4 layers
     assert dict(plan.extras)["node_count"] == 4 + 4 + 8
-    assert [(p.name, p.cost) for p in plan.passes] == [
-        ("corrupt forward", 1), ("clean forward", 1), ("patched forwards", 16)]
+    assert [(s.name, s.cost) for s in plan.steps] == [
+        ("corrupt forward", 1), ("clean forward", 1), ("patched forwards", 16), ("rank", 0)]
 
 
 def test_node_count_needs_geometry():
@@ -128,11 +140,12 @@ def test_node_count_needs_geometry():
 
 
 def test_hub_model_plan_has_no_sites_and_estimates_depth():
-    plan = compile_text('model "EleutherAI/pythia-70m"\npair { clean "a" corrupt "b" }\nmetric kl\n'
+    plan = compile_text('model "EleutherAI/pythia-70m"\npair { clean "a" corrupt "b" }\nmetric logprob(" x")\n'
                         "nodes { heads layers 0..5 } method atp*\n")
     assert plan.sites == () and plan.model.source == "EleutherAI/pythia-70m"
-    graddrop = next(p for p in plan.passes if p.name == "graddrop")
-    assert graddrop.cost == 5 and "estimated from the node groups" in graddrop.description
+    terms = [s for s in plan.steps if s.kind == "graddrop_term"]
+    assert len(terms) == 6 and sum(s.cost for s in terms) == 5  # 6 layers from the node groups: 2 x 15 / 6
+    assert all("estimated from the node groups" in s.description for s in terms)
 
 
 def test_metric_args_and_eval_metric():
@@ -148,7 +161,7 @@ def test_metric_args_and_eval_metric():
 
 def test_model_settings_reach_the_plan():
     plan = compile_text('model "gpt2" { dtype bf16 device cuda:1 revision "abc" attention eager }\n'
-                        'pair { clean "a" corrupt "b" }\nmetric kl\n')
+                        'pair { clean "a" corrupt "b" }\nmetric kl method exact\n')
     m = plan.model
     assert (m.dtype, m.device, m.revision, m.attention) == ("bfloat16", "cuda:1", "abc", "eager")
     assert (m.where.line, m.where.column) == (1, 1)
@@ -163,7 +176,7 @@ def test_template_pairs_and_slot_position_reach_the_plan():
 
 def test_spec_error_carries_every_diagnostic_and_a_readable_message():
     with pytest.raises(SpecError) as info:
-        compile_text('model "gpt2"\npair { clean "a" }\nmetric kl\nbatch 0\n', filename="t.atp")
+        compile_text('model "gpt2"\npair { clean "a" }\nmetric kl method exact\nbatch 0\n', filename="t.atp")
     err = info.value
     assert [d.code for d in err.diagnostics] == ["E305", "E106"]
     assert str(err).splitlines() == ["t.atp:2:1: E305 pair has no `corrupt` prompt [help: add `corrupt \"...\"` to"

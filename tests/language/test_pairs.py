@@ -9,7 +9,7 @@ from atpdsl.language.pairs import parse_placeholders, Placeholder
 
 
 def checked(text, tmp_path=None, **kw):
-    return check_text('model "EleutherAI/pythia-70m"\nmetric kl\n' + text, filename="t.atp",
+    return check_text('model "EleutherAI/pythia-70m"\nmetric kl  method exact\n' + text, filename="t.atp",
                       base_dir=tmp_path or ".", **kw)
 
 

@@ -14,7 +14,7 @@ def test_node_kinds_match_the_names_contract():
 
 
 @pytest.mark.parametrize("bound, good, bad, text", [
-    (r.BATCH, [1, 512, 10**400], [0, -1, 2.0], "a positive integer"),
+    (r.BATCH, [1, 512, 10**9], [0, -1, 2.0, 10**9 + 1, 10**400], "a positive integer"),
     (r.SEED, [0, 2**32 - 1], [-1, 2**32, 10**400, 1.5], "an integer from 0 to 4294967295"),
     (r.DIAGNOSE_SETTINGS["confidence"].bound, [0.5, 0.99], [0, 1, 1.5, math.inf, math.nan], "a number in (0, 1)"),
     (r.SELECT_KINDS["cumulative"].bound, [1, 0.5], [0, 1.01], "a number in (0, 1]"),
@@ -24,6 +24,11 @@ def test_bounds(bound, good, bad, text):
     assert all(bound.accepts(v) for v in good)
     assert not any(bound.accepts(v) for v in bad)
     assert bound.describe() == text
+
+
+def test_a_count_past_its_cap_says_the_cap():
+    assert r.BATCH.describe(10**400) == "a positive integer (at most 1000000000)"
+    assert r.BATCH.describe(0) == "a positive integer"
 
 
 def test_language_reference_mentions_every_name(project_root):

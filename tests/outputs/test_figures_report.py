@@ -7,7 +7,7 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
-from synthetic_circuits import make_plan, mixed_result, ranked_result, score
+from synthetic_circuits import finished, make_plan, mixed_result, ranked_result, score
 
 import atpdsl.outputs.plots
 from atpdsl.outputs import write, write_all
@@ -22,7 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def res(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fig")
-    return finish(make_plan(tmp), mixed_result(edges=True), write_exports=False)
+    return finished(make_plan(tmp), mixed_result(edges=True))
 
 
 def test_png_export_writes_the_circuit_then_heads_and_neurons(res, tmp_path):
@@ -44,10 +44,10 @@ def test_svg_export_is_valid_xml_with_text_labels(res, tmp_path):
 
 def test_only_the_figures_the_run_can_fill_are_written(tmp_path):
     neurons_only = ranked_result([score("L0.N1", (0.3,)), score("L1.N4", (-0.2,))])
-    res = finish(make_plan(tmp_path, selection=Selection("top", 1)), neurons_only, write_exports=False)
+    res = finished(make_plan(tmp_path, selection=Selection("top", 1)), neurons_only)
     assert [p.name for p in write(res, tmp_path / "n.png")] == ["n.png", "n-neurons.png"]
     heads_only = ranked_result([score("L0.H1", (0.3,))])
-    res = finish(make_plan(tmp_path), heads_only, write_exports=False)
+    res = finished(make_plan(tmp_path), heads_only)
     assert [p.name for p in write(res, tmp_path / "h.png")] == ["h.png", "h-heads.png"]
 
 
@@ -61,11 +61,11 @@ def test_html_report_is_self_contained_with_images_and_tables(res, tmp_path):
     assert not re.search(r"(src|href)=\"(https?:|//|[^d#])", text)  # nothing to fetch
     assert "<script" not in text
     assert html.escape(res.plan.spec_text, quote=True) in text  # the spec, escaped
-    assert "with 90% confidence no unverified node changes the metric by more than 0.0123" in text
+    assert html.escape(res.result.false_negatives.sentence) in text
     assert html.escape(SIGN_CONVENTION) in text
     for node in res.selection.selected:
         assert f"<td class=\"l\">{html.escape(node)}</td>" in text or f">{node}<" in text
-    table = text.split("Top nodes: estimate vs verified", 1)[1].split("</table>", 1)[0]
+    table = text.split("Top nodes: verified effect vs estimate", 1)[1].split("</table>", 1)[0]
     assert table.count("<tr") == len(res.result.nodes) + 1  # 23 nodes < TOP_ROWS: all listed
     assert "Dropped after verification" in text and "L1.H3" in text
     assert "Strongest edges in the circuit" in text
@@ -96,8 +96,24 @@ def test_export_errors_are_messages_not_tracebacks(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     plan = make_plan(tmp_path)
-    res = finish(plan, mixed_result(), write_exports=False)
+    res = finished(plan, mixed_result())
     outcomes = write_all(res, [ExportTarget(str(blocker / "c.csv"), "csv"), ExportTarget(str(tmp_path / "ok.json"), "json")])
     by_format = {o.format: o for o in outcomes}
-    assert by_format["csv"].error.startswith("FileExistsError") or by_format["csv"].error.startswith("NotADirectoryError")
+    assert by_format["csv"].error.startswith(f"cannot write {str(blocker / 'c.csv')!r}")
+    assert "Traceback" not in by_format["csv"].error
     assert by_format["json"].error is None and (tmp_path / "ok.json").is_file()
+
+
+def test_report_edge_table_lists_each_edge_once_with_its_verified_value(tmp_path):
+    from atpdsl.circuit.scores import EdgeScore
+
+    edges = (EdgeScore("embed", "L0.H3", 0.2), EdgeScore("L0.H3", "L1.H1", -0.15, -0.12),
+             EdgeScore("L1.H1", "logits", -0.35), EdgeScore("L1.H2", "logits", 0.35))
+    from dataclasses import replace
+
+    res = finished(make_plan(tmp_path), replace(mixed_result(), edges=edges))
+    text = write(res, tmp_path / "r.html")[0].read_text()
+    table = text.split("Strongest edges in the circuit", 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r'<tr class=""><td class="l">([^<]+)</td><td class="l">([^<]+)</td>', table)
+    assert len(rows) == len(set(rows)) == res.graph.number_of_edges()
+    assert "-0.12" in table and "of 4 attributed edge(s) kept" in text

@@ -11,12 +11,12 @@ import xml.etree.ElementTree as ET
 
 import networkx as nx
 import pytest
-from synthetic_circuits import make_plan, mixed_result
+from synthetic_circuits import finished, make_plan, mixed_result
 
 from atpdsl.errors import DataError
 from atpdsl.outputs import ExportError, format_of, write
 from atpdsl.outputs.csvio import read_csv
-from atpdsl.outputs.dot import parse_dot, read_dot, to_dot
+from atpdsl.outputs.dot import to_dot
 from atpdsl.outputs.gexf import read_gexf, write_gexf
 from atpdsl.outputs.graphml import read_graphml, write_graphml
 from atpdsl.outputs.jsonio import load_result, read_result
@@ -29,7 +29,7 @@ from atpdsl.circuit.scores import SIGN_CONVENTION
 @pytest.fixture(params=["residual", "attribution"])
 def res(request, tmp_path):
     """A finished hand-built run (exports not written), with and without edge attributions."""
-    return finish(make_plan(tmp_path), mixed_result(edges=request.param == "attribution"), write_exports=False)
+    return finished(make_plan(tmp_path), mixed_result(edges=request.param == "attribution"))
 
 
 def same_value(a, b) -> bool:
@@ -58,7 +58,7 @@ def test_graphml_round_trip(res, tmp_path):
     write_graphml(res.graph, path)
     assert_same_graph(res.graph, read_graphml(path))
     text = path.read_text()
-    assert '<data key="verified">true</data>' in text and '<data key="verified">false</data>' in text
+    assert '<data key="node_verified">true</data>' in text and '<data key="node_verified">false</data>' in text
     assert ">True<" not in text and ">False<" not in text  # xs:boolean spelling for strict readers
     buffer = io.BytesIO()  # file handles work too
     write_graphml(res.graph, buffer)
@@ -70,7 +70,7 @@ def test_gexf_round_trip_and_gephi_layout_hints(res, tmp_path):
     path = tmp_path / "c.gexf"
     write_gexf(res.graph, path)
     assert_same_graph(res.graph, read_gexf(path))
-    ns = {"g": "http://www.gexf.net/1.2draft", "viz": "http://www.gexf.net/1.2draft/viz"}
+    ns = {"g": "http://gexf.net/1.3", "viz": "http://gexf.net/1.3/viz"}
     root = ET.parse(path).getroot()
     assert json.loads(root.find("g:meta/g:description", ns).text)["spec_hash"] == "sha256:0123abcd"
     positions = root.findall(".//viz:position", ns)
@@ -79,23 +79,18 @@ def test_gexf_round_trip_and_gephi_layout_hints(res, tmp_path):
     assert set(plain) == set(res.graph)
 
 
-def test_dot_round_trip(res, tmp_path):
-    path = tmp_path / "c.dot"
-    write(res, path)
-    assert_same_graph(res.graph, read_dot(path))
-
-
 def test_dot_is_layered_coloured_by_sign_and_sized_by_score(res):
     text = to_dot(res.graph)
-    assert 'rankdir="BT"' in text
+    assert 'rankdir="BT"' in text and 'size="7.5,10"' in text
     assert text.count("rank=same") == len({d["stage"] for _, d in res.graph.nodes(data=True)})
     lines = {line.split(" [", 1)[0].strip(): line for line in text.splitlines() if line.startswith('  "')}
-    blue, red = lines['"L1.H2"'], lines['"L1.H1"']  # estimates +0.6 and -0.4
-    assert 'fillcolor="#2166ac"' in blue  # the largest |estimate| gets the full colour
+    blue, red = lines['"L1.H2"'], lines['"L1.H1"']  # estimates +0.6 and -0.4 (L1.H1 verified -0.4)
+    assert 'fillcolor="#2166ac"' in blue  # the largest |effect| gets the full colour
     fill = red.split('fillcolor="#')[1][:6]
     r, g, b = (int(fill[i:i + 2], 16) for i in (0, 2, 4))
     assert r > g and r > b
-    width = {n: float(line.split('width="')[1].split('"')[0]) for n, line in lines.items() if "->" not in n}
+    assert "exact -0.4" in red and "(est -0.4)" in red and 'penwidth="2.5"' in red
+    width = {n: float(line.split('width="')[1].split('"')[0]) for n, line in lines.items() if 'width="' in line}
     assert width['"L1.H2"'] > width['"L0.H2"']  # score 0.6 > 0.3
 
 
@@ -113,25 +108,6 @@ def test_dot_renders_with_graphviz(res, tmp_path):
     svg = ET.fromstring(done.stdout)
     titles = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")}
     assert set(res.graph) <= titles
-
-
-def test_dot_reader_accepts_hand_edits():
-    G = parse_dot(
-        """
-        # produced by hand
-        strict digraph x {
-          /* block comment */ a [atp_score=0.5, color=red]; // line comment
-          subgraph { rank=same; b }
-          a -> b -> c [atp_weight="-2"];
-          rankdir=BT
-        }
-        """
-    )
-    assert G.nodes["a"] == {"score": 0.5}
-    assert set(G.edges) == {("a", "b"), ("b", "c")}
-    assert G.edges["b", "c"] == {"weight": -2}
-    with pytest.raises(DataError, match="expected"):
-        parse_dot("digraph { a -> }")
 
 
 def test_json_rebuilds_the_run_and_the_graph(res, tmp_path):
@@ -154,6 +130,7 @@ def test_json_document_fields(res, tmp_path):
     assert doc["format"] == "atpdsl-result" and doc["schema_version"] == 1
     assert doc["sign_convention"] == SIGN_CONVENTION
     assert (doc["spec_hash"], doc["model_id"], doc["model_revision"]) == ("sha256:0123abcd", "zoo/induction-2l", "v1")
+    assert doc["selection"]["aggregate"] == "mean_abs" and "selection_value" in doc["selection"]["value_definition"]
     assert doc["timings"]["engine"] == {"load": 0.5, "forward": 0.25, "backward": 0.125, "verify": 0.0625}
     assert set(doc["timings"]["pipeline"]) == {"select", "graph"}
     assert doc["diagnostic"].startswith("with 90% confidence")
@@ -187,8 +164,8 @@ def test_csv_round_trip_and_columns(res, tmp_path):
     path = tmp_path / "c.csv"
     written = write(res, path)
     header = path.read_text().splitlines()[0].split(",")
-    assert header[:11] == ["node", "layer", "kind", "index", "position", "estimate", "score", "method", "rank",
-                           "verified_effect", "in_circuit"]
+    assert header[:13] == ["node", "layer", "kind", "index", "position", "estimate", "score", "method", "rank",
+                           "verified_effect", "in_circuit", "selection_value", "decision"]
     assert header[-1] == "sign_convention"
     assert read_csv(path) == res.scores
     if res.result.edges:
@@ -196,12 +173,13 @@ def test_csv_round_trip_and_columns(res, tmp_path):
         assert read_csv(tmp_path / "c-edges.csv") == res.edges
         flags = {(r["source"], r["target"]): r["in_circuit"] for r in res.edges}
         assert flags[("L0.H3", "L1.H1")] is True and flags[("L0.N0", "logits")] is False
+        assert all(r["weight"] is None or abs(r["weight"]) > 0 for r in res.edges if r["in_circuit"])
     else:
         assert written == [path]
 
 
 def test_per_pair_csv_when_the_spec_keeps_pairs(tmp_path):
-    res = finish(make_plan(tmp_path, aggregate="per_pair"), mixed_result(), write_exports=False)
+    res = finished(make_plan(tmp_path, aggregate="per_pair"), mixed_result())
     written = write(res, tmp_path / "p.csv")
     pairs = read_csv(tmp_path / "p-pairs.csv")
     assert written[-1] == tmp_path / "p-pairs.csv"
@@ -222,7 +200,7 @@ def test_table_api():
 def test_unknown_extension_is_an_atp_error(res, tmp_path):
     with pytest.raises(ExportError, match=r"unknown extension '\.xlsx'"):
         write(res, tmp_path / "c.xlsx")
-    assert format_of("x.GV") == "dot"
+    assert format_of("x.GV") == "dot" and format_of("x.cyjs") == "cyjs"
 
 
 def test_exports_create_parent_folders(res, tmp_path):
@@ -232,11 +210,11 @@ def test_exports_create_parent_folders(res, tmp_path):
 
 
 def test_selection_with_nothing_selected_still_exports(tmp_path):
-    res = finish(make_plan(tmp_path, selection=Selection("threshold", 99.0)), mixed_result(), write_exports=False)
+    res = finished(make_plan(tmp_path, selection=Selection("threshold", 99.0)), mixed_result())
     assert set(res.graph) == {"embed", "logits"}
-    for ext in ("graphml", "gexf", "dot", "json"):
+    for ext in ("graphml", "gexf", "dot", "json", "cyjs"):
         write(res, tmp_path / f"empty.{ext}")
-    assert_same_graph(res.graph, read_dot(tmp_path / "empty.dot"))
+    assert_same_graph(res.graph, read_graphml(tmp_path / "empty.graphml"))
 
 
 def test_an_unbounded_diagnostic_is_written_as_standard_json(tmp_path):
@@ -245,7 +223,7 @@ def test_an_unbounded_diagnostic_is_written_as_standard_json(tmp_path):
 
     run = mixed_result()
     run = replace(run, false_negatives=replace(run.false_negatives, bound=math.inf))
-    res = finish(make_plan(tmp_path), run, write_exports=False)
+    res = finished(make_plan(tmp_path), run)
     path = tmp_path / "c.json"
     write(res, path)
 
@@ -258,3 +236,30 @@ def test_an_unbounded_diagnostic_is_written_as_standard_json(tmp_path):
     assert "inf" not in doc["false_negatives"]["sentence"]
     back, _ = read_result(path)
     assert math.isinf(back.false_negatives.bound) and not back.false_negatives.bounded
+
+
+def test_a_twenty_node_circuit_renders_on_one_page_with_edges_cut(tmp_path):
+    """Graphviz lays the 20-node study out by layer within 7.5 x 10 inches (96 dpi PNG: 720 x 960 pixels)."""
+    import struct
+
+    from synthetic_circuits import twenty_node_result
+
+    dot = shutil.which("dot")
+    if dot is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("Graphviz `dot` is not installed, and CI=true: install graphviz")
+        pytest.skip("Graphviz `dot` is not installed (install graphviz; CI fails here)")
+    res = finished(make_plan(tmp_path, selection=Selection("top", 20)), twenty_node_result())
+    g = res.graph.graph
+    assert g["n_edges_kept"] < g["n_edges_computed"] and g["n_edges_zero"] > 0
+    kept = sorted((abs(d["weight"]) for *_, d in res.graph.edges(data=True)), reverse=True)
+    every = sorted((abs(e.weight) for e in res.result.edges if e.source in res.graph and e.target in res.graph),
+                   reverse=True)
+    assert sum(kept) >= 0.9 * sum(every) > sum(kept[:-1])  # the smallest set carrying 90% of |weight|
+    assert all(w > 0 for w in kept)
+    write(res, tmp_path / "c.dot")
+    done = subprocess.run([dot, "-Tpng", str(tmp_path / "c.dot"), "-o", str(tmp_path / "c.png")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
+    width, height = struct.unpack(">II", (tmp_path / "c.png").read_bytes()[16:24])
+    assert width <= 7.5 * 96 + 2 and height <= 10 * 96 + 2

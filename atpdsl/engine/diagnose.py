@@ -1,0 +1,424 @@
+"""The false-negative diagnostic: bound what the unverified nodes could still change, or say why it cannot.
+
+Steps (statistics in false_negatives.py):
+1. Leave out unchanged nodes: a node whose activation is the same on the clean and the corrupt prompt (in every
+   pair) has effect exactly 0 when patched (`exact.changed_columns`); it needs no test.
+2. If the changed nodes are no more than `samples` (and the single-patch budget), patch each alone: an exact
+   answer for no more patched copies than the random-subset test would cost ("exhaustive").
+3. Otherwise random-subset patching gives simultaneous upper limits u_i on every node's *average marginal*
+   effect (Bonferroni over the nodes, so they hold together at the stated confidence).
+4. Suspects: the nodes with the largest u_i (every untestable one, then the highest) are patched alone. Their
+   exact effects replace their limits, so the bound is max(measured suspects, u of the rest).
+5. Additivity, the assumption that turns a limit on m_i into one on the effect alone, is tested two ways: each
+   suspect's effect alone against its subset estimate (two-sided Welch t, Bonferroni over all tested nodes,
+   since suspects are chosen among them), and a few sampled subsets cut into random halves (additivity:
+   f(S) = f(A) + f(B)). A failed check gives no bound ("refused"), with the numbers; nodes too rarely in or out
+   of a subset to test, beyond the suspects patched alone, give "untestable".
+
+Sound: exhaustive results are exact. A "bounded" result holds at the stated confidence if effects add up inside
+random subsets; the checks can refute that assumption (and then refuse) but not prove it. Interaction
+concentrated in a few nodes is what the suspect check catches best (such nodes have large subset estimates).
+
+API:
+    diagnose(ctx, unverified_columns, *, samples, confidence, inclusion, seed, ...) -> (FalseNegativeBound, dict)
+    run_diagnosis(ctx, unverified_columns, settings, ...) -> DiagnosisRun (also the per-pair effects measured alone)
+    bound_nodes(n, patcher, settings, names, progress) -> Finding   (the procedure, on any Patcher)
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from atpdsl.errors import EngineError
+from atpdsl.circuit.scores import AdditivityCheck, FalseNegativeBound, Suspect
+from atpdsl.engine.context import Context
+from atpdsl.engine.exact import batch_refs, changed_columns, chunk_rows, exact_effects, subset_effects
+from atpdsl.engine.false_negatives import (
+    QUANTITIES, NodeLimits, discrepancy_p, node_limits, sample_subsets,
+)
+
+__all__ = ["Settings", "Patcher", "Finding", "DiagnosisRun", "bound_nodes", "run_diagnosis", "diagnose",
+           "magnitudes", "SPLIT_LIMIT"]
+
+Progress = Callable[[str, int, int], None]
+Tick = Callable[[int, int], None]  # (done, total) inside one patcher call
+
+NUMERIC_TOLERANCE = 1e-5
+"""Gaps below this x (1 + largest |subset effect|) count as rounding (float32 logits), not as interaction."""
+
+SPLIT_LIMIT = 0.5
+"""The split check fails when some sampled subset differs from the sum of its two halves by more than this
+fraction of the bound it would state: an interaction that large could hide a node's effect alone."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How one diagnosis runs. `suspects`: most nodes patched alone after the subset test (only those whose limit
+    reaches `floor`); `splits`: subsets cut in halves for the additivity check; `exhaustive_up_to`: patch every
+    changed node alone when there are at most this many (None: `samples`); `budget`: most nodes patched alone."""
+
+    samples: int = 200
+    confidence: float = 0.95
+    inclusion: float = 0.1
+    seed: int = 0
+    quantity: str = "abs_mean"
+    suspects: int = 8
+    floor: float = 0.0
+    splits: int = 16
+    split_limit: float = SPLIT_LIMIT
+    exhaustive_up_to: int | None = None
+    budget: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Patcher:
+    """How the procedure measures (exact patching in the engine, a synthetic model in tests).
+
+    subsets(masks bool [k, n], tick) -> effects [k, P] of patching each row's nodes at once, per pair;
+    alone(nodes, tick) -> effects [P, len(nodes)] of patching each node on its own. `tick(done, total)` reports
+    progress inside a call in rows or nodes measured on every pair."""
+
+    subsets: Callable[[np.ndarray, Tick], np.ndarray]
+    alone: Callable[[list[int], Tick], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What `bound_nodes` found, in node indices 0..n-1."""
+
+    status: str
+    bound: float
+    alone: dict[int, np.ndarray]  # node -> per-pair effects [P] patched alone
+    limits: NodeLimits | None = None
+    additivity: AdditivityCheck | None = None
+    reason: str = ""
+    subset_patches: int = 0
+    split_gaps: np.ndarray | None = None  # [splits] |f(S) - f(A) - f(B)| in the bounded quantity
+
+    @property
+    def rest(self) -> float:
+        """The bound over the nodes *not* patched alone (valid on its own: the limits are simultaneous)."""
+        if self.status == "exhaustive":
+            return 0.0
+        if self.status != "bounded" or self.limits is None:
+            return float("inf")
+        return float(np.delete(self.limits.limits, list(self.alone)).max(initial=0.0))
+
+
+def magnitudes(per_pair: np.ndarray, quantity: str) -> np.ndarray:
+    """Per-pair effects [P, m] -> the bounded quantity per node [m]."""
+    per_pair = np.asarray(per_pair, float)
+    return np.abs(per_pair.mean(0)) if quantity == "abs_mean" else np.abs(per_pair).mean(0)
+
+
+def _phase(progress: Progress | None, phase: str) -> Tick:
+    def tick(done: int, total: int) -> None:
+        if progress:
+            progress(phase, done, total)
+
+    return tick
+
+
+def _exhaustive(n: int, patcher: Patcher, s: Settings, progress: Progress | None) -> Finding:
+    effects = patcher.alone(list(range(n)), _phase(progress, "suspects"))
+    alone = {i: effects[:, i] for i in range(n)}
+    return Finding("exhaustive", float(magnitudes(effects, s.quantity).max()), alone)
+
+
+def _choose_suspects(lim: NodeLimits, s: Settings) -> tuple[list[int], int]:
+    """Nodes to patch alone, and how many untestable nodes did not fit. Untestable nodes first (they have no
+    limit); then, alternately, the highest limits reaching the floor (they set the bound) and the largest subset
+    estimates (saturation and redundancy hide part of a large node's effect: its estimate is low but precise, so
+    its limit need not be high; measuring it alone is the additivity check with the most power)."""
+    cap = max(0, s.suspects if s.budget is None else min(s.suspects, s.budget))
+    limits = np.nan_to_num(lim.limits, posinf=np.finfo(float).max)
+    untestable = [int(i) for i in np.flatnonzero(~lim.testable)]
+    by_limit = [int(i) for i in np.argsort(-limits, kind="stable")
+                if lim.testable[i] and lim.limits[i] >= s.floor and lim.limits[i] > 0]
+    by_estimate = [int(i) for i in np.argsort(-np.abs(np.nan_to_num(lim.effect)), kind="stable")
+                   if lim.testable[i] and lim.effect[i] != 0]
+    chosen = untestable[:cap]
+    for pair in zip(by_limit, by_estimate):
+        for i in pair:
+            if len(chosen) < cap and i not in chosen:
+                chosen.append(i)
+    for i in by_limit[len(by_estimate):] + by_estimate[len(by_limit):]:
+        if len(chosen) < cap and i not in chosen:
+            chosen.append(i)
+    return chosen, max(0, len(untestable) - len(chosen))
+
+
+def _suspect_check(lim: NodeLimits, alone: dict[int, np.ndarray], alpha: float, names: Sequence[str], tol: float):
+    """Each suspect alone vs. its subset estimate; the threshold is alpha / n (suspects are picked among n)."""
+    tested = [i for i in alone if lim.testable[i]]
+    threshold = alpha / len(lim.limits)
+    if not tested:
+        return dict(suspects_tested=0, p_threshold=threshold), True
+    means = np.array([alone[i].mean() for i in tested])
+    idx = np.array(tested)
+    p = discrepancy_p(means, lim.effect[idx], lim.se[idx], lim.dof[idx], tolerance=tol)
+    w = int(np.argmin(p))
+    fields = dict(suspects_tested=len(tested), worst_node=names[tested[w]], worst_alone=float(means[w]),
+                  worst_estimate=float(lim.effect[tested[w]]), worst_se=float(lim.se[tested[w]]),
+                  worst_p=float(p[w]), p_threshold=threshold)
+    return fields, bool(p[w] > threshold)
+
+
+def _split_rows(masks: np.ndarray, lim: NodeLimits, s: Settings, rng) -> list[tuple[int, np.ndarray]]:
+    """(draw, bool side per member) for up to `splits` draws of 2+ nodes. The first half are targeted: draws
+    holding 2+ of the 8 largest subset estimates, with those nodes dealt alternately to the two halves (large
+    nodes are where saturation and redundancy live); the rest are random draws cut at random."""
+    top = np.argsort(-np.abs(np.nan_to_num(lim.effect)), kind="stable")[:8]
+    rows, used = [], set()
+    for j in np.flatnonzero(masks[:, top].sum(1) >= 2)[: s.splits // 2]:
+        members = np.flatnonzero(masks[j])
+        side = rng.permutation(len(members)) < len(members) // 2
+        big = [k for k, m in enumerate(members) if m in top]
+        for r, k in enumerate(rng.permutation(big)):
+            side[k] = r % 2 == 0
+        rows.append((int(j), side))
+        used.add(int(j))
+    for j in rng.permutation(masks.shape[0]):
+        if len(rows) >= s.splits:
+            break
+        members = int(masks[j].sum())
+        if members >= 2 and int(j) not in used:
+            rows.append((int(j), rng.permutation(members) < members // 2))
+    return rows
+
+
+def _splits(masks: np.ndarray, y: np.ndarray, lim: NodeLimits, patcher: Patcher, s: Settings,
+            progress: Progress | None):
+    """Cut sampled subsets into halves A, B and patch both: additivity says f(S) = f(A) + f(B) in every pair.
+    Returns (gaps [m] |f(S) - f(A) - f(B)| in the bounded quantity, share of sum |f(S)|, subsets patched)."""
+    rows = _split_rows(masks, lim, s, np.random.default_rng([s.seed, 1]))
+    if not rows:
+        return np.zeros(0), 0.0, 0
+    halves = np.zeros((2 * len(rows), masks.shape[1]), dtype=bool)
+    for r, (j, side) in enumerate(rows):
+        members = np.flatnonzero(masks[j])
+        halves[2 * r, members[side]] = True
+        halves[2 * r + 1, members[~side]] = True
+    parts = patcher.subsets(halves, _phase(progress, "additivity"))  # [2m, P]
+    whole = y[[j for j, _ in rows]]
+    gaps = magnitudes((whole - parts[0::2] - parts[1::2]).T, s.quantity)
+    size = magnitudes(whole.T, s.quantity)
+    share = float(gaps.sum() / size.sum()) if size.sum() > 0 else (0.0 if gaps.sum() == 0 else np.inf)
+    return gaps, share, len(halves)
+
+
+def _refusal(check: dict, bound: float, s: Settings) -> str:
+    if check.get("worst_p") is not None and check["worst_p"] <= check["p_threshold"]:
+        return (f"effects do not add up inside random subsets: {check['worst_node']} patched alone changes the "
+                f"metric by {check['worst_alone']:+.4g}, its random-subset estimate is {check['worst_estimate']:+.4g}"
+                f" +- {check['worst_se']:.2g} (p = {check['worst_p']:.2g} < {check['p_threshold']:.2g}), so the "
+                f"subset estimates of the other nodes cannot be read as their effects alone; verify the nodes "
+                f"patched alone (`verify until confident`) and diagnose the rest, or lower `inclusion`")
+    return (f"effects do not add up inside random subsets: cut into random halves, a sampled subset's effect "
+            f"differs from the sum of its halves' by {check['split_max']:.3g}, more than {s.split_limit:g} x the "
+            f"{bound:.3g} the subset test would state, so an interaction that large could hide a node's effect "
+            f"alone; verify more nodes or lower `inclusion`")
+
+
+def _subset_test(n: int, patcher: Patcher, s: Settings, names: Sequence[str], progress: Progress | None) -> Finding:
+    masks = sample_subsets(n, s.samples, s.inclusion, s.seed)
+    y = np.asarray(patcher.subsets(masks, _phase(progress, "diagnose")), float)
+    lim = node_limits(masks, y, s.confidence, s.quantity)
+    chosen, left = _choose_suspects(lim, s)
+    effects = patcher.alone(chosen, _phase(progress, "suspects")) if chosen else np.zeros((y.shape[1], 0))
+    alone = {i: effects[:, j] for j, i in enumerate(chosen)}
+    tol = NUMERIC_TOLERANCE * (1.0 + float(np.abs(y).max()))  # rounding in the model's arithmetic, not interaction
+    check, ok = _suspect_check(lim, alone, 1.0 - s.confidence, names, tol)
+    gaps, share, split_draws = _splits(masks, y, lim, patcher, s, progress) if s.splits > 0 else (np.zeros(0), 0.0, 0)
+    check.update(splits=len(gaps), split_max=float(gaps.max()) if len(gaps) else None,
+                 split_share=share if len(gaps) else None, split_limit=s.split_limit)
+    rest = np.delete(lim.limits, chosen)
+    measured = magnitudes(effects, s.quantity) if chosen else np.zeros(0)
+    bound = float(max(rest.max(initial=0.0), measured.max(initial=0.0)))
+    ok = ok and not (len(gaps) and gaps.max() > max(s.split_limit * bound, tol))
+    additivity = AdditivityCheck(**check, passed=ok)
+    patches = s.samples + split_draws
+    if not ok:
+        return Finding("refused", float("inf"), alone, lim, additivity, _refusal(check, bound, s), patches, gaps)
+    if left:
+        untestable = int((~lim.testable).sum())
+        reason = (f"with {s.samples} samples at inclusion {s.inclusion:g}, {untestable} nodes were in (or out of) "
+                  f"fewer than 2 random subsets and {left} of them could not be patched alone; raise samples so "
+                  f"that samples x inclusion is at least 20")
+        return Finding("untestable", float("inf"), alone, lim, additivity, reason, patches, gaps)
+    return Finding("bounded", bound, alone, lim, additivity, "", patches, gaps)
+
+
+def bound_nodes(n: int, patcher: Patcher, settings: Settings, names: Sequence[str] | None = None,
+                progress: Progress | None = None) -> Finding:
+    """The diagnostic's procedure over n changed nodes (see the module docstring)."""
+    if settings.quantity not in QUANTITIES:
+        raise ValueError(f"unknown quantity {settings.quantity!r} (known: {', '.join(QUANTITIES)})")
+    names = list(names) if names is not None else [str(i) for i in range(n)]
+    s = settings
+    if s.samples < 4:
+        raise ValueError(f"the diagnostic needs at least 4 samples, got {s.samples}")
+    if not 0.0 < s.inclusion < 1.0:
+        raise ValueError(f"inclusion must be strictly between 0 and 1, got {s.inclusion}")
+    if not 0.0 < s.confidence < 1.0:
+        raise ValueError(f"confidence must be strictly between 0 and 1, got {s.confidence}")
+    if n == 0:
+        return Finding("exhaustive", 0.0, {})
+    limit = settings.samples if settings.exhaustive_up_to is None else settings.exhaustive_up_to
+    if settings.budget is not None:
+        limit = min(limit, settings.budget)
+    if n <= limit:
+        return _exhaustive(n, patcher, settings, progress)
+    return _subset_test(n, patcher, settings, names, progress)
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+@dataclass(frozen=True)
+class DiagnosisRun:
+    """A diagnosis through the engine: the bound, a JSON-able summary, and every node patched alone (table
+    column -> per-pair exact effects [n_pairs]) so a caller can count them as verified."""
+
+    bound: FalseNegativeBound
+    summary: dict
+    measured: dict[int, torch.Tensor] = field(default_factory=dict)
+    rest: float = float("inf")  # the bound over the unverified nodes not in `measured`
+
+    def without_measured(self) -> FalseNegativeBound:
+        """The statement about the nodes left once `measured` counts as verified (simultaneous limits let the
+        rest keep theirs; exhaustive: only unchanged nodes are left, bound 0)."""
+        b = self.bound
+        if not b.bounded:
+            return replace(b, nodes_tested=b.nodes_tested - len(self.measured))
+        return replace(b, bound=self.rest, nodes_tested=b.nodes_tested - len(self.measured), suspects=())
+
+
+def _metric(ctx: Context):
+    return ctx.plan.eval_metric or ctx.plan.metric, ctx.plan.eval_metric is not None
+
+
+def _sites(ctx: Context, columns: Sequence[int]):
+    return [ctx.sites[i] for i in sorted({ctx.table.block_of(c).site for c in columns})]
+
+
+def changed_among(ctx: Context, columns: Sequence[int]) -> np.ndarray:
+    """Bool [len(columns)]: which columns' activation differs between clean and corrupt in some pair."""
+    spec, eval_ = _metric(ctx)
+    sites = _sites(ctx, columns)
+    out = torch.zeros(len(columns), dtype=torch.bool)
+    index = torch.as_tensor(list(columns), dtype=torch.long)
+    for batch in ctx.batches:
+        refs = batch_refs(ctx, batch, sites, spec, eval_=eval_)
+        out |= changed_columns(ctx, batch, refs)[index]
+    return out.numpy()
+
+
+def engine_patcher(ctx: Context, columns: Sequence[int]) -> Patcher:
+    """Exact patching of `columns` (node i of the procedure is table column columns[i]) over every batch."""
+    spec, eval_ = _metric(ctx)
+    sites = _sites(ctx, columns)
+    cols = torch.as_tensor(list(columns), dtype=torch.long)
+    n_pairs, n_batches = len(ctx.pairs), len(ctx.batches)
+
+    def subsets(masks: np.ndarray, tick: Tick) -> np.ndarray:
+        k = masks.shape[0]
+        table_masks = torch.zeros((k, ctx.table.size), dtype=torch.bool)
+        table_masks[:, cols] = torch.from_numpy(np.asarray(masks, bool))
+        out = np.zeros((k, n_pairs))
+        first = 0
+        for bi, batch in enumerate(ctx.batches):
+            refs = batch_refs(ctx, batch, sites, spec, eval_=eval_)
+            step = max(1, chunk_rows(ctx, batch) // batch.size)
+            for lo in range(0, k, step):
+                eff = subset_effects(ctx, batch, table_masks[lo: lo + step], refs, spec, eval_=eval_)  # [b, m]
+                out[lo: lo + eff.shape[1], first: first + batch.size] = eff.T.numpy()
+                tick((bi * k + lo + eff.shape[1]) // n_batches, k)
+            first += batch.size
+        return out
+
+    def alone(nodes: list[int], tick: Tick) -> np.ndarray:
+        m = len(nodes)
+        chosen = [int(columns[i]) for i in nodes]
+        rows = []
+        for bi, batch in enumerate(ctx.batches):
+            refs = batch_refs(ctx, batch, sites, spec, eval_=eval_)
+            rows.append(exact_effects(ctx, batch, chosen, refs, spec, eval_=eval_,
+                                      progress=lambda d, base=bi * m: tick((base + d) // n_batches, m)))
+        return torch.cat(rows).numpy() if rows else np.zeros((n_pairs, m))
+
+    return Patcher(subsets=subsets, alone=alone)
+
+
+def _suspects(finding: Finding, names: Sequence[str], quantity: str, keep: int) -> tuple[Suspect, ...]:
+    """Nodes patched alone, largest first (an exhaustive run keeps only the `keep` largest)."""
+    lim = finding.limits
+    rows = []
+    for i, per_pair in finding.alone.items():
+        est = se = None
+        if lim is not None and lim.testable[i]:
+            est, se = float(lim.effect[i]), float(lim.se[i])
+        rows.append(Suspect(names[i], float(per_pair.mean()), float(magnitudes(per_pair[:, None], quantity)[0]),
+                            est, se))
+    rows.sort(key=lambda r: -r.magnitude)
+    return tuple(rows[:keep] if finding.status == "exhaustive" else rows)
+
+
+def _summary(finding: Finding, bound: FalseNegativeBound, names: Sequence[str]) -> dict:
+    """The JSON-able details behind the sentence (extras["diagnosis"])."""
+    from dataclasses import asdict
+
+    lim = finding.limits
+    out = {"status": bound.status, "quantity": bound.quantity, "tested": bound.nodes_tested - bound.unchanged,
+           "unchanged": bound.unchanged, "exact_patches": bound.exact_patches,
+           "subset_patches": bound.subset_patches, "untestable": 0,
+           "suspects": [asdict(s) for s in bound.suspects],
+           "additivity": None if bound.additivity is None else asdict(bound.additivity)}
+    if lim is not None:
+        effect = np.nan_to_num(lim.effect)
+        top = np.argsort(-np.abs(effect), kind="stable")[:5]
+        out["untestable"] = int((~lim.testable).sum())
+        out["largest_subsample_estimate"] = {"node": names[top[0]], "effect": float(effect[top[0]])}
+        out["largest_subset_estimates"] = [
+            {"node": names[i], "estimate": float(effect[i]), "se": float(np.nan_to_num(lim.se[i], nan=-1.0)),
+             "limit": float(lim.limits[i]) if np.isfinite(lim.limits[i]) else None} for i in top]
+        out["split_gaps"] = [float(g) for g in (finding.split_gaps if finding.split_gaps is not None else [])]
+    return out
+
+
+def run_diagnosis(ctx: Context, columns: Sequence[int], settings: Settings, *,
+                  progress: Progress | None = None) -> DiagnosisRun:
+    """Diagnose the unverified table `columns` (module docstring); errors are EngineErrors."""
+    if not columns:
+        raise EngineError("diagnose false_negatives: every node is verified, so nothing is left to bound")
+    t0 = time.perf_counter()
+    changed = changed_among(ctx, columns)
+    tested = [int(c) for c, ch in zip(columns, changed) if ch]
+    names = [ctx.table.nodes[c].name for c in tested]
+    try:
+        finding = bound_nodes(len(tested), engine_patcher(ctx, tested), settings, names, progress)
+    except ValueError as err:
+        raise EngineError(f"diagnose false_negatives: {err}") from None
+    ctx.add_time("diagnose", time.perf_counter() - t0)
+    bound = FalseNegativeBound(
+        bound=finding.bound, confidence=settings.confidence, samples=settings.samples, nodes_tested=len(columns),
+        inclusion=settings.inclusion, status=finding.status, quantity=settings.quantity,
+        unchanged=len(columns) - len(tested), suspects=_suspects(finding, names, settings.quantity, settings.suspects),
+        additivity=finding.additivity, reason=finding.reason, exact_patches=len(finding.alone),
+        subset_patches=finding.subset_patches)
+    measured = {tested[i]: torch.from_numpy(np.asarray(v, dtype=np.float64)) for i, v in finding.alone.items()}
+    return DiagnosisRun(bound, _summary(finding, bound, names), measured, finding.rest)
+
+
+def diagnose(ctx: Context, unverified_columns: Sequence[int], *, samples: int, confidence: float, inclusion: float,
+             seed: int, quantity: str = "abs_mean", progress: Progress | None = None,
+             **settings) -> tuple[FalseNegativeBound, dict]:
+    """Bound what the unverified nodes could change (or say why not): the bound and a JSON-able summary.
+
+    Extra keyword settings (suspects, splits, exhaustive_up_to, budget, floor) are `Settings` fields."""
+    s = Settings(samples=samples, confidence=confidence, inclusion=inclusion, seed=seed, quantity=quantity,
+                 **settings)
+    run = run_diagnosis(ctx, unverified_columns, s, progress=progress)
+    return run.bound, run.summary

@@ -1,0 +1,129 @@
+"""Turn a run's final state into its RunResult: one NodeScore per node in rank order, the checks' summaries, the
+steps that ran with their timings, and the provenance of every number."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from atpdsl import __version__
+from atpdsl.circuit.scores import SIGN_CONVENTION, NodeScore, RunResult
+from atpdsl.plan import Plan
+from atpdsl.engine.load import Loaded
+from atpdsl.engine.metrics import describe
+from atpdsl.engine.state import RunState
+
+__all__ = ["build_result", "node_scores", "provenance", "executed_steps"]
+
+
+def node_scores(state: RunState) -> list[NodeScore]:
+    """Every node's numbers in rank order (per-pair rows when the plan keeps them)."""
+    table, acc = state.ctx.table, state.acc
+    keep = state.plan.write_per_pair or state.plan.method.aggregate == "per_pair"
+    rows = acc.per_pair() if keep else None
+    mags = acc.per_pair_magnitude() if keep else None  # per-pair ranking scores: |estimate|, or GradDrop's
+    columns = rows.T.tolist() if rows is not None else None
+    mag_columns = mags.T.tolist() if mags is not None else None
+    ranks = state.parts.get("pair_ranks")
+    means, scores = state.mean.tolist(), state.score.tolist()
+    label = _label(state.plan)
+    nodes = []
+    for r, col in enumerate(state.order, start=1):
+        attrs = table.attrs[col]
+        if ranks is not None:
+            attrs = attrs + (("best_pair_rank", int(ranks[:, col].min())),)
+        ns = NodeScore(node=table.nodes[col], estimate=means[col], score=scores[col], method=label, rank=r,
+                       per_pair=tuple(columns[col]) if columns is not None else None, attrs=attrs,
+                       per_pair_score=tuple(mag_columns[col]) if mag_columns is not None else None)
+        eff = state.verified.get(col)
+        if eff is not None:
+            ns = ns.with_verification(float(eff.mean()), tuple(eff.tolist()))
+        nodes.append(ns)
+    return nodes
+
+
+def _label(plan: Plan) -> str:
+    m = plan.method
+    if m.name == "atp*" and not (m.qk_fix or m.graddrop or m.norm_fix):
+        return "atp"  # every correction off: plain AtP
+    return m.name
+
+
+def provenance(plan: Plan, loaded: Loaded) -> tuple[tuple[str, str | int | float | bool], ...]:
+    """Where the numbers come from: model, revision, dtype, device, seed and every package version."""
+    import nnsight
+    import transformers
+
+    return (
+        ("model_id", plan.model.source),
+        ("model_location", loaded.location),
+        ("revision", plan.model.revision or ""),
+        ("architecture", loaded.arch.name),
+        ("dtype", plan.model.dtype),
+        ("device", str(loaded.device)),
+        ("seed", plan.seed),
+        ("trust_remote_code", bool(plan.model.trust_remote_code)),
+        ("atpdsl", __version__),
+        ("torch", torch.__version__),
+        ("nnsight", getattr(nnsight, "__version__", "?")),
+        ("transformers", transformers.__version__),
+        ("python", platform.python_version()),
+        ("sign_convention", SIGN_CONVENTION),
+    )
+
+
+def executed_steps(state: RunState) -> list[dict]:
+    """The steps that ran, in plan order, with how often and how long."""
+    return [{"kind": r.kind, "name": r.name, "scope": r.scope, "runs": r.runs, "seconds": round(r.seconds, 6)}
+            for r in state.records.values()]
+
+
+def _extras(state: RunState, nodes: list[NodeScore]) -> dict:
+    from atpdsl.engine.verification import verification_summary
+
+    plan, table = state.plan, state.ctx.table
+    extras = {
+        "aggregate": plan.method.aggregate,
+        "sign_convention": SIGN_CONVENTION,
+        "positions": None if table.positions is None else {"mode": table.positions[0],
+                                                           "names": [str(p) for p in table.positions[1]]},
+        "sites": [s.name for s in table.sites],
+        "eval_metric": describe(plan.eval_metric) if plan.eval_metric else None,
+        "batches": len(state.ctx.batches),
+        "steps": executed_steps(state),
+    }
+    gd = state.parts.get("graddrop")
+    if plan.method.name == "atp*" and _label(plan) == "atp*":
+        m = plan.method
+        extras["atp_star"] = {"qk_fix": m.qk_fix, "norm_fix": m.norm_fix, "graddrop": m.graddrop,
+                              "graddrop_mode": m.graddrop_mode if m.graddrop else None,
+                              "graddrop_terms": [t.name for t in gd.terms] if gd is not None else []}
+    if state.verified:
+        extras["verification"] = verification_summary(plan, nodes)
+    if state.diagnosis is not None:
+        extras["diagnosis"] = state.diagnosis[1]
+    extras.update(state.extras)
+    return extras
+
+
+def build_result(state: RunState) -> RunResult:
+    """The RunResult of the state as it stands (the `edges` step builds one to select from)."""
+    plan, acc = state.plan, state.acc
+    nodes = node_scores(state)
+    timings = tuple((r.name, round(r.seconds, 6)) for r in state.records.values())
+    timings = tuple(state.ctx.timings.items()) + timings
+    return RunResult(
+        model_id=plan.model.source,
+        spec_hash=plan.spec_hash,
+        method=_label(plan),
+        metric=describe(plan.metric),
+        nodes=tuple(nodes),
+        n_pairs=acc.n,
+        clean_metric=acc.clean_sum / acc.n,
+        corrupt_metric=acc.corrupt_sum / acc.n,
+        edges=state.edges,
+        false_negatives=state.diagnosis[0] if state.diagnosis is not None else None,
+        timings=tuple((k, round(v, 6)) for k, v in timings),
+        provenance=provenance(plan, state.ctx.loaded),
+        extras=_extras(state, nodes),
+    )

@@ -1,0 +1,107 @@
+"""One run's working state as its steps fill it: each batch's shared work, the running sums, and what the
+run-scope steps (rank, verify, diagnose, edges) produce."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from atpdsl.circuit.scores import EdgeScore, FalseNegativeBound
+from atpdsl.engine.context import Accumulator, Context
+from atpdsl.engine.data import Batch
+from atpdsl.engine.trace import TraceOut, TraceSite
+from atpdsl.plan import Step
+
+__all__ = ["BatchWork", "StepRecord", "RunState", "ExtraSites", "Progress"]
+
+Progress = Callable[[str, int, int], None]
+"""progress(phase, done, total): the engine reports work units (batch steps, nodes patched, samples drawn)."""
+
+
+@dataclass(slots=True)
+class BatchWork:
+    """What the batch-scope steps of one batch share; folded into the run's sums when the batch is done.
+
+    `est` [b, N] holds the per-pair numbers the batch adds to the run: AtP estimates (rewritten in place by the
+    corrections) or, for `method exact`, exact effects. `magnitude` [b, N] replaces |est| as the per-pair
+    ranking score when a correction supplies one (GradDrop). `cache` holds values several steps reuse (the
+    node sites' differences, the QK fix's prepared patterns).
+    """
+
+    batch: Batch
+    corrupt: TraceOut | None = None
+    clean: TraceOut | None = None
+    est: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    clean_rows: torch.Tensor | None = None
+    corrupt_rows: torch.Tensor | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """A step the engine ran: how often (once per batch for batch-scope steps) and for how long in all."""
+
+    kind: str
+    name: str
+    scope: str
+    runs: int
+    seconds: float
+
+
+class ExtraSites:
+    """Trace sites the steps add to the plan's node sites (each key once), read in both runs."""
+
+    def __init__(self, have: set[str]):
+        self.have = have
+        self.sites: dict[str, TraceSite] = {}
+
+    def add(self, key: str, module: str, attr: str, order: tuple[int, int], item: int | None = None,
+            grad: bool = True) -> str:
+        """Add a site unless the plan or an earlier step has it (then only ask for its gradient too, if `grad`);
+        returns its key."""
+        if key in self.have:
+            return key
+        old = self.sites.get(key)
+        if old is None:
+            self.sites[key] = TraceSite(key=key, module=module, attr=attr, item=item, grad=grad, order=order)
+        elif grad and not old.grad:
+            self.sites[key] = replace(old, grad=True)
+        return key
+
+
+@dataclass(slots=True)
+class RunState:
+    """The run as the steps advance it (see atpdsl.engine.steps)."""
+
+    ctx: Context
+    steps: tuple[Step, ...]
+    acc: Accumulator
+    progress: Progress | None = None
+    extra: ExtraSites | None = None
+    keep_graph: bool = False
+    parts: dict[str, Any] = field(default_factory=dict)  # step helpers built once: "qk", "norm", "graddrop", ...
+    mean: torch.Tensor | None = None  # [N] mean signed estimate (or exact effect)
+    score: torch.Tensor | None = None  # [N] ranking score
+    order: list[int] | None = None  # columns by descending score
+    verified: dict[int, torch.Tensor] = field(default_factory=dict)  # column -> per-pair exact effects
+    diagnosis: tuple[FalseNegativeBound, dict] | None = None
+    edges: tuple[EdgeScore, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, StepRecord] = field(default_factory=dict)
+
+    @property
+    def plan(self):
+        return self.ctx.plan
+
+    def record(self, step: Step, seconds: float) -> None:
+        """Count one run of `step` and its wall time."""
+        old = self.records.get(step.name)
+        runs, total = (old.runs, old.seconds) if old else (0, 0.0)
+        self.records[step.name] = StepRecord(step.kind, step.name, step.scope, runs + 1, total + seconds)
+
+    def report(self, phase: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, done, total)

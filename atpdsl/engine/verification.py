@@ -1,0 +1,90 @@
+"""The checks after ranking, as run-scope steps: `verify` (exact patching of the best-ranked nodes),
+`verify_adaptive` (verify until the diagnostic is confident) and `diagnose` (what the unverified nodes could hide).
+
+Verified effects use the evaluation metric when the plan has one, else the metric; they are per pair, so every
+aggregate can compare like with like (atpdsl.circuit.select).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from atpdsl.circuit.scores import NodeScore
+from atpdsl.errors import EngineError
+from atpdsl.plan import Plan, Step
+from atpdsl.engine.context import Context
+from atpdsl.engine.exact import batch_refs, exact_effects
+from atpdsl.engine.state import BatchWork, RunState
+
+__all__ = ["verify", "verify_step", "verify_adaptive_step", "diagnose_step", "verification_summary"]
+
+Progress = Callable[[str, int, int], None]
+
+
+def verify(ctx: Context, columns: Sequence[int], *, progress: Progress | None = None) -> torch.Tensor:
+    """Exact per-pair effects [n_pairs, len(columns)] with the evaluation metric (or the metric)."""
+    spec = ctx.plan.eval_metric or ctx.plan.metric
+    eval_ = ctx.plan.eval_metric is not None
+    needed = sorted({ctx.table.block_of(c).site for c in columns})
+    sites = [ctx.sites[i] for i in needed]
+    out = []
+    total = len(ctx.batches) * len(columns)
+    for i, batch in enumerate(ctx.batches):
+        refs = batch_refs(ctx, batch, sites, spec, eval_=eval_)
+
+        def tick(done: int, base: int = i * len(columns)) -> None:
+            if progress:
+                progress("verify", base + done, total)
+
+        out.append(exact_effects(ctx, batch, columns, refs, spec, eval_=eval_, progress=tick))
+    return torch.cat(out) if out else torch.zeros((0, len(columns)), dtype=torch.float64)
+
+
+def verify_step(state: RunState, step: Step, work: BatchWork | None = None) -> None:
+    """Exact effects of the `top` best-ranked nodes (reused from `method exact` when they are already measured)."""
+    top = state.order[: int(step.param("top"))]
+    rows = state.acc.per_pair() if state.plan.method.name == "exact" and state.plan.eval_metric is None else None
+    effects = rows[:, top] if rows is not None else verify(state.ctx, top, progress=state.progress)
+    state.verified.update({c: effects[:, j] for j, c in enumerate(top)})
+
+
+def verify_adaptive_step(state: RunState, step: Step, work: BatchWork | None = None) -> None:
+    """Verify until the diagnostic's bound is below the selection cut or the budget of exact patches is spent."""
+    raise EngineError("`verify until confident` is not wired into the engine yet")
+
+
+def diagnose_step(state: RunState, step: Step, work: BatchWork | None = None) -> None:
+    """Bound what the unverified nodes could still change (random subsets patched together)."""
+    d = state.plan.diagnosis
+    unverified = [c for c in state.order if c not in state.verified]
+    from atpdsl.engine.diagnose import diagnose
+
+    state.diagnosis = diagnose(state.ctx, unverified, samples=d.samples, confidence=d.confidence,
+                               inclusion=d.inclusion, seed=state.plan.seed, progress=state.progress)
+
+
+def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
+    """How many verified nodes reach the selection cut with their measured effect, and their ranks."""
+    from atpdsl.circuit.select import DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude
+
+    selection = plan.selection or DEFAULT_SELECTION
+    _, cut = candidates(nodes, selection)
+    rows = []
+    for node in nodes:
+        if node.verified_effect is None:
+            continue
+        measured = verified_magnitude(node, plan.method.aggregate)
+        rows.append({"node": node.name, "rank": node.rank, "estimate": node.estimate, "score": node.score,
+                     "verified_effect": node.verified_effect, "measured": measured,
+                     "exceeds": bool(measured is not None and measured >= cut)})
+    ranks = [r["rank"] for r in rows if r["exceeds"]]
+    return {
+        "top": len(rows),
+        "rule": describe_rule(selection),
+        "cut": cut,
+        "exceeding": len(ranks),
+        "exceeding_ranks": ranks,
+        "deepest_exceeding_rank": max(ranks) if ranks else None,
+        "nodes": rows,
+    }

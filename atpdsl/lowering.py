@@ -1,0 +1,238 @@
+"""Lower a spec's method, nodes and checks into the typed steps the engine runs (no torch).
+
+The list `lower_steps` returns is the program: `atpdsl plan` prints it, `engine.execute` runs exactly these
+steps in this order (batch-scope steps once per batch, then the run-scope steps) and records each one it ran,
+and `--emit python` writes them out as plain nnsight code. Each step kind is one record in STEP_KINDS naming
+its engine implementation by a lazily imported path, so this module never needs torch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from atpdsl import costs
+from atpdsl.arch import Geometry
+from atpdsl.plan import Diagnosis, MethodSpec, NodeGroup, Plan, Step, Verification
+
+__all__ = ["StepKind", "STEP_KINDS", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps", "computes_edges",
+           "graddrop_terms", "plan_total", "node_count", "steps_for", "relower", "same_program"]
+
+NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
+"""Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
+norm fix rewrites. Queries and keys join them when the QK fix is on (their exact head-output change)."""
+
+QK_KINDS = frozenset({"queries", "keys"})
+
+
+@dataclass(frozen=True, slots=True)
+class StepKind:
+    """A kind of step: where it runs and which engine function implements it (`module:function`)."""
+
+    key: str
+    scope: str
+    impl: str
+    doc: str
+    prepare: str | None = None  # `module:function(state, step)` run once before the first batch
+
+
+STEP_KINDS: dict[str, StepKind] = {
+    k.key: k
+    for k in (
+        StepKind("corrupt_forward", "batch", "atpdsl.engine.atp:corrupt_forward",
+                 "run the corrupt prompts and keep the node values"),
+        StepKind("clean_forward", "batch", "atpdsl.engine.exact:clean_forward",
+                 "run the clean prompts without gradients: the metric's baseline"),
+        StepKind("clean_backward", "batch", "atpdsl.engine.atp:clean_forward_backward",
+                 "run the clean prompts keeping the graph, then one backward from the metric"),
+        StepKind("qk_fix", "batch", "atpdsl.engine.corrections.qk_fix:qk_fix_step",
+                 "exact softmax for patched queries and keys", "atpdsl.engine.corrections.qk_fix:prepare_qk_fix"),
+        StepKind("norm_fix", "batch", "atpdsl.engine.corrections.norm_fix:norm_fix_step",
+                 "exact block-input and final norms on every node's own write",
+                 "atpdsl.engine.corrections.norm_fix:prepare_norm_fix"),
+        StepKind("graddrop_term", "batch", "atpdsl.engine.corrections.graddrop_terms:graddrop_term_step",
+                 "one GradDrop term: the backward below one cut block write",
+                 "atpdsl.engine.corrections.graddrop_terms:prepare_graddrop"),
+        StepKind("edge_reads", "batch", "atpdsl.engine.edge_reads:edge_reads_step",
+                 "keep the reader blocks' gradients and the node sites' differences for the edges",
+                 "atpdsl.engine.edge_reads:prepare_edge_reads"),
+        StepKind("exact_patch", "batch", "atpdsl.engine.exact:exact_patch_step",
+                 "one patched forward per node"),
+        StepKind("rank", "run", "atpdsl.engine.ranking:rank_step", "combine the batches' scores and rank the nodes"),
+        StepKind("verify", "run", "atpdsl.engine.verification:verify_step",
+                 "exact patching of the best-ranked nodes"),
+        StepKind("verify_adaptive", "run", "atpdsl.engine.verification:verify_adaptive_step",
+                 "verify, diagnose and patch the suspects until the bound is below the cut or the budget is spent"),
+        StepKind("diagnose", "run", "atpdsl.engine.verification:diagnose_step",
+                 "random node subsets patched to bound what the unverified nodes could hide"),
+        StepKind("edges", "run", "atpdsl.engine.edge_reads:edges_step",
+                 "edge attribution among the selected nodes, from the kept reads"),
+    )
+}
+
+
+def computes_edges(method: MethodSpec, metric_kind: str) -> bool:
+    """Whether a run computes edge attributions among its selected nodes: gradient methods only, and not for
+    `kl`, whose gradient at the clean run is zero."""
+    return method.name in ("atp", "atp*", "relp") and metric_kind != "kl"
+
+
+def graddrop_terms(n_layers: int, mode: str) -> list[tuple[int, str]]:
+    """GradDrop's terms in order: (layer, "layer") per layer, or (layer, "attn") and (layer, "mlp") per sublayer."""
+    if mode == "layer":
+        return [(layer, "layer") for layer in range(n_layers)]
+    return [(layer, side) for layer in range(n_layers) for side in ("attn", "mlp")]
+
+
+def _step(kind: str, name: str, cost: float, description: str, **params) -> Step:
+    return Step(kind, name, STEP_KINDS[kind].scope, round(cost, 6), description, tuple(params.items()))
+
+
+def _layers_with(groups: Sequence[NodeGroup], kinds: frozenset[str], n_layers: int) -> int:
+    """How many layers hold nodes of these kinds."""
+    found: set[int] = set()
+    for g in groups:
+        if g.kind in kinds:
+            lo, hi = g.layers if g.layers is not None else (0, n_layers - 1)
+            found.update(range(max(lo, 0), min(hi, n_layers - 1) + 1))
+    return len(found)
+
+
+def _atp_star_steps(method: MethodSpec, groups: Sequence[NodeGroup], n_layers: int, note: str) -> list[Step]:
+    kinds = {g.kind for g in groups}
+    qk_layers = _layers_with(groups, QK_KINDS, n_layers) if method.qk_fix else 0
+    steps: list[Step] = []
+    if qk_layers:
+        steps.append(_step("qk_fix", "qk fix", costs.QK_FIX_PER_LAYER * qk_layers,
+                           f"exact softmax for patched queries and keys: one attention-pattern recomputation in each"
+                           f" of {qk_layers} layer(s){note}"))
+    fixed = NORM_FIX_KINDS | (QK_KINDS if method.qk_fix else frozenset())
+    norm = method.norm_fix and bool(kinds & fixed)
+    if norm:
+        steps.append(_step("norm_fix", "norm fix", costs.norm_fix_cost(n_layers),
+                           f"exact block-input and final norms on every node's own write, {n_layers} layers{note}"))
+    if method.graddrop:
+        for layer, side in graddrop_terms(n_layers, method.graddrop_mode):
+            cost = costs.graddrop_term_cost(layer, side, n_layers)
+            if qk_layers:
+                cost += costs.QK_FIX_PER_LAYER * min(layer, qk_layers)
+            if norm:
+                cost += costs.norm_fix_term_cost(layer, side, n_layers)
+            where = f"L{layer}" if side == "layer" else f"L{layer}.{side}"
+            cut = "both block writes" if side == "layer" else f"the {side} write"
+            steps.append(_step("graddrop_term", f"graddrop {where}", cost,
+                               f"gradient into {cut} of layer {layer} cut; recompute only the layers below it"
+                               f"{' (QK- and norm-fixed)' if qk_layers and norm else ''}{note}",
+                               layer=layer, side=side))
+    return steps
+
+
+def _check_steps(method: MethodSpec, verification: Verification | None, diagnosis: Diagnosis | None,
+                 reuse_exact: bool) -> list[Step]:
+    steps: list[Step] = []
+    if verification is not None and verification.adaptive:
+        budget = verification.budget or 200
+        samples = diagnosis.samples if diagnosis is not None else 200
+        steps.append(_step("verify_adaptive", "verify until confident", budget + 2.0 + samples,
+                           f"verify in ranking order, diagnose, patch the suspects; at most {budget} exact patches",
+                           budget=budget, first=verification.top))
+    elif verification is not None and not reuse_exact:
+        steps.append(_step("verify", "verify", verification.top + 2.0,
+                           f"exact patching of the {verification.top} best-ranked nodes, one forward each",
+                           top=verification.top))
+    elif verification is not None:
+        steps.append(_step("verify", "verify", 0.0,
+                           f"the {verification.top} best-ranked nodes: their exact effects are already measured",
+                           top=verification.top))
+    if diagnosis is not None and not (verification is not None and verification.adaptive):
+        steps.append(_step("diagnose", "diagnose", diagnosis.samples + 2.0,
+                           f"{diagnosis.samples} forwards with random node subsets patched (inclusion"
+                           f" {diagnosis.inclusion}) to bound false negatives at confidence {diagnosis.confidence}"))
+    return steps
+
+
+def lower_steps(method: MethodSpec, groups: Sequence[NodeGroup], *, n_layers: int | None, nodes: int | None,
+                verification: Verification | None, diagnosis: Diagnosis | None,
+                metric_kind: str = "logit_diff", eval_metric: bool = False) -> tuple[Step, ...]:
+    """The steps a run of this spec executes, in order, each with its cost per batch.
+
+    `eval_metric`: the spec has an `eval metric` (exact patching's own effects are then not the verified ones).
+    `n_layers` is None when the model's config is not on disk (a hub id offline): the depth is then estimated
+    from the node groups, and the engine lowers again with the real depth once the config is read.
+    """
+    layers = n_layers if n_layers is not None else max((g.layers[1] + 1 for g in groups if g.layers), default=1)
+    note = "" if n_layers is not None else " (model depth unknown offline: estimated from the node groups)"
+    per_position = any(g.per_position for g in groups)
+    steps = [_step("corrupt_forward", "corrupt forward", costs.FORWARD,
+                   "run the corrupt prompts; keep the node values")]
+    if method.name == "exact":
+        count = float(nodes) if nodes is not None else 0.0
+        what = f"{nodes} nodes" if nodes is not None else "node count unknown until the model config is read"
+        if per_position:
+            what += "; per-position nodes once per token position"
+        steps.append(_step("clean_forward", "clean forward", costs.FORWARD, "run the clean prompts: the metric's baseline"))
+        steps.append(_step("exact_patch", "patched forwards", count,
+                           f"one clean forward per node with it set to its corrupt value ({what})"))
+    else:
+        rule = "relp" if method.name == "relp" else "gradient"
+        what = ("relevance (LRP rules) at every node (RelP)" if rule == "relp" else "gradient of the metric at every"
+                " node (AtP)")
+        steps.append(_step("clean_backward", "clean forward + backward", costs.FORWARD + costs.BACKWARD,
+                           f"run the clean prompts keeping the graph, then one backward: {what}", rule=rule))
+        if method.name == "atp*":
+            steps.extend(_atp_star_steps(method, groups, layers, note))
+    edges = computes_edges(method, metric_kind)
+    if edges:
+        steps.append(_step("edge_reads", "edge reads", costs.EDGE_READS,
+                           "keep this batch's reader-block gradients and node differences for the edges"))
+    steps.append(_step("rank", "rank", 0.0, f"combine the batches ({method.aggregate}) and rank the nodes"))
+    steps.extend(_check_steps(method, verification, diagnosis, method.name == "exact" and not eval_metric))
+    if edges:
+        steps.append(_step("edges", "edges", costs.EDGE_PRODUCTS,
+                           "edge attribution among the selected nodes (at most 200), from the kept reads"))
+    return tuple(steps)
+
+
+def node_count(groups: Sequence[NodeGroup], geom: Geometry | None) -> int | None:
+    """Nodes scored per position-summed unit (None without model sizes); per-position groups count once."""
+    if geom is None:
+        return None
+    total = 0
+    for g in groups:
+        lo, hi = g.layers if g.layers is not None else (0, geom.n_layers - 1)
+        layers = max(0, min(hi, geom.n_layers - 1) - lo + 1)
+        if g.heads is not None:
+            units = len(g.heads)
+        elif g.kind == "neurons":
+            units = geom.mlp
+        elif g.kind in ("keys", "values"):
+            units = geom.n_kv_heads
+        elif g.kind in ("heads", "queries"):
+            units = geom.n_heads
+        else:
+            units = 1
+        total += layers * units
+    return total
+
+
+def steps_for(plan: Plan, geom: Geometry | None = None) -> tuple[Step, ...]:
+    """The steps a plan's own settings lower to, for the model sizes `geom` (default: the plan's)."""
+    geom = geom or plan.geometry
+    return lower_steps(plan.method, plan.nodes, n_layers=geom.n_layers if geom else None,
+                       nodes=node_count(plan.nodes, geom), verification=plan.verification,
+                       diagnosis=plan.diagnosis, metric_kind=plan.metric.kind, eval_metric=plan.eval_metric is not None)
+
+
+def relower(plan: Plan, geom: Geometry | None = None) -> Plan:
+    """The plan with its steps lowered from its own settings (and `geom` when given)."""
+    geom = geom or plan.geometry
+    return replace(plan, steps=steps_for(plan, geom), geometry=geom)
+
+
+def same_program(a: Sequence[Step], b: Sequence[Step]) -> bool:
+    """Whether two step lists run the same work (kinds and params, in order; costs and wording aside)."""
+    return [(s.kind, s.params) for s in a] == [(s.kind, s.params) for s in b]
+
+
+def plan_total(steps: Sequence[Step], batches: int) -> float:
+    """The plan's total cost in forward-equivalents."""
+    return sum(s.cost for s in steps) * max(batches, 1)

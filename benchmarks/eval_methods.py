@@ -1,0 +1,202 @@
+"""Evaluation of atpdsl's attribution methods against exact activation patching, on three tasks and two real
+models (issue 10, item 6): AtP, AtP* (GradDrop per layer and per sublayer), AtP* + norm fix, and Relevance
+Patching (RelP, atpdsl.engine.relp), per task: Pearson with exact patching per node kind, the worst rank of the
+true top 10 (per pair and aggregated over pairs) and the cost of verifying them (benchmarks/eval_metrics.py).
+
+Tasks (benchmarks/eval_tasks.py): stories260K pronoun pairs, heads / queries / keys / neurons per position;
+SmolLM2-135M IOI and induction pairs, 270 heads + 30 MLP outputs summed over positions. Ground truth: the
+engine's `method exact` on every node of every pair. RelP runs as `method atp` inside `relp_context`, so this
+script does not depend on how `method relp` is wired into the engine.
+
+Run: .venv/bin/python benchmarks/eval_methods.py [--quick] [--threads 1] [--markdown benchmarks/eval_table.md]
+     [--tasks stories,ioi,induction] [--stories-pairs 20] [--smollm2-pairs 10]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "engine"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+import eval_metrics as M  # noqa: E402
+import eval_tasks as T  # noqa: E402
+from engine_support import NodeGroup, make_plan  # noqa: E402
+
+from atpdsl.engine import execute  # noqa: E402
+from atpdsl.engine.load import load_model  # noqa: E402
+from atpdsl.engine.relp import ALL_RULES, PAPER_RULES, RelpRules, relp_context  # noqa: E402
+from atpdsl.plan import MethodSpec  # noqa: E402
+
+PER_PAIR = "per_pair"
+METHODS: dict[str, tuple[MethodSpec, RelpRules | None]] = {
+    "AtP": (MethodSpec("atp", aggregate=PER_PAIR), None),
+    "AtP* layer": (MethodSpec("atp*", qk_fix=True, graddrop=True, aggregate=PER_PAIR), None),
+    "AtP* sublayer": (MethodSpec("atp*", qk_fix=True, graddrop=True, graddrop_mode="sublayer",
+                                 aggregate=PER_PAIR), None),
+    "AtP+QK+norm": (MethodSpec("atp*", qk_fix=True, norm_fix=True, aggregate=PER_PAIR), None),
+    "AtP*+norm layer": (MethodSpec("atp*", qk_fix=True, graddrop=True, norm_fix=True, aggregate=PER_PAIR), None),
+    "AtP*+norm sublayer": (MethodSpec("atp*", qk_fix=True, graddrop=True, graddrop_mode="sublayer",
+                                      norm_fix=True, aggregate=PER_PAIR), None),
+    "RelP": (MethodSpec("atp", aggregate=PER_PAIR), PAPER_RULES),
+    "RelP+AH": (MethodSpec("atp", aggregate=PER_PAIR), ALL_RULES),
+}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_truth(plan, loaded) -> tuple[M.Truth, float, object]:
+    t0 = time.perf_counter()
+    res = execute(replace(plan, method=MethodSpec("exact", aggregate=PER_PAIR), batch=1), loaded=loaded)
+    truth = M.Truth({n.name: n.per_pair for n in res.nodes}, {n.name: n.node.kind.value for n in res.nodes},
+                    res.n_pairs)
+    return truth, time.perf_counter() - t0, res
+
+
+def run_method(name: str, plan, loaded, truth: M.Truth, kinds: frozenset[str]) -> M.Score:
+    spec, rules = METHODS[name]
+    t0 = time.perf_counter()
+    if rules is None:
+        res = execute(replace(plan, method=spec), loaded=loaded)
+    else:
+        with relp_context(loaded, rules):
+            res = execute(replace(plan, method=spec), loaded=loaded)
+    seconds = time.perf_counter() - t0
+    return M.score(name, res, truth, M.method_cost(spec, loaded.geom.n_layers, kinds), seconds)
+
+
+def evaluate(task: T.TaskSpec, loaded, methods: list[str]) -> tuple[list[M.Score], dict]:
+    nodes = tuple(NodeGroup(k, per_position=task.per_position) for k in task.kinds)
+    plan = make_plan(task.model, list(task.pairs), nodes, batch=len(task.pairs), write_per_pair=True)
+    log(f"[{task.name}] exact patching of every node ...")
+    truth, exact_s, exact_res = run_truth(plan, loaded)
+    info = {"nodes": len(truth.per_pair), "pairs": truth.n_pairs, "exact_s": exact_s,
+            "clean": exact_res.clean_metric, "corrupt": exact_res.corrupt_metric}
+    log(f"[{task.name}] {info['nodes']} nodes x {info['pairs']} pairs exact in {exact_s:.0f} s; clean "
+        f"{info['clean']:+.2f}, corrupt {info['corrupt']:+.2f}")
+    scores = []
+    for name in methods:
+        scores.append(run_method(name, plan, loaded, truth, frozenset(task.kinds)))
+        log(f"[{task.name}] {name}: {scores[-1].seconds:.1f} s")
+    info["truth"] = truth
+    return scores, info
+
+
+def _fmt(r: float) -> str:
+    return "  n/a" if math.isnan(r) else f"{r:5.3f}"
+
+
+def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -> str:
+    kinds = [k for k in scores[0].pearson if k != "all"]
+    head = (["method", "cost"] + [f"r {k}" for k in kinds] + ["r all", "worst rank/pair mean [min-max]",
+            "x less/pair", "worst rank agg.", "x less agg."])
+    rows = []
+    base = next((s.seconds for s in scores if s.method == "AtP"), None)
+    if not markdown and base:
+        head.insert(2, "timed")
+    for s in scores:
+        pw = s.pair_worst
+        row = [s.method, f"{s.cost:.2f}"] + [_fmt(s.pearson[k]) for k in kinds] + [
+            _fmt(s.pearson["all"]), f"{sum(pw) / len(pw):.1f} [{min(pw)}-{max(pw)}]", f"{s.pair_less:.1f}",
+            str(s.dataset_worst), f"{s.dataset_less:.1f}"]
+        if not markdown and base:
+            row.insert(2, f"{M.RELP_COST * s.seconds / base:.1f}")
+        rows.append(row)
+    title = (f"{task.name} ({task.about}): {info['nodes']} nodes, {info['pairs']} pairs, mean metric clean "
+             f"{info['clean']:+.2f} / corrupt {info['corrupt']:+.2f}; exhaustive = {scores[0].exhaustive} "
+             f"forward-equivalents per pair")
+    if markdown:
+        lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = [title, "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    if base:
+        lines.insert(1, "  (timed: 4 x the method's wall time / AtP's in this run, a noisy stand-in for its cost)")
+    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def top_nodes(truth: M.Truth, scores: list[M.Score], markdown: bool, count: int = 5) -> str:
+    """The `count` nodes with the largest mean |exact effect|: mean exact effect and each method's mean estimate."""
+    means = {n: sum(v) / len(v) for n, v in truth.per_pair.items()}
+    best = sorted(truth.dataset, key=lambda n: -truth.dataset[n])[:count]
+    head = ["node", "exact"] + [s.method for s in scores]
+    rows = [[n, f"{means[n]:+.3f}"] + [f"{s.means[n]:+.3f}" for s in scores] for n in best]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  largest nodes by mean |exact effect|: mean exact effect and each method's mean estimate",
+             "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    return "\n".join(lines + ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]) + "\n"
+
+
+def tasks_for(names: list[str], stories_pairs: int, smollm2_pairs: int, models: dict) -> list[T.TaskSpec]:
+    out = []
+    if "stories" in names:
+        out.append(T.stories_pronoun(stories_pairs))
+    if "ioi" in names or "induction" in names:
+        smol = [t for t in T.smollm2_tasks(models[T.SMOLLM2], smollm2_pairs)
+                if ("ioi" in names and "IOI" in t.name) or ("induction" in names and "induction" in t.name)]
+        out += smol
+    return out
+
+
+def load(path: Path, models: dict):
+    if path not in models:
+        plan = make_plan(path, [{"clean": "a", "corrupt": "b", "answer": "a", "wrong": "b"}], ())
+        models[path] = load_model(plan.model)
+    return models[path]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 stories pairs, 2 SmolLM2 pairs per task")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", default="stories,ioi,induction")
+    ap.add_argument("--stories-pairs", type=int, default=20)
+    ap.add_argument("--smollm2-pairs", type=int, default=10)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.tasks.split(",")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
+    stories_pairs, smollm2_pairs = (4, 2) if args.quick else (args.stories_pairs, args.smollm2_pairs)
+    models: dict = {}
+    if "ioi" in names or "induction" in names:
+        if not (T.SMOLLM2 / "config.json").is_file():
+            sys.exit(f"SmolLM2 is not built at {T.SMOLLM2} (see ../shared/models/smollm2/build.py)")
+        load(T.SMOLLM2, models)
+    t_start = time.perf_counter()
+    text, md = [], []
+    for task in tasks_for(names, stories_pairs, smollm2_pairs, models):
+        scores, info = evaluate(task, load(task.model, models), methods)
+        text.append(table(task, scores, info, markdown=False) + top_nodes(info["truth"], scores, False))
+        md.append(table(task, scores, info, markdown=True) + "\n" + top_nodes(info["truth"], scores, True))
+        print(text[-1], flush=True)
+    log(f"total {time.perf_counter() - t_start:.0f} s with {args.threads} thread(s)")
+    if args.markdown is not None:
+        args.markdown.write_text("\n".join(md))
+        log(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
