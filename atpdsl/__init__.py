@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from atpdsl.pipeline import Result
 
-__version__ = "0.1.0"
+from atpdsl.version import __version__
 __all__ = ["__version__", "run"]
 
 

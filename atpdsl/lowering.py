@@ -15,7 +15,7 @@ from atpdsl.arch import Geometry
 from atpdsl.plan import Diagnosis, MethodSpec, NodeGroup, Plan, Step, Verification
 
 __all__ = ["StepKind", "STEP_KINDS", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps", "computes_edges",
-           "graddrop_terms", "plan_total", "node_count", "steps_for", "relower", "same_program"]
+           "graddrop_terms", "plan_total", "node_count", "steps_for", "relower", "replan", "same_program", "edges_allowed"]
 
 NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
 """Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
@@ -70,10 +70,20 @@ STEP_KINDS: dict[str, StepKind] = {
 }
 
 
-def computes_edges(method: MethodSpec, metric_kind: str) -> bool:
-    """Whether a run computes edge attributions among its selected nodes: gradient methods only, and not for
-    `kl`, whose gradient at the clean run is zero."""
-    return method.name in ("atp", "atp*", "relp") and metric_kind != "kl"
+def computes_edges(method: MethodSpec, metric_kind: str, arch_allows: bool = True) -> bool:
+    """Whether a run computes edge attributions among its selected nodes: gradient methods only, not for `kl`,
+    whose gradient at the clean run is zero, and not where the architecture record refuses edges (e.g. a norm
+    shared by attention and MLP, or post-norm blocks)."""
+    return method.name in ("atp", "atp*", "relp") and metric_kind != "kl" and arch_allows
+
+
+def edges_allowed(arch, config, method: str) -> bool:
+    """Whether the architecture record (atpdsl.arch) lets this model have edges with this method."""
+    if arch is None or config is None:
+        return True
+    from atpdsl.arch import support_problems
+
+    return not support_problems(arch, config, method, features=("edges",))
 
 
 def graddrop_terms(n_layers: int, mode: str) -> list[tuple[int, str]]:
@@ -152,7 +162,8 @@ def _check_steps(method: MethodSpec, verification: Verification | None, diagnosi
 
 def lower_steps(method: MethodSpec, groups: Sequence[NodeGroup], *, n_layers: int | None, nodes: int | None,
                 verification: Verification | None, diagnosis: Diagnosis | None,
-                metric_kind: str = "logit_diff", eval_metric: bool = False) -> tuple[Step, ...]:
+                metric_kind: str = "logit_diff", eval_metric: bool = False, edges_ok: bool = True
+                ) -> tuple[Step, ...]:
     """The steps a run of this spec executes, in order, each with its cost per batch.
 
     `eval_metric`: the spec has an `eval metric` (exact patching's own effects are then not the verified ones).
@@ -180,7 +191,7 @@ def lower_steps(method: MethodSpec, groups: Sequence[NodeGroup], *, n_layers: in
                            f"run the clean prompts keeping the graph, then one backward: {what}", rule=rule))
         if method.name == "atp*":
             steps.extend(_atp_star_steps(method, groups, layers, note))
-    edges = computes_edges(method, metric_kind)
+    edges = computes_edges(method, metric_kind, edges_ok)
     if edges:
         steps.append(_step("edge_reads", "edge reads", costs.EDGE_READS,
                            "keep this batch's reader-block gradients and node differences for the edges"))
@@ -214,18 +225,28 @@ def node_count(groups: Sequence[NodeGroup], geom: Geometry | None) -> int | None
     return total
 
 
-def steps_for(plan: Plan, geom: Geometry | None = None) -> tuple[Step, ...]:
-    """The steps a plan's own settings lower to, for the model sizes `geom` (default: the plan's)."""
+def steps_for(plan: Plan, geom: Geometry | None = None, edges_ok: bool | None = None) -> tuple[Step, ...]:
+    """The steps a plan's own settings lower to, for the model sizes `geom` (default: the plan's); `edges_ok`
+    whether the architecture allows edges (default: the compiler's answer, kept in the plan's extras)."""
     geom = geom or plan.geometry
+    if edges_ok is None:
+        edges_ok = bool(dict(plan.extras).get("edges_allowed", True))
     return lower_steps(plan.method, plan.nodes, n_layers=geom.n_layers if geom else None,
                        nodes=node_count(plan.nodes, geom), verification=plan.verification,
-                       diagnosis=plan.diagnosis, metric_kind=plan.metric.kind, eval_metric=plan.eval_metric is not None)
+                       diagnosis=plan.diagnosis, metric_kind=plan.metric.kind, eval_metric=plan.eval_metric is not None,
+                       edges_ok=edges_ok)
 
 
 def relower(plan: Plan, geom: Geometry | None = None) -> Plan:
     """The plan with its steps lowered from its own settings (and `geom` when given)."""
     geom = geom or plan.geometry
     return replace(plan, steps=steps_for(plan, geom), geometry=geom)
+
+
+def replan(plan: Plan, **changes) -> Plan:
+    """The plan with some fields changed and its steps lowered again, so that they still say what runs
+    (`dataclasses.replace` alone keeps the old steps, which `execute` then refuses)."""
+    return relower(replace(plan, **changes))
 
 
 def same_program(a: Sequence[Step], b: Sequence[Step]) -> bool:

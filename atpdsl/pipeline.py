@@ -56,11 +56,21 @@ def compile_spec(spec: str | Path | None = None, *, text: str | None = None, out
     return compiler.compile_file(path, out_dir=out)
 
 
-def execute_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
-    """Run the engine on a plan (imports torch and nnsight): every step the plan lists, edges included."""
+def execute_plan(plan: Plan, progress: Progress | None = None, *, fresh: bool = False) -> RunResult:
+    """Run the engine on a plan (imports torch and nnsight): every step the plan lists, edges included. A run
+    that writes exports resumes from the state an interrupted run of the same plan left (`fresh`: start over)."""
     from atpdsl.engine import execute
 
-    return execute(plan, progress=progress)
+    return execute(plan, progress=progress, fresh=fresh)
+
+
+def _discard_state(plan: Plan, run_result: RunResult) -> None:
+    """Every output is written: the run's checkpoint is no longer needed."""
+    from atpdsl.engine.checkpoint import discard
+
+    location = dict(run_result.provenance).get("model_location")
+    if location is not None:
+        discard(plan, str(location))
 
 
 def finish(
@@ -93,6 +103,8 @@ def finish(
         outcomes = write_all(result, plan.exports, spec_file=plan.spec_file)
         clock.append(("export", time.perf_counter() - t2))
         result = replace(result, exports=outcomes, timings=tuple(clock))
+        if not result.failed:
+            _discard_state(plan, run_result)
     return result
 
 

@@ -1,7 +1,7 @@
 """The intervention plan: everything the engine executes, as plain JSON-able data (no torch)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from atpdsl.arch import Geometry
@@ -18,6 +18,7 @@ __all__ = [
     "Selection",
     "Verification",
     "Diagnosis",
+    "EdgeSettings",
     "ExportTarget",
     "Step",
     "STEP_SCOPES",
@@ -167,6 +168,17 @@ class Verification:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    """`select edges top K | threshold X | cumulative F [{ ig_steps N }]` and `verify edges top K`: the circuit as
+    its best edges (None: the selected nodes and every edge between them), path patching of the K strongest
+    edges, and integrated gradients over N steps for the edge scores (0: the clean gradient, EAP)."""
+
+    selection: Selection | None = None
+    verify: int = 0
+    ig_steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Diagnosis:
     """`diagnose false_negatives { samples N confidence P }`."""
 
@@ -238,14 +250,8 @@ class Plan:
     extras: tuple[tuple[str, Any], ...] = field(default=())
     warnings: tuple[str, ...] = ()  # check's warnings (`file:line:col: W... message`), for the run's outputs
     geometry: Geometry | None = None  # the model's sizes, when its config was on disk at compile time
+    edges: EdgeSettings | None = None  # `select edges`, `verify edges` (atpdsl.engine.edge_reads, path_patching)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the whole plan."""
         return asdict(self)
-
-    def with_(self, **changes: Any) -> "Plan":
-        """The plan with some fields changed and its steps lowered again, so that they still say what runs
-        (`dataclasses.replace` would keep the old steps, which `execute` then refuses)."""
-        from atpdsl.lowering import relower
-
-        return relower(replace(self, **changes))

@@ -347,19 +347,16 @@ class FormatInfo:
     doc: str
 
 
-EXPORT_FORMATS: dict[str, FormatInfo] = {
-    f.ext: f
-    for f in (
-        FormatInfo("csv", "table of scored nodes"),
-        FormatInfo("json", "results with schema version, plan and graph"),
-        FormatInfo("graphml", "GraphML (Gephi, Cytoscape, yEd)"),
-        FormatInfo("gexf", "GEXF (Gephi)"),
-        FormatInfo("dot", "Graphviz DOT"),
-        FormatInfo("png", "picture of the circuit"),
-        FormatInfo("svg", "picture of the circuit"),
-        FormatInfo("html", "self-contained report"),
-    )
-}
+def _export_formats():
+    """The export formats' records, keyed by every extension a user may type (`csv`, `dot`, `gv`, ...): the one
+    table lives in atpdsl.outputs.formats (cheap to import), and this is that same dict, so a format registered
+    there is known to `check` at once."""
+    from atpdsl.outputs.formats import EXPORT_FORMATS as records
+
+    return records
+
+
+EXPORT_FORMATS = _export_formats()
 
 PAIR_FILE_TYPES: dict[str, str] = {
     "jsonl": "JSON lines, one object per pair",

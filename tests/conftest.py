@@ -234,6 +234,14 @@ def stories260k_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved as a model folder (config, safetensors, tokenizer): copy it before changing it."""
+    import tiny_models as tm
+
+    return tm.save_model(tm.make_llama(), tm.make_tokenizer(), tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The SmolLM2-135M model folder built by ../shared/models/smollm2/build.py; the smollm2 tier."""
     return SMOLLM2

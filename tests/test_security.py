@@ -17,19 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 CLI = "import sys\nfrom atpdsl.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 SPEC_BODY = ('pair { clean "the cat sat on the mat and the dog sat on the" '
              'corrupt "the dog sat on the mat and the cat sat on the" answer "mat" wrong "park" }\n'
              "metric logit_diff(answer, wrong) at last\nnodes { heads }\nmethod atp\nexport \"out/r.json\"\n")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    import tiny_models as tm
-
-    return tm.save_model(tm.make_llama(), tm.make_tokenizer(), tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _atpdsl(argv: list[str], tmp: Path) -> subprocess.CompletedProcess:
@@ -66,9 +58,9 @@ def _spec(tmp: Path) -> Path:
     return spec
 
 
-def test_model_code_in_the_folder_runs_only_with_the_flag(tiny_model, tmp_path):
+def test_model_code_in_the_folder_runs_only_with_the_flag(tiny_llama_dir, tmp_path):
     marker = tmp_path / "custom-code-ran"
-    _folder_with_custom_code(tmp_path, tiny_model, marker)
+    _folder_with_custom_code(tmp_path, tiny_llama_dir, marker)
     spec = _spec(tmp_path)
     for argv in (["check", str(spec)], ["plan", str(spec)], ["run", str(spec), "--out", str(tmp_path / "o"), "--quiet"]):
         done = _atpdsl(argv, tmp_path)
@@ -79,10 +71,10 @@ def test_model_code_in_the_folder_runs_only_with_the_flag(tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-def test_tokenizer_code_in_the_folder_runs_only_with_the_flag(tiny_model, tmp_path):
+def test_tokenizer_code_in_the_folder_runs_only_with_the_flag(tiny_llama_dir, tmp_path):
     marker = tmp_path / "tokenizer-code-ran"
     folder = tmp_path / "model"
-    shutil.copytree(tiny_model, folder)
+    shutil.copytree(tiny_llama_dir, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.update(tokenizer_class="MarkerTokenizer", auto_map={"AutoTokenizer": [None, "marker_tok.MarkerTokenizer"]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -108,13 +100,13 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def test_a_pickle_that_would_run_code_is_never_unpickled(tiny_model, tmp_path):
+def test_a_pickle_that_would_run_code_is_never_unpickled(tiny_llama_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     marker = tmp_path / "pickle-code-ran"
     folder = tmp_path / "model"
-    shutil.copytree(tiny_model, folder)
+    shutil.copytree(tiny_llama_dir, folder)
     tensors = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     tensors["model.embed_tokens.weight"] = _Marker(str(marker))

@@ -62,12 +62,15 @@ class NodeScore:
 @dataclass(frozen=True, slots=True)
 class EdgeScore:
     """An edge along the residual stream; `weight` is its attribution score when computed, `verified`
-    the effect measured by path patching when the edge was checked."""
+    the effect measured by path patching when the edge was checked. `channel` is "q", "k" or "v" for the part of
+    an edge into a head that enters through that head's own query, key or value input, "" for a whole edge (into
+    a head: the sum of its three inputs)."""
 
     source: str
     target: str
     weight: float | None = None
     verified: float | None = None
+    channel: str = ""
 
 
 def _round_up(x: float) -> str:
@@ -97,19 +100,23 @@ class Suspect:
 class AdditivityCheck:
     """The diagnostic's tests of its one assumption, that effects add up inside a random subset.
 
-    Suspects: each measured alone vs. its subset estimate; `worst_p` is the smallest two-sided p-value (of
-    `worst_node`), compared with `p_threshold` (alpha / nodes tested: suspects are chosen among all of them).
-    Splits: `splits` sampled subsets S were cut into random halves A, B and patched; additivity says
-    f(S) = f(A) + f(B). `split_max` is the largest |f(S) - f(A) - f(B)|, `split_share` the sum of those gaps over
-    the sum of |f(S)|, `split_limit` the share above which the check fails (in the bounded quantity's units)."""
+    Suspects alone: the draws minus each suspect's effect alone must not depend on whether the suspect was drawn
+    (exact permutation test); `worst_p` is the smallest p-value (of `worst_node`, whose effect alone and subset
+    estimate are given), compared with `p_threshold` (alpha / nodes tested: suspects are chosen among them all).
+    Pairs: `pairs` pairs of suspects patched together; `pair_max` is the largest |f(a + b) - f(a) - f(b)|, for
+    `pair_nodes`. Splits: `splits` sampled subsets S cut into halves A, B; `split_max` is the largest
+    |f(S) - f(A) - f(B)|, `split_share` the sum of those gaps over the sum of |f(S)|. Pair and split gaps (in the
+    bounded quantity) fail the check above `split_limit` x the bound that would be stated."""
 
     suspects_tested: int = 0
     worst_node: str | None = None
     worst_alone: float | None = None
     worst_estimate: float | None = None
-    worst_se: float | None = None
     worst_p: float | None = None
     p_threshold: float | None = None
+    pairs: int = 0
+    pair_max: float | None = None
+    pair_nodes: str | None = None
     splits: int = 0
     split_max: float | None = None
     split_share: float | None = None

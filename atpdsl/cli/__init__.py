@@ -7,7 +7,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """The `atpdsl` entry point (see atpdsl.cli.app.main); `--version` alone answers without importing rich."""
     if (sys.argv[1:] if argv is None else list(argv)) == ["--version"]:
-        from atpdsl import __version__
+        from atpdsl.version import __version__
 
         print(f"atpdsl {__version__}")
         return 0

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atpdsl import __version__
+from atpdsl.version import __version__
 from atpdsl.cli.threads import parse_threads
 from atpdsl.language.diagnostics import OUTPUT_FORMATS, Diagnostic, render, summary
 from atpdsl.errors import AtpError, SpecError
@@ -105,6 +105,8 @@ def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="also write progress as plain lines to FILE (follow a long run with `tail -f FILE`)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run model code from the hub (only for models you trust)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the state an interrupted run of this spec left in the output folder and start over")
     _diag_option(p)
 
 

@@ -203,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             plan = replace(plan, model=replace(plan.model, trust_remote_code=True))
         t1 = time.perf_counter()
         with progress_for(args, err) as bars:
-            run_result = pipeline.execute_plan(plan, bars)
+            run_result = pipeline.execute_plan(plan, bars, fresh=bool(getattr(args, "fresh", False)))
         t2 = time.perf_counter()
         res = pipeline.finish(plan, run_result, timings=(("compile", t1 - t0), ("execute", t2 - t1)))
     except SpecError as error:

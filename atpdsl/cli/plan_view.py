@@ -53,34 +53,17 @@ def _shown(path: str) -> str:
     return rel if not rel.startswith("..") and os.path.isabs(path) else path
 
 
-def print_plan(plan: Plan, console: Console) -> None:
-    """Print a plan as readable tables: what is scored, how, and what it costs."""
-    extras = dict(plan.extras)
-    console.print(Text(f"Plan for {_shown(plan.spec_file)}", style="bold"))
-    console.print(f"spec sha256 {plan.spec_hash[:16]}…")
-    about = Table(box=box.SIMPLE, show_header=False, pad_edge=False)
-    about.add_column(style="bold")
-    about.add_column()
-    model = plan.model
+def _model_text(plan: Plan, extras: dict) -> str:
     facts = []
     if "model_type" in extras:
         facts.append(str(extras["model_type"]))
     if "n_layers" in extras:
         facts.append(f"{extras['n_layers']} layers")
-    desc = f"zoo {model.source}" if model.is_zoo else _shown(model.source)
-    if facts:
-        desc += f" ({', '.join(facts)})"
-    about.add_row("model", desc)
-    settings = f"dtype {model.dtype}, device {model.device}, attention {model.attention}"
-    if model.revision:
-        settings += f", revision {model.revision}"
-    about.add_row("", settings)
-    batches = extras.get("batches", 0)
-    about.add_row("pairs", f"{len(plan.pairs)} ({_origins(plan)}); batch {plan.batch} -> {batches} batch"
-                           f"{'es' if batches != 1 else ''}")
-    about.add_row("metric", _metric_text(plan.metric))
-    if plan.eval_metric is not None:
-        about.add_row("eval metric", _metric_text(plan.eval_metric))
+    desc = f"zoo {plan.model.source}" if plan.model.is_zoo else _shown(plan.model.source)
+    return desc + (f" ({', '.join(facts)})" if facts else "")
+
+
+def _method_text(plan: Plan) -> str:
     method = plan.method
     how = method.name
     if method.name == "atp*":
@@ -92,7 +75,26 @@ def print_plan(plan: Plan, console: Console) -> None:
     how += f", aggregate {method.aggregate}"
     if plan.write_per_pair:
         how += ", keep per_pair"
-    about.add_row("method", how)
+    return how
+
+
+def _about(plan: Plan, extras: dict, batches: int) -> Table:
+    """What the plan scores and how: model, pairs, metric, method, seed, selection, verification, diagnostic."""
+    about = Table(box=box.SIMPLE, show_header=False, pad_edge=False)
+    about.add_column(style="bold")
+    about.add_column()
+    model = plan.model
+    about.add_row("model", _model_text(plan, extras))
+    settings = f"dtype {model.dtype}, device {model.device}, attention {model.attention}"
+    if model.revision:
+        settings += f", revision {model.revision}"
+    about.add_row("", settings)
+    about.add_row("pairs", f"{len(plan.pairs)} ({_origins(plan)}); batch {plan.batch} -> {batches} batch"
+                           f"{'es' if batches != 1 else ''}")
+    about.add_row("metric", _metric_text(plan.metric))
+    if plan.eval_metric is not None:
+        about.add_row("eval metric", _metric_text(plan.eval_metric))
+    about.add_row("method", _method_text(plan))
     about.add_row("seed", str(plan.seed))
     if plan.selection is not None:
         about.add_row("select", f"{plan.selection.kind} {plan.selection.value:g}")
@@ -102,8 +104,10 @@ def print_plan(plan: Plan, console: Console) -> None:
         d = plan.diagnosis
         about.add_row("diagnose", f"false_negatives: {d.samples} samples, confidence {d.confidence:g},"
                                   f" inclusion {d.inclusion:g}")
-    console.print(about)
+    return about
 
+
+def _nodes(plan: Plan) -> Table:
     groups = Table(title="nodes", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for col in ("kind", "layers", "indices", "positions", "line"):
         groups.add_column(col)
@@ -118,10 +122,10 @@ def print_plan(plan: Plan, console: Console) -> None:
             idx = ", ".join(str(i) for i in g.heads[:8]) + (f", … ({len(g.heads)})" if len(g.heads) > 8 else "")
         groups.add_row(g.kind, layers, idx, "per position" if g.per_position else "summed",
                        str(g.where.line) if g.where else "")
-    console.print(groups)
-    if "node_count" in extras:
-        console.print(f"{extras['node_count']} nodes (per-position groups count once per token position)")
+    return groups
 
+
+def _steps(plan: Plan, batches: int) -> Table:
     steps = Table(title="steps, in the order they run (cost in forward-equivalents per batch)", box=box.SIMPLE_HEAD,
                   title_justify="left", pad_edge=False, show_footer=True)
     steps.add_column("step", footer="total")
@@ -132,8 +136,10 @@ def print_plan(plan: Plan, console: Console) -> None:
                                     f" {_fmt_cost(total * batches)} forward-equivalents")
     for st in plan.steps:
         steps.add_row(st.name, "each batch" if st.scope == "batch" else "once", _fmt_cost(st.cost), st.description)
-    console.print(steps)
+    return steps
 
+
+def _sites_and_exports(plan: Plan, console: Console) -> None:
     if plan.sites:
         shown = list(plan.sites[:12])
         console.print(Text(f"sites in forward order ({len(plan.sites)})", style="bold"))
@@ -150,6 +156,20 @@ def print_plan(plan: Plan, console: Console) -> None:
         for e in plan.exports:
             exports.add_row(e.format, _shown(e.path))
         console.print(exports)
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    """Print a plan as readable tables: what is scored, how, in which steps, and what it costs."""
+    extras = dict(plan.extras)
+    batches = extras.get("batches", 0)
+    console.print(Text(f"Plan for {_shown(plan.spec_file)}", style="bold"))
+    console.print(f"spec sha256 {plan.spec_hash[:16]}…")
+    console.print(_about(plan, extras, batches))
+    console.print(_nodes(plan))
+    if "node_count" in extras:
+        console.print(f"{extras['node_count']} nodes (per-position groups count once per token position)")
+    console.print(_steps(plan, batches))
+    _sites_and_exports(plan, console)
 
 
 def plan_text(plan: Plan, width: int = 100) -> str:

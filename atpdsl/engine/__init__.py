@@ -1,39 +1,29 @@
-"""The engine: runs a Plan on a model through nnsight and returns a RunResult.
+"""The engine: runs a Plan's steps on a model through nnsight and returns a RunResult.
 
-Structure (torch and nnsight are imported lazily, on the first `execute`):
+torch and nnsight are imported lazily, on the first `execute`. The plan is the program: `atpdsl.lowering`
+lowers a spec into typed steps, each naming its implementation here; `steps.execute_steps` runs them in order
+and records what ran.
 
-- `load.py`     ModelRef -> `Loaded`: transformers model (eager attention, eval, frozen parameters) wrapped
-                in `nnsight.TransformersModel`, its tokenizer, config, `arch.Arch` and `arch.Geometry`.
-- `data.py`     pairs -> token ids (equal lengths, or aligned through template slots), answer tokens,
-                metric positions; left-padded `Batch`es with attention mask and mask-derived position ids.
-- `nodes.py`    the plan's node groups -> `NodeTable`: every node, grouped per site into `Block`s (one kind,
-                its units, summed or per position). Per-node work is vectorized per block.
-- `trace.py`    `run_trace`: THE one generic nnsight trace. Driven by data: `TraceSite`s (module path,
-                input/output, optional `.source` ops and tuple element) read in forward order, optional patch
-                functions per site, a metric on the logits, and `Backward` blocks (`with metric.backward()`),
-                each reading gradients in reverse order and optionally zeroing some (GradDrop).
-- `context.py`  `Context` (one run's shared state), `align` (corrupt values onto clean positions),
-                `Accumulator` (streaming per-node sums over batches).
-- `atp.py`      AtP per batch: corrupt trace (no grad) + clean trace with one backward, then
-                `atp_estimates` = sum over a node's columns of (corrupt - clean) * grad.
-- `exact.py`    exact activation patching: K patched copies of the clean batch per forward (`method exact`,
-                `verify top K`, and random node subsets for the false-negative diagnostic); nodes whose corrupt
-                value equals the clean one are not run (effect 0).
-- `atpstar.py`  AtP*: the QK fix and GradDrop as one `atp.Correction` on the kept clean graph, and `diagnose`
-                (the false-negative bound); the math lives in qkfix.py, graddrop.py, false_negatives.py.
-- `run.py`      `execute(plan)`: the above in order, ranking (aggregate mean_abs / abs_mean / per_pair),
-                verification and its summary, the diagnostic, timings, provenance.
-- `emit.py`     `emit_python(plan)`: the same AtP as a standalone nnsight program.
+- `load.py`        ModelRef -> `Loaded`: the transformers model (eager attention, eval, frozen parameters) in
+                   `nnsight.TransformersModel`, its tokenizer, config, architecture record (atpdsl.arch) and sizes.
+- `data.py`        pairs -> token ids, answer tokens, metric positions; left-padded `Batch`es.
+- `node_table.py`  the plan's node groups -> `NodeTable`: every node, grouped per site into blocks.
+- `trace.py`       `run_trace`: the one generic nnsight trace, driven by `TraceSite` records.
+- `context.py`     `Context` (one run's shared inputs), `align`, `Accumulator` (streaming sums over batches).
+- `state.py`       `RunState` (the run as its steps advance it) and `BatchWork` (what one batch's steps share).
+- `steps.py`       the executor: prepare each step kind once, run batch-scope steps per batch (with a checkpoint
+                   after each), then run-scope steps.
+- `atp.py`         the corrupt forward and the clean forward + backward steps, and AtP estimates.
+- `corrections/`   AtP*'s QK fix, norm fix and GradDrop terms as steps (math in qkfix.py, normfix.py, graddrop.py).
+- `exact.py`       exact activation patching (many patched copies per forward), and `method exact`'s steps.
+- `ranking.py`     the `rank` step (aggregates), `verification.py` the `verify`, `verify_adaptive` and `diagnose`
+                   steps (the diagnostic's procedure in diagnose.py and false_negatives.py).
+- `edges.py`       edge attribution math; `edge_reads.py` its steps (reads kept from the AtP passes themselves).
+- `checkpoint.py`  a killed run resumes from its state folder with the same numbers.
+- `result.py`      the final state -> RunResult; `run.py` `execute(plan)`; `emit.py` `--emit python`.
 
-Extending:
-- A new site or node kind: one `SiteTemplate` row in `atpdsl/arch.py` (module path, input/output, layout
-  of units in the last dimension) and the kind in `nodes.SCORED_KINDS`; AtP, exact patching and
-  verification then work unchanged.
-- A correction (atp.Correction, as atpstar.AtpStar): extra `TraceSite`s (`order=(layer, stage)`), extra
-  `Backward` blocks (run_trace supports `zero={site keys}` to cut gradients inside nnsight backward blocks),
-  or `keep_graph = True` to get the clean run's graph-attached values in `apply(ctx, run, est)`, which edits
-  the per-pair estimates and may return per-pair ranking magnitudes; optional `scores(ctx, aggregate, n)`.
-  `run._corrections` builds them from the plan's MethodSpec (atpstar.corrections_for).
+Extending: a new step kind is one record in `atpdsl.lowering.STEP_KINDS` (its implementation and optional
+`prepare` by import path) plus its function here; a new architecture is one record in `atpdsl.arch`.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from atpdsl.plan import Step
 from atpdsl.engine.context import Context, align, merge_sites
 from atpdsl.engine.metrics import metric_rows
 from atpdsl.engine.node_table import block_estimates, unit_values
+from atpdsl.engine.site_check import check_trace
 from atpdsl.engine.state import BatchWork, RunState
 from atpdsl.engine.trace import Backward, TraceSite, run_trace
 
@@ -42,6 +43,9 @@ def corrupt_forward(state: RunState, step: Step, work: BatchWork) -> None:
     ctx, batch = state.ctx, work.batch
     with torch.no_grad():
         work.corrupt = run_trace(ctx.model, batch.corrupt, trace_sites(state), last_pos=batch.corrupt_metric_pos)
+    if "sites_checked" not in state.parts:  # the first batch: every site has the shape its record promises
+        check_trace(ctx, work.corrupt, batch.corrupt, "corrupt")
+        state.parts["sites_checked"] = True
 
 
 def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None:

@@ -1,28 +1,28 @@
 """The false-negative diagnostic: bound what the unverified nodes could still change, or say why it cannot.
 
-Steps (statistics in false_negatives.py):
+Steps (statistics in false_negatives.py, additivity checks in additivity.py):
 1. Leave out unchanged nodes: a node whose activation is the same on the clean and the corrupt prompt (in every
    pair) has effect exactly 0 when patched (`exact.changed_columns`); it needs no test.
 2. If the changed nodes are no more than `samples` (and the single-patch budget), patch each alone: an exact
    answer for no more patched copies than the random-subset test would cost ("exhaustive").
 3. Otherwise random-subset patching gives simultaneous upper limits u_i on every node's *average marginal*
    effect (Bonferroni over the nodes, so they hold together at the stated confidence).
-4. Suspects: the nodes with the largest u_i (every untestable one, then the highest) are patched alone. Their
-   exact effects replace their limits, so the bound is max(measured suspects, u of the rest).
-5. Additivity, the assumption that turns a limit on m_i into one on the effect alone, is tested two ways: each
-   suspect's effect alone against its subset estimate (two-sided Welch t, Bonferroni over all tested nodes,
-   since suspects are chosen among them), and a few sampled subsets cut into random halves (additivity:
-   f(S) = f(A) + f(B)). A failed check gives no bound ("refused"), with the numbers; nodes too rarely in or out
-   of a subset to test, beyond the suspects patched alone, give "untestable".
+4. Suspects, patched alone: untestable nodes, then alternately the highest limits and the largest subset
+   estimates. Their exact effects replace their limits: bound = max(measured suspects, u of the rest). The
+   limits being simultaneous, choosing the suspects from the same data costs no confidence.
+5. Additivity, the assumption that turns a limit on m_i into one on the effect alone, is checked three ways
+   (additivity.py: suspects alone, suspect pairs, split subsets). A failed check gives no bound ("refused", with
+   the numbers); untestable nodes beyond those patched alone give "untestable".
 
 Sound: exhaustive results are exact. A "bounded" result holds at the stated confidence if effects add up inside
-random subsets; the checks can refute that assumption (and then refuse) but not prove it. Interaction
-concentrated in a few nodes is what the suspect check catches best (such nodes have large subset estimates).
+random subsets and the t approximation holds at the Bonferroni level; the checks can refute additivity (and then
+refuse) but not prove it.
 
 API:
     diagnose(ctx, unverified_columns, *, samples, confidence, inclusion, seed, ...) -> (FalseNegativeBound, dict)
     run_diagnosis(ctx, unverified_columns, settings, ...) -> DiagnosisRun (also the per-pair effects measured alone)
     bound_nodes(n, patcher, settings, names, progress) -> Finding   (the procedure, on any Patcher)
+    Progress phases: "diagnose" (subsets drawn), "suspects" (nodes patched alone), "additivity" (check subsets)
 """
 from __future__ import annotations
 
@@ -37,22 +37,14 @@ from atpdsl.errors import EngineError
 from atpdsl.circuit.scores import AdditivityCheck, FalseNegativeBound, Suspect
 from atpdsl.engine.context import Context
 from atpdsl.engine.exact import batch_refs, changed_columns, chunk_rows, exact_effects, subset_effects
-from atpdsl.engine.false_negatives import (
-    QUANTITIES, NodeLimits, discrepancy_p, node_limits, sample_subsets,
-)
+from atpdsl.engine.additivity import NUMERIC_TOLERANCE, SPLIT_LIMIT, pair_check, split_check, suspect_check
+from atpdsl.engine.false_negatives import QUANTITIES, NodeLimits, magnitudes, node_limits, sample_subsets
 
 __all__ = ["Settings", "Patcher", "Finding", "DiagnosisRun", "bound_nodes", "run_diagnosis", "diagnose",
-           "magnitudes", "SPLIT_LIMIT"]
+           "engine_patcher", "changed_among"]
 
 Progress = Callable[[str, int, int], None]
 Tick = Callable[[int, int], None]  # (done, total) inside one patcher call
-
-NUMERIC_TOLERANCE = 1e-5
-"""Gaps below this x (1 + largest |subset effect|) count as rounding (float32 logits), not as interaction."""
-
-SPLIT_LIMIT = 0.5
-"""The split check fails when some sampled subset differs from the sum of its two halves by more than this
-fraction of the bound it would state: an interaction that large could hide a node's effect alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +101,6 @@ class Finding:
         return float(np.delete(self.limits.limits, list(self.alone)).max(initial=0.0))
 
 
-def magnitudes(per_pair: np.ndarray, quantity: str) -> np.ndarray:
-    """Per-pair effects [P, m] -> the bounded quantity per node [m]."""
-    per_pair = np.asarray(per_pair, float)
-    return np.abs(per_pair.mean(0)) if quantity == "abs_mean" else np.abs(per_pair).mean(0)
-
-
 def _phase(progress: Progress | None, phase: str) -> Tick:
     def tick(done: int, total: int) -> None:
         if progress:
@@ -152,76 +138,44 @@ def _choose_suspects(lim: NodeLimits, s: Settings) -> tuple[list[int], int]:
     return chosen, max(0, len(untestable) - len(chosen))
 
 
-def _suspect_check(lim: NodeLimits, alone: dict[int, np.ndarray], alpha: float, names: Sequence[str], tol: float):
-    """Each suspect alone vs. its subset estimate; the threshold is alpha / n (suspects are picked among n)."""
-    tested = [i for i in alone if lim.testable[i]]
-    threshold = alpha / len(lim.limits)
-    if not tested:
-        return dict(suspects_tested=0, p_threshold=threshold), True
-    means = np.array([alone[i].mean() for i in tested])
-    idx = np.array(tested)
-    p = discrepancy_p(means, lim.effect[idx], lim.se[idx], lim.dof[idx], tolerance=tol)
-    w = int(np.argmin(p))
-    fields = dict(suspects_tested=len(tested), worst_node=names[tested[w]], worst_alone=float(means[w]),
-                  worst_estimate=float(lim.effect[tested[w]]), worst_se=float(lim.se[tested[w]]),
-                  worst_p=float(p[w]), p_threshold=threshold)
-    return fields, bool(p[w] > threshold)
-
-
-def _split_rows(masks: np.ndarray, lim: NodeLimits, s: Settings, rng) -> list[tuple[int, np.ndarray]]:
-    """(draw, bool side per member) for up to `splits` draws of 2+ nodes. The first half are targeted: draws
-    holding 2+ of the 8 largest subset estimates, with those nodes dealt alternately to the two halves (large
-    nodes are where saturation and redundancy live); the rest are random draws cut at random."""
-    top = np.argsort(-np.abs(np.nan_to_num(lim.effect)), kind="stable")[:8]
-    rows, used = [], set()
-    for j in np.flatnonzero(masks[:, top].sum(1) >= 2)[: s.splits // 2]:
-        members = np.flatnonzero(masks[j])
-        side = rng.permutation(len(members)) < len(members) // 2
-        big = [k for k, m in enumerate(members) if m in top]
-        for r, k in enumerate(rng.permutation(big)):
-            side[k] = r % 2 == 0
-        rows.append((int(j), side))
-        used.add(int(j))
-    for j in rng.permutation(masks.shape[0]):
-        if len(rows) >= s.splits:
-            break
-        members = int(masks[j].sum())
-        if members >= 2 and int(j) not in used:
-            rows.append((int(j), rng.permutation(members) < members // 2))
-    return rows
-
-
-def _splits(masks: np.ndarray, y: np.ndarray, lim: NodeLimits, patcher: Patcher, s: Settings,
-            progress: Progress | None):
-    """Cut sampled subsets into halves A, B and patch both: additivity says f(S) = f(A) + f(B) in every pair.
-    Returns (gaps [m] |f(S) - f(A) - f(B)| in the bounded quantity, share of sum |f(S)|, subsets patched)."""
-    rows = _split_rows(masks, lim, s, np.random.default_rng([s.seed, 1]))
-    if not rows:
-        return np.zeros(0), 0.0, 0
-    halves = np.zeros((2 * len(rows), masks.shape[1]), dtype=bool)
-    for r, (j, side) in enumerate(rows):
-        members = np.flatnonzero(masks[j])
-        halves[2 * r, members[side]] = True
-        halves[2 * r + 1, members[~side]] = True
-    parts = patcher.subsets(halves, _phase(progress, "additivity"))  # [2m, P]
-    whole = y[[j for j, _ in rows]]
-    gaps = magnitudes((whole - parts[0::2] - parts[1::2]).T, s.quantity)
-    size = magnitudes(whole.T, s.quantity)
-    share = float(gaps.sum() / size.sum()) if size.sum() > 0 else (0.0 if gaps.sum() == 0 else np.inf)
-    return gaps, share, len(halves)
-
-
 def _refusal(check: dict, bound: float, s: Settings) -> str:
+    """Why no bound: the first check that failed, with its numbers."""
+    head = "effects do not add up inside random subsets: "
+    tail = "; verify the nodes patched alone (`verify until confident`) and diagnose the rest, or lower `inclusion`"
     if check.get("worst_p") is not None and check["worst_p"] <= check["p_threshold"]:
-        return (f"effects do not add up inside random subsets: {check['worst_node']} patched alone changes the "
-                f"metric by {check['worst_alone']:+.4g}, its random-subset estimate is {check['worst_estimate']:+.4g}"
-                f" +- {check['worst_se']:.2g} (p = {check['worst_p']:.2g} < {check['p_threshold']:.2g}), so the "
-                f"subset estimates of the other nodes cannot be read as their effects alone; verify the nodes "
-                f"patched alone (`verify until confident`) and diagnose the rest, or lower `inclusion`")
-    return (f"effects do not add up inside random subsets: cut into random halves, a sampled subset's effect "
-            f"differs from the sum of its halves' by {check['split_max']:.3g}, more than {s.split_limit:g} x the "
-            f"{bound:.3g} the subset test would state, so an interaction that large could hide a node's effect "
-            f"alone; verify more nodes or lower `inclusion`")
+        return (f"{head}{check['worst_node']} changes the metric by {check['worst_alone']:+.4g} alone, but the random "
+                f"subsets, less that effect, still depend on whether it was drawn (estimate "
+                f"{check['worst_estimate']:+.4g}; permutation p = {check['worst_p']:.2g} < {check['p_threshold']:.2g})"
+                f", so other nodes change what it does{tail}")
+    limit = s.split_limit * bound
+    if check.get("pair_max") is not None and check["pair_max"] > limit:
+        return (f"{head}{check['pair_nodes']} patched together change the metric by {check['pair_max']:.3g} less "
+                f"(or more) than the sum of their effects alone, over {s.split_limit:g} x the {bound:.3g} the "
+                f"subset test would state, so a node's effect alone can hide inside a subset{tail}")
+    return (f"{head}cut into two halves, a sampled subset's effect differs from the sum of its halves' by "
+            f"{check['split_max']:.3g}, over {s.split_limit:g} x the {bound:.3g} the subset test would state, so "
+            f"a node's effect alone can hide inside a subset{tail}")
+
+
+def _checks(masks, y, lim: NodeLimits, alone: dict[int, np.ndarray], patcher: Patcher, s: Settings,
+            names: Sequence[str], bound: float, progress: Progress | None) -> tuple[dict, bool, np.ndarray, int]:
+    """The three additivity checks (additivity.py): (AdditivityCheck fields, passed, split gaps, subsets patched)."""
+    tol = NUMERIC_TOLERANCE * (1.0 + float(np.abs(y).max()))
+    check = suspect_check(masks, y, alone, lim, 1.0 - s.confidence, names, tol, s.seed)
+    ok = check.pop("ok")
+
+    def patch_pairs(rows: np.ndarray) -> np.ndarray:
+        return patcher.subsets(rows, _phase(progress, "additivity"))
+
+    pair_gaps, pair_nodes = pair_check(alone, masks.shape[1], patch_pairs, s.quantity, names)
+    gaps, share = (split_check(masks, y, lim, patch_pairs, s.splits, s.quantity, s.seed) if s.splits > 0
+                   else (np.zeros(0), 0.0))
+    check.update(pairs=len(pair_gaps), pair_max=float(pair_gaps.max()) if len(pair_gaps) else None,
+                 pair_nodes=pair_nodes, splits=len(gaps), split_max=float(gaps.max()) if len(gaps) else None,
+                 split_share=share if len(gaps) else None, split_limit=s.split_limit)
+    worst_gap = max(pair_gaps.max(initial=0.0), gaps.max(initial=0.0))
+    ok = ok and worst_gap <= max(s.split_limit * bound, tol)
+    return check, ok, gaps, len(pair_gaps) + 2 * len(gaps)
 
 
 def _subset_test(n: int, patcher: Patcher, s: Settings, names: Sequence[str], progress: Progress | None) -> Finding:
@@ -231,17 +185,11 @@ def _subset_test(n: int, patcher: Patcher, s: Settings, names: Sequence[str], pr
     chosen, left = _choose_suspects(lim, s)
     effects = patcher.alone(chosen, _phase(progress, "suspects")) if chosen else np.zeros((y.shape[1], 0))
     alone = {i: effects[:, j] for j, i in enumerate(chosen)}
-    tol = NUMERIC_TOLERANCE * (1.0 + float(np.abs(y).max()))  # rounding in the model's arithmetic, not interaction
-    check, ok = _suspect_check(lim, alone, 1.0 - s.confidence, names, tol)
-    gaps, share, split_draws = _splits(masks, y, lim, patcher, s, progress) if s.splits > 0 else (np.zeros(0), 0.0, 0)
-    check.update(splits=len(gaps), split_max=float(gaps.max()) if len(gaps) else None,
-                 split_share=share if len(gaps) else None, split_limit=s.split_limit)
     rest = np.delete(lim.limits, chosen)
-    measured = magnitudes(effects, s.quantity) if chosen else np.zeros(0)
-    bound = float(max(rest.max(initial=0.0), measured.max(initial=0.0)))
-    ok = ok and not (len(gaps) and gaps.max() > max(s.split_limit * bound, tol))
+    bound = float(max(rest.max(initial=0.0), magnitudes(effects, s.quantity).max(initial=0.0)))
+    check, ok, gaps, extra = _checks(masks, y, lim, alone, patcher, s, names, bound, progress)
     additivity = AdditivityCheck(**check, passed=ok)
-    patches = s.samples + split_draws
+    patches = s.samples + extra
     if not ok:
         return Finding("refused", float("inf"), alone, lim, additivity, _refusal(check, bound, s), patches, gaps)
     if left:

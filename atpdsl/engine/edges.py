@@ -1,69 +1,67 @@
-"""Edge attribution (EAP): how much each upstream node's write reaches the metric through each downstream reader.
+"""Edge attribution (EAP, Syed et al. 2023): how much each upstream node's write reaches the metric through each
+downstream node's own input.
 
 Definition (one prompt pair, clean run, the plan's metric M):
 
-    edge(u -> v) = (write_u(x_corrupt) - write_u(x_clean)) . dM/d(input of v, through v's block only)
+    edge(u -> v) = (write_u(x_corrupt) - write_u(x_clean)) . dM/d(v's own input)
 
-`write_u` is what u adds to the residual stream: a head's z slice times its slice of the output projection,
-a neuron's activation times its down-projection column, an attention or MLP block's output, the embedding
-output (`embed`), the whole residual after a layer (`resid`). The input of v is the residual stream entering
-v's block, taken only through that block's branch (its input norm), never through the skip path: the
-attention block's input norm for attention-side nodes (heads, queries, keys, values, attn), the MLP block's
-input norm for neurons and `mlp`, the final norm for `logits`. These are the "reader blocks"
-`L{m}.attn-in`, `L{m}.mlp-in` and `logits`. The branch-only gradient is the norm's output gradient (the output
-has one consumer, the block) pulled back through the norm module itself at its clean input.
+`write_u` is what u adds to the residual stream: a head's z slice times its slice of the output projection, a
+neuron's activation times its down-projection column, an attention or MLP block's output, the embedding output
+(`embed`), the whole residual after a layer (`resid`). v's own input (atpdsl.engine.edge_targets) is, per target:
 
-The residual stream is a sum and position-wise, so the product is taken position by position and summed
-(a write at position p reaches later positions only through attention inside a reader block, which the
-block's branch gradient at p already carries, to first order), and because the
-gradient at a write point is the sum of the branch gradients of every later reader, a node's products over
-all later reader blocks add up to its node AtP estimate (`EdgeMatrix.totals`; tests/engine/test_edges.py
-checks this to 1e-5 on GPT-2, parallel GPT-NeoX and grouped-query Llama).
+- a head: its own query, key and value inputs, each a separate edge (`EdgeScore.channel` "q", "k", "v") and
+  their sum the head's edge. The gradient at each is the head's share of the q / k / v projection's output
+  gradient (atpdsl.engine.edge_attention), taken back through the projection's rows and the block's input norm;
+  a per-position head `L1.H0@t` reads its query at t and keys and values at every position up to t, through its
+  own query t only, so edges into its key and value come from earlier positions too;
+- a neuron: its own rows of the MLP's input projections (gate and up rows of a gated MLP);
+- a query, key or value node: its projection columns; `attn`, `mlp`, `logits`: the block's input norm
+  (attn at one position: its heads there); `L{m}.resid`: every later block's input (the full gradient there).
 
-Targets get block-level weights: every node reading one block (all heads, queries, keys, values and `attn`
-of layer m; all neurons and `mlp` of layer m) shares that block's input gradient, so edges into them carry
-the same weight. `L{m}.resid` reads everything downstream of its point: its in-edge weight is the sum over
-the reader blocks after layer m (= u's write times the full gradient there). Queries, keys and values write
-nothing to the residual stream: each has one out-edge, to its own head (or the heads of its KV group, each
-edge carrying the group's whole estimate), or to its layer's `attn` when none of those heads is in the node
-set, weighted by its plain AtP estimate.
+The skip path is never a target's input: every gradient is taken through the block's branch. The products are
+position by position and summed. Summed over every head and input of one attention block (or every neuron of
+one MLP) the rows give back the block's branch gradient, so a node's out-edges into all heads, neurons and
+`logits` add up to its node AtP estimate (tests/engine/test_edges*.py, to 1e-5, on GPT-2, parallel GPT-NeoX
+and grouped-query Llama).
 
-Order: an edge runs from u to v only when u writes at or before the point v reads (`Reader.point`):
-attention then MLP inside a sequential layer; in a parallel-residual layer (GPT-NeoX) the attention and the
-MLP read the same point, so there is no edge between them; never from later to earlier. Positions: a
-per-position node counts only its own position; between two per-position nodes an edge exists only at the
-same position; a summed node pairs with a per-position one at that node's position. A per-position target
-gets its block's input gradient at its position (block-level, like every target).
+Queries, keys and values write nothing to the residual stream: each has one out-edge, to its own head (or each
+head of its KV group), weighted by its share through that head (through its query only for a per-position head),
+or to its layer's `attn` when none of those heads is a target; these shares add up to its node AtP estimate.
 
-Cost: nothing of its own in the passes. The run's clean forward + backward also reads each reader norm's input
-and output gradient (`edge_reads` step, atpdsl.engine.edge_reads); after ranking and selection, the `edges` step
-does, per kept batch and source site, one matmul of the stacked reader gradients [2L+1, b, S, d] onto the
-selected sources' columns.
-Edge weight = mean over pairs of the per-pair edge score (signed, same convention as node estimates).
-The weights are plain first-order products: AtP*'s QK fix and GradDrop, and the norm fix, do not apply to edges.
+Order: an edge runs from u to v only when u writes at or before the point v reads (`read_point`): attention then
+MLP in a sequential layer; in a parallel-residual layer (GPT-NeoX) attention and MLP read the same point, so
+there is no edge between them. Positions: a per-position source reaches a per-position target at the same
+position, and also at a later one through that target's keys and values (a head, or `attn`); a summed node and a
+per-position one pair at the per-position node's place.
+
+Edge weight = mean over pairs of the per-pair edge score (signed, the node estimates' convention); with
+integrated gradients (atpdsl.engine.edge_ig, EAP-IG of Hanna et al. 2024) the gradient is averaged over steps
+between the clean and the corrupt input. AtP*'s QK fix, GradDrop and the norm fix do not apply to edges.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from atpdsl.circuit.graph import EDGE_SEMANTICS
 from atpdsl.circuit.scores import EdgeScore
 from atpdsl.errors import EngineError
 from atpdsl.names import NodeId, NodeKind
 from atpdsl.plan import NodeGroup
 from atpdsl.engine.load import Loaded
 
-__all__ = ["Reader", "EdgeMatrix", "weighted_edges", "readers", "write_matrix", "write_point", "node_groups",
-           "per_position", "EDGE_SEMANTICS", "ATTN_SIDE", "QKV", "EMBED"]
+__all__ = ["Reader", "TargetRow", "EdgeMatrix", "weighted_edges", "readers", "reader_index", "write_matrix",
+           "write_point", "read_point", "node_groups", "target_rows", "linked", "reach", "ATTN_SIDE", "QKV",
+           "EMBED", "LOGITS", "CHANNELS", "qkv_heads"]
 
 ATTN_SIDE = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTN)
 _MLP_SIDE = (NodeKind.NEURON, NodeKind.MLP)
 QKV = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
+CHANNELS = ("q", "k", "v")
+_CHANNEL_OF = {NodeKind.QUERY: "q", NodeKind.KEY: "k", NodeKind.VALUE: "v"}
 EMBED = NodeId(-1, NodeKind.EMBED)
-_STAGE_ATTN_IN, _STAGE_MLP_IN = 5, 40  # between the arch.STAGES of the layer's sites
+LOGITS = NodeId(10**6, NodeKind.LOGITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +95,14 @@ def readers(loaded: Loaded) -> list[Reader]:
     return out
 
 
+def reader_index(blocks: Sequence[Reader], node: NodeId) -> int:
+    """The reader block whose input norm a node reads through (attention side, MLP side, or the final norm)."""
+    if node.kind is NodeKind.LOGITS:
+        return len(blocks) - 1
+    side = "attn-in" if node.kind in ATTN_SIDE else "mlp-in"
+    return 2 * node.layer + (0 if side == "attn-in" else 1)
+
+
 def write_point(kind: NodeKind | str, layer: int, parallel: bool) -> int:
     """The residual point a node of `kind` in `layer` writes at (q/k/v: their attention's)."""
     kind = NodeKind(kind)
@@ -107,49 +113,71 @@ def write_point(kind: NodeKind | str, layer: int, parallel: bool) -> int:
     return 2 * layer + 2
 
 
-def _write_point(node: NodeId, parallel: bool) -> int:
-    return write_point(node.kind, node.layer, parallel)
-
-
-def _read_point(node: NodeId, parallel: bool) -> int:
+def read_point(node: NodeId, parallel: bool) -> int:
+    """The residual point a target reads (`resid`: the point after its layer; `logits`: after everything)."""
     if node.kind is NodeKind.LOGITS:
-        return 10**9  # after everything
+        return 10**9
     if node.kind in ATTN_SIDE:
         return 2 * node.layer
     if node.kind in _MLP_SIDE:
         return 2 * node.layer + (0 if parallel else 1)
-    return 2 * node.layer + 2  # resid
+    return 2 * node.layer + 2
 
 
-@dataclass(frozen=True)
-class EdgeMatrix:
-    """Per-pair products of every source's write with every reader block's branch gradient.
+@dataclass(frozen=True, slots=True)
+class TargetRow:
+    """One target input: a node, and for a head one of its inputs ("q", "k", "v"); "" = the node's whole input."""
 
-    `sources`: `embed` then the requested nodes (table order). `per_pair` [n_pairs, n_sources, n_readers]:
-    summed over the source's positions (its own when per position), 0 where the reader is not after the
-    source and for q/k/v (no residual write). `at` [n_sources, n_readers, P]: the mean over pairs at each
-    per-position node position (None without per-position nodes). `qkv` [n_pairs, n_sources]: plain AtP
-    estimates of the q/k/v sources (0 elsewhere).
-    """
+    node: NodeId
+    channel: str = ""
 
-    sources: tuple[NodeId, ...]
-    readers: tuple[Reader, ...]
-    per_pair: torch.Tensor
-    qkv: torch.Tensor
-    at: torch.Tensor | None
-    positions: tuple[int | str, ...]
-    parallel: bool
-    group_size: int
-    seconds: float = 0.0
 
-    @property
-    def mean(self) -> torch.Tensor:
-        """[n_sources, n_readers]: mean over pairs."""
-        return self.per_pair.mean(0)
+def target_rows(nodes: Iterable[NodeId]) -> list[TargetRow]:
+    """The rows of the targets among `nodes` (in order) and `logits`: three per head, one per other node."""
+    out = []
+    for n in nodes:
+        if n.kind is NodeKind.EMBED or n.kind is NodeKind.LOGITS:
+            continue
+        out.extend(TargetRow(n, c) for c in CHANNELS) if n.kind is NodeKind.HEAD else out.append(TargetRow(n))
+    out.append(TargetRow(LOGITS))
+    return out
 
-    def totals(self) -> torch.Tensor:
-        """[n_pairs, n_sources]: each source's products summed over every reader block (= its node AtP)."""
-        return self.per_pair.sum(-1)
+
+def reach(row: TargetRow) -> str:
+    """Which positions a per-position target reads: "local" (its own) or "upto" (its own and every earlier one,
+    through keys and values)."""
+    node = row.node
+    if node.kind is NodeKind.ATTN or (node.kind is NodeKind.HEAD and row.channel in ("k", "v")):
+        return "upto"
+    return "local"
+
+
+def qkv_heads(source: NodeId, group_size: int) -> tuple[int, ...]:
+    """The heads a query, key or value node feeds (a KV group feeds each head of its group)."""
+    if source.grouped:
+        return tuple(range(source.index * group_size, (source.index + 1) * group_size))
+    return (source.index,)
+
+
+def linked(source: NodeId, row: TargetRow, parallel: bool, group_size: int, heads: frozenset[tuple[int, int]]
+           ) -> bool:
+    """Whether an edge from `source` into `row` can exist, positions aside (see the module docstring).
+
+    `heads`: (layer, head) of every head among the targets (a q/k/v source feeds `attn` only without them)."""
+    t = row.node
+    if t == source:
+        return False
+    if source.kind in QKV:
+        if t.layer != source.layer:
+            return False
+        own = qkv_heads(source, group_size)
+        if t.kind is NodeKind.HEAD:
+            return row.channel == _CHANNEL_OF[source.kind] and t.index in own
+        return t.kind is NodeKind.ATTN and not any((t.layer, h) in heads for h in own)
+    w = write_point(source.kind, source.layer, parallel)
+    if t.kind is NodeKind.RESID:
+        return w <= 2 * t.layer + 2 and (source.kind is not NodeKind.RESID or source.layer < t.layer)
+    return read_point(t, parallel) >= w
 
 
 def node_groups(nodes: Sequence[NodeId]) -> tuple[NodeGroup, ...]:
@@ -184,74 +212,54 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def per_position(vals: torch.Tensor, node_pos: torch.Tensor | None) -> torch.Tensor | None:
-    """[R, b, S, u] -> [R, b, P, u] at the batch's node positions."""
-    if node_pos is None:
-        return None
-    R, b, _, u = vals.shape
-    idx = node_pos.view(1, b, -1, 1).expand(R, b, node_pos.shape[1], u)
-    return vals.gather(2, idx)
+@dataclass(frozen=True)
+class EdgeMatrix:
+    """Edge scores of every source against every target row.
+
+    `sources`: `embed` then the requested nodes (table order); `rows`: the targets' rows (`target_rows`).
+    `total` [n_sources, n_rows]: the per-pair scores summed over the `n_pairs` pairs; `linked` (bool, same shape):
+    which edges exist (order and positions; see the module docstring). `per_pair` [n_pairs, n_sources, n_rows]
+    and `blocks` [n_pairs, n_sources, n_readers] (each source's products with every reader block's branch
+    gradient, 0 before its write) are kept only when asked for (tests and studies).
+    """
+
+    sources: tuple[NodeId, ...]
+    rows: tuple[TargetRow, ...]
+    total: torch.Tensor
+    linked: torch.Tensor
+    n_pairs: int
+    readers: tuple[Reader, ...] = ()
+    per_pair: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    ig_steps: int = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """[n_sources, n_rows]: the mean score over pairs (0 where no edge exists)."""
+        return (self.total / max(self.n_pairs, 1)) * self.linked
+
+    def totals(self) -> torch.Tensor:
+        """[n_pairs, n_sources]: each source's products summed over every reader block (= its node AtP)."""
+        if self.blocks is None:
+            raise EngineError("internal: the edge matrix was built without reader-block products")
+        return self.blocks.sum(-1)
 
 
-def _reads_of(m: EdgeMatrix, target: NodeId) -> list[int]:
-    """The reader blocks whose products make up an edge into `target`."""
-    names = [r.name for r in m.readers]
-    if target.kind is NodeKind.LOGITS:
-        return [names.index("logits")]
-    if target.kind in ATTN_SIDE:
-        return [names.index(f"L{target.layer}.attn-in")]
-    if target.kind in _MLP_SIDE:
-        return [names.index(f"L{target.layer}.mlp-in")]
-    return [i for i, r in enumerate(m.readers) if r.point >= 2 * target.layer + 2]  # resid: all downstream
-
-
-def _qkv_heads(source: NodeId, group_size: int) -> tuple[int, ...]:
-    if source.grouped:
-        return tuple(range(source.index * group_size, (source.index + 1) * group_size))
-    return (source.index,)
-
-
-def _same_place(a: NodeId, b: NodeId) -> bool:
-    return a.position is None or b.position is None or a.position == b.position
-
-
-def weighted_edges(m: EdgeMatrix, targets: Sequence[NodeId]) -> list[EdgeScore]:
-    """EdgeScores between the matrix's sources and `targets` (+ logits), by the rules of the module docstring."""
-    logits = NodeId(10**6, NodeKind.LOGITS)
-    wanted = set(targets)
-    tgts = [t for t in m.sources if t in wanted] + [logits]  # table (forward) order
-    # reader blocks making up each target's input: one matmul gives every (source, target) weight
-    pick = torch.zeros((len(m.readers), len(tgts)), dtype=torch.float64)
-    for k, t in enumerate(tgts):
-        pick[_reads_of(m, t), k] = 1.0
-    summed = (m.mean @ pick).tolist()  # [n_src, n_tgt]
-    at_pos: list[list[float]] | None = None
-    if m.at is not None:
-        pos_index = {p: j for j, p in enumerate(m.positions)}
-        cols = torch.tensor([pos_index.get(t.position, 0) for t in tgts])
-        at_pos = (m.at[:, :, cols] * pick).sum(1).tolist()  # a summed source at each per-position target's place
-    qkv_mean = m.qkv.mean(0).tolist()
+def weighted_edges(m: EdgeMatrix) -> list[EdgeScore]:
+    """EdgeScores of every existing edge: into a head its q / k / v parts (from a residual-writing source) and
+    their sum, into any other target one whole edge."""
+    mean, linked = m.mean.tolist(), m.linked.tolist()
+    by_target: dict[NodeId, list[int]] = {}
+    for j, row in enumerate(m.rows):
+        by_target.setdefault(row.node, []).append(j)
     out: list[EdgeScore] = []
     for si, s in enumerate(m.sources):
-        if s.kind in QKV:
-            heads = [t for t in tgts if t.kind is NodeKind.HEAD and t.layer == s.layer
-                     and t.index in _qkv_heads(s, m.group_size) and _same_place(s, t)]
-            if not heads:
-                heads = [t for t in tgts if t.kind is NodeKind.ATTN and t.layer == s.layer and _same_place(s, t)]
-            out.extend(EdgeScore(s.name, t.name, qkv_mean[si]) for t in heads)
-            continue
-        w_src = _write_point(s, m.parallel)
-        for k, t in enumerate(tgts):
-            if t == s or not _same_place(s, t):
+        weights, links = mean[si], linked[si]
+        for t, cols in by_target.items():
+            live = [j for j in cols if links[j]]
+            if not live:
                 continue
-            if t.kind is NodeKind.RESID:
-                if not (w_src <= 2 * t.layer + 2 and (s.kind is not NodeKind.RESID or s.layer < t.layer)):
-                    continue
-            elif t.kind is not NodeKind.LOGITS and _read_point(t, m.parallel) < w_src:
-                continue
-            if t.position is not None and s.position is None:
-                weight = at_pos[si][k]
-            else:
-                weight = summed[si][k]
-            out.append(EdgeScore(s.name, t.name, weight))
+            if t.kind is NodeKind.HEAD and s.kind not in QKV:
+                out.extend(EdgeScore(s.name, t.name, weights[j], channel=m.rows[j].channel) for j in live)
+            out.append(EdgeScore(s.name, t.name, sum(weights[j] for j in live)))
     return out

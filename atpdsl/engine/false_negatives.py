@@ -25,7 +25,7 @@ API:
     welch(masks [k, n], y [k] or [k, P]) -> Welch (arrays [n] or [P, n])
     upper_limits(stats, level) -> ndarray: |Ihat| + se * t quantile (inf where untestable)
     node_limits(masks, y [k, P], confidence, quantity) -> NodeLimits  (simultaneous limits per node)
-    discrepancy_p(alone, estimate, se, dof) -> two-sided p-values of alone - estimate under additivity
+    permutation_p(included, residual, threshold, seed) -> exact test that a node's effect alone explains its draws
     t_upper_quantile(level, dof) ;  student_t_cdf / student_t_sf(t, dof) ;  betainc(a, b, x)
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ __all__ = [
     "upper_limits",
     "NodeLimits",
     "node_limits",
-    "discrepancy_p",
+    "permutation_p",
+    "magnitudes",
     "t_upper_quantile",
     "student_t_cdf",
     "student_t_sf",
@@ -182,7 +183,7 @@ class Welch:
     """Per-node Welch statistics; arrays [n] for one effect per draw, [P, n] for one per pair and draw."""
 
     effect: np.ndarray  # Ihat = mean(y | in) - mean(y | out)
-    se: np.ndarray  # Welch standard error (nan where untestable)
+    se: np.ndarray  # the larger of Welch's and the pooled standard error (nan where untestable)
     dof: np.ndarray  # Welch-Satterthwaite degrees of freedom (nan where untestable)
     testable: np.ndarray  # bool [n]: at least 2 draws in and 2 out
 
@@ -191,16 +192,22 @@ def _welch_1d(inc: np.ndarray, exc: np.ndarray, n_in, n_out, y: np.ndarray):
     with np.errstate(invalid="ignore", divide="ignore"):
         m_in = inc.T @ y / n_in
         m_out = exc.T @ y / n_out
-        v_in = (((y[:, None] - m_in[None, :]) * inc) ** 2).sum(0) / (n_in - 1)  # two-pass, for accuracy
-        v_out = (((y[:, None] - m_out[None, :]) * exc) ** 2).sum(0) / (n_out - 1)
-        a, b = v_in / n_in, v_out / n_out
-        se = np.sqrt(a + b)
+        ss_in = (((y[:, None] - m_in[None, :]) * inc) ** 2).sum(0)  # two-pass, for accuracy
+        ss_out = (((y[:, None] - m_out[None, :]) * exc) ** 2).sum(0)
+        a, b = ss_in / (n_in - 1) / n_in, ss_out / (n_out - 1) / n_out
         dof = (a + b) ** 2 / (a**2 / (n_in - 1) + b**2 / (n_out - 1))
+        pooled = (ss_in + ss_out) / (n_in + n_out - 2) * (1.0 / n_in + 1.0 / n_out)
+        se = np.sqrt(np.maximum(a + b, pooled))
     return m_in - m_out, se, dof
 
 
 def welch(masks: np.ndarray, y: np.ndarray) -> Welch:
-    """Welch statistics of every node from the draws `masks` [k, n] and their effects `y` [k] or [k, P]."""
+    """Welch statistics of every node from the draws `masks` [k, n] and their effects `y` [k] or [k, P].
+
+    The standard error is the larger of Welch's (the paper's; unequal variances) and the pooled one: under
+    additivity both groups have the variance of the other nodes' sum, and a group that missed a rare large effect
+    by chance (a node in 20 draws, none with the one node that matters) has a near-zero variance that makes
+    Welch's alone far too small."""
     masks = np.asarray(masks, bool)
     y = np.asarray(y, float)
     if masks.ndim != 2:
@@ -286,17 +293,37 @@ def node_limits(masks: np.ndarray, y: np.ndarray, confidence: float, quantity: s
                       quantity=quantity, level=level)
 
 
-def discrepancy_p(alone, estimate, se, dof, tolerance: float = 0.0) -> np.ndarray:
-    """Two-sided p-values of `alone - estimate` (a node's effect alone minus its subset estimate, signed means over
-    pairs) against 0, the value additivity predicts; 1.0 where the node was untestable (se NaN) or the gap is
-    within `tolerance` (rounding); 0.0 for a gap beyond it when se is 0."""
-    alone, estimate, se, dof = np.broadcast_arrays(*(np.asarray(v, float) for v in (alone, estimate, se, dof)))
-    gap = np.abs(alone - estimate)
-    out = np.ones(gap.shape)
-    ok = np.isfinite(se) & np.isfinite(dof) & (gap > tolerance)
-    zero = ok & (se == 0)
-    out[zero] = 0.0
-    live = ok & (se > 0)
-    if np.any(live):
-        out[live] = np.minimum(1.0, 2.0 * student_t_sf(gap[live] / se[live], dof[live]))
-    return out
+def permutation_p(included: np.ndarray, residual: np.ndarray, threshold: float, seed: int,
+                  tolerance: float = 0.0) -> float:
+    """Two-sided Monte Carlo permutation p-value of D = mean(r | in) - mean(r | out), with r the draws' effects
+    minus the node's effect alone where it was included.
+
+    Under additivity r is the sum of the *other* nodes' effects, independent of whether this node was drawn, so
+    relabelling which draws hold it gives D's exact null distribution (for any shape of r). Draws stop early once
+    the p-value is certain to exceed `threshold`; otherwise 2 / threshold relabellings resolve it. 1.0 when |D| is
+    within `tolerance` (rounding) or the node was in no draw, or in all."""
+    included = np.asarray(included, bool)
+    r = np.asarray(residual, float)
+    k, n_in = len(r), int(included.sum())
+    observed = abs(r[included].mean() - r[~included].mean()) if 0 < n_in < k else 0.0
+    if observed <= tolerance:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    total, total_draws = r.sum(), int(math.ceil(2.0 / threshold))
+    hits = done = 0
+    while done < total_draws:
+        m = min(4096, total_draws - done)
+        idx = np.argpartition(rng.random((m, k)), n_in - 1, axis=1)[:, :n_in]
+        s_in = r[idx].sum(1)
+        d = np.abs(s_in / n_in - (total - s_in) / (k - n_in))
+        hits += int((d >= observed * (1 - 1e-12)).sum())
+        done += m
+        if (hits + 1) / (total_draws + 1) > threshold:
+            break
+    return (hits + 1) / (done + 1)
+
+
+def magnitudes(per_pair: np.ndarray, quantity: str) -> np.ndarray:
+    """Per-pair effects [P, m] -> the bounded quantity per node [m]: |mean| (abs_mean) or mean |.| (mean_abs)."""
+    per_pair = np.asarray(per_pair, float)
+    return np.abs(per_pair.mean(0)) if quantity == "abs_mean" else np.abs(per_pair).mean(0)

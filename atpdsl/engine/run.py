@@ -8,8 +8,9 @@ import torch
 
 from atpdsl.circuit.scores import RunResult
 from atpdsl.errors import EngineError
-from atpdsl.lowering import same_program, steps_for
+from atpdsl.lowering import edges_allowed, same_program, steps_for
 from atpdsl.plan import Plan
+from atpdsl.engine.checkpoint import Checkpoint
 from atpdsl.engine.context import make_context
 from atpdsl.engine.load import Loaded, load_model
 from atpdsl.engine.result import build_result
@@ -25,8 +26,8 @@ def complete_plan(plan: Plan, loaded: Loaded) -> Plan:
     A plan without steps (built by hand) gets them lowered for the loaded model; a plan compiled without the
     model's config (a hub id offline: the depth, and with it GradDrop's terms, were only estimated) is lowered
     again with the real sizes. A plan whose steps do not say what its settings ask for (changed with
-    `dataclasses.replace` instead of `Plan.with_`) is refused: the plan must be the program."""
-    expected = steps_for(plan, loaded.geom)
+    `dataclasses.replace` instead of `atpdsl.lowering.replan`) is refused: the plan must be the program."""
+    expected = steps_for(plan, loaded.geom, edges_allowed(loaded.arch, loaded.config, plan.method.name))
     if not plan.steps or plan.geometry is None:
         return replace(plan, steps=expected, geometry=loaded.geom)
     if plan.geometry != loaded.geom:
@@ -34,7 +35,7 @@ def complete_plan(plan: Plan, loaded: Loaded) -> Plan:
                           f"{loaded.geom}; compile the spec again")
     if not same_program(plan.steps, expected):
         raise EngineError("the plan's steps do not match its settings (changed with dataclasses.replace?); "
-                          "use Plan.with_(...), which lowers the steps again")
+                          "use atpdsl.lowering.replan(plan, ...), which lowers the steps again")
     return plan
 
 
@@ -48,8 +49,12 @@ def _check_method(plan: Plan) -> None:
         )
 
 
-def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | None = None) -> RunResult:
-    """Run a plan's steps (see atpdsl.engine.steps) and return its RunResult. `loaded` reuses a loaded model."""
+def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | None = None,
+            fresh: bool = False) -> RunResult:
+    """Run a plan's steps (see atpdsl.engine.steps) and return its RunResult. `loaded` reuses a loaded model.
+
+    A plan with exports keeps a checkpoint beside them (atpdsl.engine.checkpoint) and resumes from one left by an
+    interrupted run of the same plan, reporting `progress("resumed", batches, total)`; `fresh` ignores it."""
     t_start = time.perf_counter()
     _check_method(plan)
     torch.manual_seed(plan.seed)
@@ -57,12 +62,17 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
     if loaded is None:
         loaded = load_model(plan.model)
     load_s = time.perf_counter() - t0
+    checkpoint = Checkpoint.open(plan, loaded.location, fresh=fresh)  # keyed by the plan as compiled
     plan = complete_plan(plan, loaded)
     t0 = time.perf_counter()
     ctx = make_context(plan, loaded)
     ctx.timings["load"] = load_s
     ctx.timings["tokenize"] = time.perf_counter() - t0
     state = new_state(ctx, progress=progress)
+    state.checkpoint = checkpoint
+    resumed = state.checkpoint.saved_batches()
+    if resumed and progress is not None:
+        progress("resumed", min(resumed, len(ctx.batches)), len(ctx.batches))
     if plan.method.name == "relp":
         from atpdsl.engine.relp import relp_rules
 
@@ -70,8 +80,7 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
     try:
         execute_steps(state)
     finally:
-        store = state.parts.get("edge_reads")
-        if store is not None:
-            store.store.close()
+        for kept in state.kept.values():
+            kept.close()
     ctx.timings["total"] = time.perf_counter() - t_start
     return build_result(state)

@@ -2,8 +2,11 @@
 run-scope steps (rank, verify, diagnose, edges) produce."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ from atpdsl.engine.data import Batch
 from atpdsl.engine.trace import TraceOut, TraceSite
 from atpdsl.plan import Step
 
-__all__ = ["BatchWork", "StepRecord", "RunState", "ExtraSites", "Progress"]
+__all__ = ["BatchWork", "StepRecord", "RunState", "ExtraSites", "Progress", "SpillList", "KEPT_MEMORY_LIMIT"]
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total): the engine reports work units (batch steps, nodes patched, samples drawn)."""
@@ -26,8 +29,9 @@ class BatchWork:
 
     `est` [b, N] holds the per-pair numbers the batch adds to the run: AtP estimates (rewritten in place by the
     corrections) or, for `method exact`, exact effects. `magnitude` [b, N] replaces |est| as the per-pair
-    ranking score when a correction supplies one (GradDrop). `cache` holds values several steps reuse (the
-    node sites' differences, the QK fix's prepared patterns).
+    ranking score when a correction supplies one (GradDrop). `sums` and `kept` are the rest of what the batch
+    adds to the run (all of it is what a checkpoint stores). `cache` holds values several steps of this batch
+    reuse (the node sites' differences, the QK fix's prepared patterns) and is dropped with it.
     """
 
     batch: Batch
@@ -37,6 +41,8 @@ class BatchWork:
     magnitude: torch.Tensor | None = None
     clean_rows: torch.Tensor | None = None
     corrupt_rows: torch.Tensor | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # added into RunState.sums (e.g. GradDrop's terms)
+    kept: dict[str, Any] = field(default_factory=dict)  # handed to run-scope steps (e.g. the edges' reads)
     cache: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,6 +55,51 @@ class StepRecord:
     scope: str
     runs: int
     seconds: float
+
+
+KEPT_MEMORY_LIMIT = 1 << 30
+"""Bytes of kept per-batch items held in memory before later ones are written to a temporary folder."""
+
+
+class SpillList:
+    """Per-batch items kept for run-scope steps (each with `to_record()`, `nbytes` and a `from_record(batch,
+    record)` class method): in memory up to KEPT_MEMORY_LIMIT bytes, then in a temporary folder."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = KEPT_MEMORY_LIMIT if limit is None else limit
+        self.items: list[Any] = []
+        self.bytes_in_memory = 0
+        self.folder: Path | None = None
+
+    def append(self, item: Any) -> None:
+        size = item.nbytes
+        if self.bytes_in_memory + size <= self.limit:
+            self.items.append(item)
+            self.bytes_in_memory += size
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="atpdsl-kept-"))
+        path = self.folder / f"item-{len(self.items)}.pt"
+        torch.save(item.to_record(), path)
+        self.items.append((type(item), item.batch, path))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        for item in self.items:
+            if isinstance(item, tuple):
+                cls, batch, path = item
+                yield cls.from_record(batch, torch.load(path, weights_only=True))
+            else:
+                yield item
+
+    def close(self) -> None:
+        """Drop every item and the temporary folder."""
+        self.items.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 class ExtraSites:
@@ -87,6 +138,9 @@ class RunState:
     score: torch.Tensor | None = None  # [N] ranking score
     order: list[int] | None = None  # columns by descending score
     verified: dict[int, torch.Tensor] = field(default_factory=dict)  # column -> per-pair exact effects
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # run-level sums the batches add to
+    kept: dict[str, SpillList] = field(default_factory=dict)  # per-batch items kept for run-scope steps
+    checkpoint: Any = None  # atpdsl.engine.checkpoint.Checkpoint, or None
     diagnosis: tuple[FalseNegativeBound, dict] | None = None
     edges: tuple[EdgeScore, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)

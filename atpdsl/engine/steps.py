@@ -15,7 +15,7 @@ from collections.abc import Callable
 from atpdsl.errors import EngineError
 from atpdsl.lowering import STEP_KINDS
 from atpdsl.engine.context import Accumulator, Context
-from atpdsl.engine.state import BatchWork, ExtraSites, Progress, RunState
+from atpdsl.engine.state import BatchWork, ExtraSites, Progress, RunState, SpillList
 
 __all__ = ["implementation", "preparation", "prepare_steps", "run_batch", "execute_steps", "fold", "new_state"]
 
@@ -41,12 +41,32 @@ def preparation(kind: str) -> Callable | None:
 
 
 def fold(state: RunState, work: BatchWork) -> None:
-    """Add a finished batch to the run's sums: its per-pair numbers, ranking magnitudes and metric rows."""
+    """Add a finished batch to the run: its per-pair numbers, ranking magnitudes, metric rows, sums and kept items."""
     if work.est is None:
         raise EngineError("a batch finished without estimates: the plan has no scoring step")
     state.acc.add(work.est, work.magnitude)
     if work.clean_rows is not None and work.corrupt_rows is not None:
         state.acc.add_metrics(work.clean_rows, work.corrupt_rows)
+    for name, value in work.sums.items():
+        state.sums[name] = value.clone() if name not in state.sums else state.sums[name] + value
+    for name, item in work.kept.items():
+        state.kept.setdefault(name, SpillList()).append(item)
+
+
+def _record(work: BatchWork) -> dict:
+    """What a checkpoint stores of a finished batch: everything `fold` adds to the run."""
+    return {"est": work.est, "magnitude": work.magnitude, "clean_rows": work.clean_rows,
+            "corrupt_rows": work.corrupt_rows, "sums": work.sums,
+            "kept": {k: v.to_record() for k, v in work.kept.items()}}
+
+
+def _replay(state: RunState, batch, record: dict) -> BatchWork:
+    """A stored batch as the work `fold` takes (kept items rebuilt by their step kind's `from_record`)."""
+    from atpdsl.engine.edge_reads import EdgeReads
+
+    kept = {k: EdgeReads.from_record(batch, v) for k, v in record["kept"].items()}
+    return BatchWork(batch, est=record["est"], magnitude=record["magnitude"], clean_rows=record["clean_rows"],
+                     corrupt_rows=record["corrupt_rows"], sums=record["sums"], kept=kept)
 
 
 def prepare_steps(state: RunState) -> None:
@@ -86,7 +106,16 @@ def execute_steps(state: RunState) -> None:
         done[0] += 1
         state.report("score", done[0], total)
 
-    for batch in batches:
+    cp = state.checkpoint
+    resumed = cp.saved_batches() if cp is not None else 0
+    for i, batch in enumerate(batches):
+        if i < resumed:  # ran in an earlier, interrupted process: its steps count, their time is not this run's
+            fold(state, _replay(state, batch, cp.load_batch(i)))
+            for step in state.steps:
+                if step.scope == "batch":
+                    state.record(step, 0.0)
+            done[0] += n_batch_steps
+            continue
         work = None
         try:
             work = run_batch(state, batch, tick=tick)
@@ -94,6 +123,10 @@ def execute_steps(state: RunState) -> None:
             if work is not None and work.clean is not None:
                 work.clean.live.clear()  # frees the clean graph kept for the corrections
         fold(state, work)
+        if cp is not None:
+            cp.save_batch(i, _record(work))
+    if cp is not None:
+        cp.resumed_batches = min(resumed, len(batches))
     for step in state.steps:
         if step.scope == "run":
             t0 = time.perf_counter()

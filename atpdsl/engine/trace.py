@@ -131,30 +131,69 @@ def run_trace(
 ) -> TraceOut:
     """Run one forward (and the backward blocks) through nnsight; see the module docstring.
 
-    `embed`: the embedding module whose output is made to require grad (params are frozen).
-    `metric(logits) -> [b]` rows; their sum is differentiated. `last_pos` [b]: also return the logits
-    at these positions (detached). `keep=False` returns no site values (exact patching runs).
-    `keep_graph`: keep the clean graph after the backward blocks and return the graph-attached site values
-    in `TraceOut.live`, so that further gradients (AtP*'s GradDrop terms) can be taken with
-    `torch.autograd.grad` from any recorded tensor. Module sites and plain backward blocks only; the caller
-    drops `live` when done (that frees the graph).
+    `embed`: the embedding module made to require grad (params are frozen). `metric(logits) -> [b]` rows; their
+    sum is differentiated. `last_pos` [b]: also return the logits there (detached). `keep=False` returns no site
+    values (exact patching). `keep_graph`: keep the clean graph and return graph-attached site values in
+    `TraceOut.live` for further `torch.autograd.grad` calls (GradDrop's terms; module sites and plain backward
+    blocks only; the caller clears `live` to free the graph). Flat sites ([b * S, W]) come back as [b, S, W]
+    everywhere: values, gradients and `live` (views spliced into the forward as the module's value).
     """
     patches = patches or {}
     if keep_graph:
         if not backwards or metric is None or patches or any(s.source for s in sites) or any(b.zero for b in backwards):
             raise ValueError("keep_graph needs a metric, plain backward blocks, module sites and no patches")
         return _cached_backward(model, inputs, sites, embed, metric, last_pos, backwards, keep_graph=True)
-    grad_on = bool(backwards)
     module_sites = all(not s.source for s in sites)
     if keep and not patches and not backwards and metric is None and module_sites:
         return _read_only(model, inputs, sites, last_pos)
     if (FAST_BACKWARD and keep and not patches and backwards and metric is not None and module_sites
             and not any(b.zero for b in backwards)):
         return _cached_backward(model, inputs, sites, embed, metric, last_pos, backwards)
+    return _requested(model, inputs, sites, embed, patches, metric, last_pos, backwards, keep)
+
+
+def _requested(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite], embed: str | None,
+               patches: Mapping[str, Callable], metric: Callable | None, last_pos: torch.Tensor | None,
+               backwards: Sequence[Backward], keep: bool) -> TraceOut:
+    """The general trace: one request per hook point (patches, `.source` sites, gradient edits)."""
     rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
-    # Group adjacent sites that share a hook point: it is requested once, and sites reading the same tensor
-    # (same point and tuple element) share one gradient request ("units").
-    points: list[tuple[tuple[str, tuple[str, ...], str], list[TraceSite]]] = []
+    points, units = _hook_points(sites)
+    grad_keys = {s.key for s in sites if s.grad}
+    with model.trace(dict(inputs), use_cache=False):
+        if backwards and embed is not None:
+            model.get(embed).output.requires_grad_(True)
+        acts = nnsight.save({})
+        for point, group in points:
+            _read_point(model, point, group, patches, acts, rows)
+        logits = model.output.logits
+        out = nnsight.save([None, None])  # metric rows, logits at last_pos
+        grads = nnsight.save({})
+        clock = nnsight.save([0.0, 0.0])
+        if last_pos is not None:
+            out[1] = logits[rows, last_pos].detach()
+        if metric is not None:
+            m_rows = metric(logits)
+            out[0] = m_rows.detach()
+            clock[0] = time.perf_counter()
+            _backward_blocks(m_rows.sum(), backwards, units, acts, grad_keys, grads)
+            clock[1] = time.perf_counter()
+        if keep:
+            for s in sites:
+                acts[s.key] = acts[s.key].detach()
+        else:
+            acts.clear()
+    acts, grads = _unflatten(sites, dict(acts), dict(grads), rows)
+    return TraceOut(acts=acts, grads=grads, metric=out[0], last=out[1],
+                    backward_s=max(0.0, clock[1] - clock[0]) if backwards else 0.0)
+
+
+Point = tuple[str, tuple[str, ...], str]
+
+
+def _hook_points(sites: Sequence[TraceSite]) -> tuple[list[tuple[Point, list[TraceSite]]], list[list[str]]]:
+    """Adjacent sites that share a hook point (requested once), and the "units": sites reading the same tensor
+    (same point and tuple element), which share one gradient request."""
+    points: list[tuple[Point, list[TraceSite]]] = []
     for s in sites:
         if points and points[-1][0] == s.point:
             points[-1][1].append(s)
@@ -166,80 +205,64 @@ def run_trace(
         for s in group:
             by_item.setdefault(s.item, []).append(s.key)
         units.extend(by_item.values())
-    order = [s.key for s in sites]
-    grad_keys = {s.key for s in sites if s.grad}
-    with model.trace(dict(inputs), use_cache=False):
-        if grad_on and embed is not None:
-            model.get(embed).output.requires_grad_(True)
-        acts = nnsight.save({})
-        for (module, source, attr), group in points:
-            value = resolve(model, module, source, attr)
-            changed = False
-            if isinstance(value, tuple):
-                items = list(value)
-                for s in group:
-                    fn = patches.get(s.key)
-                    if fn is not None:
-                        items[s.item] = fn(items[s.item])
-                        changed = True
-                for s in group:
-                    acts[s.key] = items[s.item]
-                if changed:
-                    _assign(model, module, source, attr, tuple(items))
-            else:
-                flat_shape = _flat_shape(group[0], value, rows)
-                if flat_shape is not None and any(s.key in patches for s in group):
-                    value = value.view(len(rows), -1, value.shape[-1])  # patches see [b, S, W]
-                for s in group:
-                    fn = patches.get(s.key)
-                    if fn is not None:
-                        value = fn(value)
-                        changed = True
-                for s in group:
-                    acts[s.key] = value
-                if changed:
-                    _assign(model, module, source, attr, value if flat_shape is None else value.reshape(flat_shape))
-        logits = model.output.logits
-        out_last = nnsight.save([None])
-        if last_pos is not None:
-            out_last[0] = logits[rows, last_pos].detach()
-        out_metric = nnsight.save([None])
-        if metric is not None:
-            m_rows = metric(logits)
-            out_metric[0] = m_rows.detach()
-            total = m_rows.sum()
-            grads = nnsight.save({})
-            clock = nnsight.save([time.perf_counter(), 0.0])
-            for block in backwards:
-                with total.backward(retain_graph=block.retain_graph):
-                    wanted = set(block.read) if block.read is not None else None
-                    got = {}
-                    for unit in reversed(units):
-                        want = [k for k in unit if (k in grad_keys if wanted is None else k in wanted)]
-                        head = unit[0]
-                        if any(k in block.zero for k in unit):
-                            # GradDrop: the write is a constant for this pass, so its own gradient is 0
-                            g = torch.zeros_like(acts[head].grad)
-                            acts[head].grad = g
-                        elif want:
-                            g = acts[head].grad
-                        else:
-                            continue
-                        for k in want:
-                            got[k] = g
-                    grads[block.name] = got
-            clock[1] = time.perf_counter()
-        else:
-            grads = nnsight.save({})
-            clock = nnsight.save([0.0, 0.0])
-        if keep:
-            for key in order:
-                acts[key] = acts[key].detach()
-        else:
-            acts.clear()
-    acts, grads = _unflatten(sites, dict(acts), dict(grads), rows)
-    return TraceOut(acts=acts, grads=grads, metric=out_metric[0], last=out_last[0],
-                    backward_s=max(0.0, clock[1] - clock[0]) if backwards else 0.0)
+    return points, units
+
+
+def _read_point(model, point: Point, group: list[TraceSite], patches: Mapping[str, Callable], acts: dict,
+                rows: torch.Tensor) -> None:
+    """Inside a trace: read one hook point's value into `acts` for every site of `group`, patching it first when a
+    patch function is given (a tuple value: its elements; a flat site: seen as [b, S, W])."""
+    module, source, attr = point
+    value = resolve(model, module, source, attr)
+    changed = False
+    if isinstance(value, tuple):
+        items = list(value)
+        for s in group:
+            fn = patches.get(s.key)
+            if fn is not None:
+                items[s.item] = fn(items[s.item])
+                changed = True
+        for s in group:
+            acts[s.key] = items[s.item]
+        if changed:
+            _assign(model, module, source, attr, tuple(items))
+        return
+    flat_shape = _flat_shape(group[0], value, rows)
+    if flat_shape is not None and any(s.key in patches for s in group):
+        value = value.view(len(rows), -1, value.shape[-1])  # patches see [b, S, W]
+    for s in group:
+        fn = patches.get(s.key)
+        if fn is not None:
+            value = fn(value)
+            changed = True
+    for s in group:
+        acts[s.key] = value
+    if changed:
+        _assign(model, module, source, attr, value if flat_shape is None else value.reshape(flat_shape))
+
+
+def _backward_blocks(total, backwards: Sequence[Backward], units: list[list[str]], acts: dict, grad_keys: set[str],
+                     grads: dict) -> None:
+    """Inside a trace: each backward block from the metric's sum, reading gradients in reverse forward order and
+    replacing those at the block's `zero` sites by zeros (GradDrop's cut writes)."""
+    for block in backwards:
+        with total.backward(retain_graph=block.retain_graph):
+            wanted = set(block.read) if block.read is not None else None
+            got = {}
+            for unit in reversed(units):
+                want = [k for k in unit if (k in grad_keys if wanted is None else k in wanted)]
+                head = unit[0]
+                if any(k in block.zero for k in unit):
+                    # GradDrop: the write is a constant for this pass, so its own gradient is 0
+                    g = torch.zeros_like(acts[head].grad)
+                    acts[head].grad = g
+                elif want:
+                    g = acts[head].grad
+                else:
+                    continue
+                for k in want:
+                    got[k] = g
+            grads[block.name] = got
 
 
 def _read_only(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite],

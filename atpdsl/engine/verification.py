@@ -22,8 +22,10 @@ __all__ = ["verify", "verify_step", "verify_adaptive_step", "diagnose_step", "ve
 Progress = Callable[[str, int, int], None]
 
 
-def verify(ctx: Context, columns: Sequence[int], *, progress: Progress | None = None) -> torch.Tensor:
-    """Exact per-pair effects [n_pairs, len(columns)] with the evaluation metric (or the metric)."""
+def verify(ctx: Context, columns: Sequence[int], *, progress: Progress | None = None, checkpoint=None
+           ) -> torch.Tensor:
+    """Exact per-pair effects [n_pairs, len(columns)] with the evaluation metric (or the metric); with a
+    checkpoint, each batch's effects are stored as they finish and reused by a resumed run."""
     spec = ctx.plan.eval_metric or ctx.plan.metric
     eval_ = ctx.plan.eval_metric is not None
     needed = sorted({ctx.table.block_of(c).site for c in columns})
@@ -31,13 +33,18 @@ def verify(ctx: Context, columns: Sequence[int], *, progress: Progress | None = 
     out = []
     total = len(ctx.batches) * len(columns)
     for i, batch in enumerate(ctx.batches):
-        refs = batch_refs(ctx, batch, sites, spec, eval_=eval_)
-
         def tick(done: int, base: int = i * len(columns)) -> None:
             if progress:
                 progress("verify", base + done, total)
 
-        out.append(exact_effects(ctx, batch, columns, refs, spec, eval_=eval_, progress=tick))
+        def compute(batch=batch, tick=tick) -> torch.Tensor:
+            refs = batch_refs(ctx, batch, sites, spec, eval_=eval_)
+            return exact_effects(ctx, batch, columns, refs, spec, eval_=eval_, progress=tick)
+
+        if checkpoint is None:
+            out.append(compute())
+        else:
+            out.append(checkpoint.memo("verify", ("verify", i, tuple(columns)), compute))
     return torch.cat(out) if out else torch.zeros((0, len(columns)), dtype=torch.float64)
 
 
@@ -45,7 +52,8 @@ def verify_step(state: RunState, step: Step, work: BatchWork | None = None) -> N
     """Exact effects of the `top` best-ranked nodes (reused from `method exact` when they are already measured)."""
     top = state.order[: int(step.param("top"))]
     rows = state.acc.per_pair() if state.plan.method.name == "exact" and state.plan.eval_metric is None else None
-    effects = rows[:, top] if rows is not None else verify(state.ctx, top, progress=state.progress)
+    effects = rows[:, top] if rows is not None else verify(state.ctx, top, progress=state.progress,
+                                                           checkpoint=state.checkpoint)
     state.verified.update({c: effects[:, j] for j, c in enumerate(top)})
 
 

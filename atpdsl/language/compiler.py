@@ -10,6 +10,7 @@ from atpdsl.language import syntax as n
 from atpdsl.language.checker import CheckResult, check, group_indices
 from atpdsl.language.diagnostics import render_concise
 from atpdsl.language.export_check import export_path
+from atpdsl.outputs.formats import format_of
 from atpdsl.language.metric_check import metric_spec
 from atpdsl.errors import AtpError, SpecError
 from atpdsl.language.parser import parse
@@ -17,7 +18,7 @@ from atpdsl.plan import (
     Diagnosis, ExportTarget, MethodSpec, ModelRef, NodeGroup, Plan, Selection,
     SourceRef, Verification,
 )
-from atpdsl.lowering import lower_steps, node_count
+from atpdsl.lowering import edges_allowed, lower_steps, node_count
 from atpdsl.registry import DIAGNOSE_SETTINGS, DTYPES, SWITCHES, VERIFY_BUDGET_DEFAULT
 
 __all__ = [
@@ -150,6 +151,20 @@ def _diagnosis(stmt: n.Diagnose | None) -> Diagnosis | None:
                      inclusion=float(values["inclusion"]))
 
 
+def _extras(result: CheckResult, batch: int, n_layers: int | None, nodes: int | None) -> list[tuple[str, Any]]:
+    """What the plan's summary shows beside its steps: pair and batch counts, and the model's sizes if known."""
+    info = result.model
+    extras: list[tuple[str, Any]] = [("pair_count", len(result.pairs)),
+                                     ("batches", math.ceil(len(result.pairs) / batch) if result.pairs else 0)]
+    if info is not None and info.config is not None:
+        extras.append(("model_type", str(info.config.get("model_type"))))
+    if n_layers is not None:
+        extras.append(("n_layers", n_layers))
+    if nodes is not None:
+        extras.append(("node_count", nodes))
+    return extras
+
+
 def build_plan(result: CheckResult) -> Plan:
     """Turn a checked spec into a Plan; SpecError if the check found errors."""
     if not result.ok:
@@ -170,7 +185,7 @@ def build_plan(result: CheckResult) -> Plan:
     verification = _verification(verify_stmt, selection)
     diagnosis = _diagnosis(diagnose_stmt)
     exports = [ExportTarget(str(export_path(s.path.value, result.base_dir, result.out_dir)),
-                            Path(s.path.value).suffix.lower().lstrip(".")) for s in spec.of(n.Export)]
+                            format_of(s.path.value)) for s in spec.of(n.Export)]
     info = result.model
     geom = info.geometry if info else None
     n_layers = geom.n_layers if geom is not None else None
@@ -179,14 +194,9 @@ def build_plan(result: CheckResult) -> Plan:
     if info is not None and info.arch is not None and geom is not None:
         sites = tuple(info.arch.sites(groups, geom.n_layers))
     batch = int(batch_stmt.value.value) if batch_stmt else 8
-    extras: list[tuple[str, Any]] = [("pair_count", len(result.pairs)),
-                                     ("batches", math.ceil(len(result.pairs) / batch) if result.pairs else 0)]
-    if info is not None and info.config is not None:
-        extras.append(("model_type", str(info.config.get("model_type"))))
-    if n_layers is not None:
-        extras.append(("n_layers", n_layers))
-    if nodes is not None:
-        extras.append(("node_count", nodes))
+    extras = _extras(result, batch, n_layers, nodes)
+    edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name)
+    extras.append(("edges_allowed", edges_ok))
     text = spec.source.text
     return Plan(
         spec_file=spec.source.path or spec.source.name,
@@ -206,9 +216,11 @@ def build_plan(result: CheckResult) -> Plan:
         exports=tuple(exports),
         write_per_pair=bool(spec.of(n.Keep)) or aggregate == "per_pair",
         steps=lower_steps(method, groups, n_layers=n_layers, nodes=nodes, verification=verification,
-                          diagnosis=diagnosis, metric_kind=metric.kind, eval_metric=eval_metric is not None),
+                          diagnosis=diagnosis, metric_kind=metric.kind, eval_metric=eval_metric is not None,
+                          edges_ok=edges_ok),
         sites=sites,
         extras=tuple(extras),
+        geometry=geom,
         warnings=tuple(render_concise([d]) for d in result.warnings),
     )
 

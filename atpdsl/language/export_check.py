@@ -72,14 +72,27 @@ def _format_problem(stmt: n.Export) -> Diagnostic | None:
         shown = f"unknown export format {quote('.' + ext)}" if ext else f"export path {quote(written)} has no extension"
         guess = did_you_mean(ext, EXPORT_FORMATS) if ext else None
         return error("E803", shown, stmt.path.span, f"did you mean {quote('.' + guess)}?" if guess else "",
-                     f"the extension picks the format: {cap_list([quote('.' + e) for e in EXPORT_FORMATS])}")
+                     f"the extension picks the format: {cap_list([quote('.' + e) for e in EXPORT_FORMATS], 12)}")
     return None
+
+
+def _clashes(found: list[tuple[n.Export, Path]]) -> list[Diagnostic]:
+    """An export whose file or companion (`x.csv` also writes `x-edges.csv`) would overwrite another export's
+    file, or the run's manifest (atpdsl.outputs.formats.clashes decides, as the writer does)."""
+    from atpdsl.outputs.formats import clashes, format_of
+    from atpdsl.outputs.manifest import manifest_path
+
+    targets = [(str(path), format_of(path)) for _, path in found]
+    extra = [manifest_path(p) for p, fmt in targets if fmt == "json"]
+    return [error("E804", f"{why}", found[index][0].path.span, "give each export its own file name")
+            for index, why in clashes(targets, extra)]
 
 
 def check_exports(statements: list[n.Export], base_dir: Path, out_dir: Path | None) -> list[Diagnostic]:
     """Every problem of the spec's exports, each at its path."""
     out: list[Diagnostic] = []
     seen: dict[str, n.Export] = {}
+    good: list[tuple[n.Export, Path]] = []
     for stmt in statements:
         written = stmt.path.value
         problem = path_problem(written)
@@ -102,4 +115,6 @@ def check_exports(statements: list[n.Export], base_dir: Path, out_dir: Path | No
         if why is not None:
             out.append(error("E806", f"cannot export to {quote(written)}: {why}", stmt.path.span,
                              "pick a folder you can write, or give --out DIR"))
-    return out
+        else:
+            good.append((stmt, target))
+    return out + _clashes(good)

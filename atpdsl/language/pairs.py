@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from atpdsl.language import syntax as n
 from atpdsl.language.diagnostics import Diagnostic, error, quote
-from atpdsl.language.files import lone_surrogate
 from atpdsl.language.pair_files import MAX_ROW_ERRORS, PROMPT_FIELDS, display_path, read_pairs_file
 from atpdsl.language.templates import DEFAULT_TEMPLATE_COUNT, Placeholder, expand_template, parse_placeholders
 from atpdsl.plan import PromptPair

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from atpdsl.language import syntax as n
 from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote, warning
@@ -79,11 +79,189 @@ class _Occurrence:
 
 
 def _unique(values: tuple[n.Str, ...]) -> list[str]:
-    out: list[str] = []
-    for v in values:
-        if v.value not in out:
-            out.append(v.value)
-    return out
+    """The distinct values in first-seen order (a dict, not a list scan: long value lists stay linear)."""
+    return list(dict.fromkeys(v.value for v in values))
+
+
+@dataclass
+class _Items:
+    """A template's items by kind, the first of each kept (later duplicates are diagnosed)."""
+
+    texts: list[n.TemplateText] = field(default_factory=list)
+    slots: dict[str, n.TemplateSlot] = field(default_factory=dict)
+    corrupts: dict[str, n.TemplateCorrupt] = field(default_factory=dict)
+    fields: dict[str, n.Field] = field(default_factory=dict)
+    count: n.TemplateCount | None = None
+    seed: n.TemplateSeed | None = None
+
+
+def _number_item(item: n.TemplateCount | n.TemplateSeed, kept, word: str, bound) -> tuple[bool, Diagnostic | None]:
+    """Whether a `count`/`seed` line is kept, or the error it gets (duplicate, out of range)."""
+    if kept is not None:
+        return False, error("E105", f"duplicate `{word}` in template", item.span)
+    if not bound.accepts(item.value.value):
+        return False, error("E106", f"`{word}` must be {bound.describe()}, got {item.value.shown}", item.value.span)
+    return True, None
+
+
+def _collect(t: n.Template, diags: list[Diagnostic]) -> _Items:
+    got = _Items(texts=[i for i in t.items if isinstance(i, n.TemplateText)])
+    for item in t.items:
+        problem: Diagnostic | None = None
+        if isinstance(item, n.TemplateText) and item is not got.texts[0]:
+            problem = error("E105", "duplicate `text` in template", item.span,
+                            f"the first is on line {got.texts[0].span.line}")
+        elif isinstance(item, n.TemplateSlot):
+            name = item.name.name
+            if name in got.slots:
+                problem = error("E409", f"slot {quote(name)} is defined twice", item.name.span,
+                                f"the first is on line {got.slots[name].span.line}")
+            elif not item.values:
+                problem = error("E404", f"slot {quote(name)} has no values", item.span)
+            else:
+                got.slots[name] = item
+        elif isinstance(item, n.TemplateCorrupt):
+            name = item.name.name
+            if name in got.corrupts:
+                problem = error("E409", f"slot {quote(name)} is corrupted twice", item.name.span)
+            elif item.values is not None and not item.values:
+                problem = error("E404", f"corrupt values for {quote(name)} are empty", item.span)
+            else:
+                got.corrupts[name] = item
+        elif isinstance(item, n.TemplateCount):
+            keep, problem = _number_item(item, got.count, "count", TEMPLATE_COUNT)
+            got.count = item if keep else got.count
+        elif isinstance(item, n.TemplateSeed):
+            keep, problem = _number_item(item, got.seed, "seed", SEED)
+            got.seed = item if keep else got.seed
+        elif isinstance(item, n.Field):
+            name = item.name.name
+            if name == "clean":
+                problem = error("E401", "a template's clean prompt is its `text`", item.name.span,
+                                'write `text "..."` with `{slot}` placeholders')
+            elif name in got.fields:
+                problem = error("E306", f"duplicate field {quote(name)} in template", item.name.span)
+            else:
+                got.fields[name] = item
+        if problem is not None:
+            diags.append(problem)
+    return got
+
+
+def _text_positions(text: n.Str, slots: dict[str, n.TemplateSlot], diags: list[Diagnostic]
+                    ) -> tuple[list[str | Placeholder], list[_Occurrence], set[str], bool]:
+    """The text's parts, its slot occurrences with their position names, the slots it uses, and whether it is
+    broken (bad placeholders or unknown slots: then unused-slot warnings would mislead)."""
+    parts, problems = parse_placeholders(text.value)
+    for start, end, problem in problems:
+        diags.append(error("E410", problem, _inner_span(text, start, end)))
+    holders = [p for p in parts if isinstance(p, Placeholder)]
+    if not holders and not problems:
+        diags.append(error("E402", "template text has no `{slot}` placeholder", text.span,
+                           "the corrupt prompt changes a slot, so the text needs at least one"))
+    broken = bool(problems)
+    used: set[str] = set()
+    occurrences: list[_Occurrence] = []
+    seen_per_slot: dict[str, int] = {}
+    names: set[str] = set()
+    for p in holders:
+        span = _inner_span(text, p.start, p.end)
+        if p.corrupt:
+            diags.append(error("E410", f"`{{{p.slot}.corrupt}}` is only allowed in fields; the text is the clean"
+                                       " prompt", span))
+            continue
+        if p.slot not in slots:
+            guess = did_you_mean(p.slot, slots)
+            broken = True
+            diags.append(error("E402", f"template text uses {quote('{' + p.slot + '}')}, but no slot"
+                                       f" {quote(p.slot)} is defined", span,
+                               f"did you mean {quote(guess)}?" if guess else f'add `slot {p.slot} ["...", ...]`'))
+            continue
+        used.add(p.slot)
+        seen_per_slot[p.slot] = seen_per_slot.get(p.slot, 0) + 1
+        k = seen_per_slot[p.slot]
+        name = p.label or (p.slot if k == 1 else f"{p.slot}_{k}")
+        if name in names:
+            diags.append(error("E409", f"position name {quote(name)} is used twice in the template text", span,
+                               "label the occurrence: `{label:slot}`"))
+            continue
+        names.add(name)
+        occurrences.append(_Occurrence(p.slot, name))
+    return parts, occurrences, used, broken
+
+
+def _field_slots(fields: dict[str, n.Field], slots: dict[str, n.TemplateSlot], used: set[str],
+                 diags: list[Diagnostic]) -> None:
+    """Check the placeholders of the answer fields; the slots they use join `used`."""
+    for f in fields.values():
+        fparts, fproblems = parse_placeholders(f.value.value)
+        for start, end, problem in fproblems:
+            diags.append(error("E410", problem, _inner_span(f.value, start, end)))
+        for p in fparts:
+            if not isinstance(p, Placeholder):
+                continue
+            if p.label is not None:
+                diags.append(error("E410", "labels (`{label:slot}`) belong in `text`, not in fields",
+                                   _inner_span(f.value, p.start, p.end)))
+            elif p.slot not in slots:
+                guess = did_you_mean(p.slot, slots)
+                diags.append(error("E402", f"field {quote(f.name.name)} uses {quote('{' + p.slot + '}')}, but"
+                                           f" no slot {quote(p.slot)} is defined", _inner_span(f.value, p.start, p.end),
+                                   f"did you mean {quote(guess)}?" if guess else ""))
+            else:
+                used.add(p.slot)
+
+
+def _slot_use(items: _Items, keyword: Span, occurrences: list[_Occurrence], used: set[str], broken: bool,
+              diags: list[Diagnostic]) -> None:
+    """Unused slots, the `corrupt` line(s): present, naming slots that the text uses."""
+    for name, slot in items.slots.items():
+        if name not in used and not broken:
+            diags.append(warning("W403", f"slot {quote(name)} is never used", slot.name.span))
+    if not items.corrupts:
+        example = next(iter(items.slots), "SLOT")
+        diags.append(error("E406", "template has no `corrupt` line", keyword,
+                           f"say which slot the corrupt prompt changes, e.g. `corrupt {example}`"))
+    for name, c in items.corrupts.items():
+        if name not in items.slots:
+            guess = did_you_mean(name, items.slots)
+            diags.append(error("E405", f"`corrupt` names {quote(name)}, which is not a slot", c.name.span,
+                               f"did you mean {quote(guess)}?" if guess else
+                               f"slots: {cap_list([quote(s) for s in items.slots], conj='and')}"))
+        elif not any(o.slot == name for o in occurrences) and not broken:
+            diags.append(error("E405", f"corrupt slot {quote(name)} does not appear in the text", c.name.span))
+
+
+def _draw(items: _Items, fill: "_Filler", rng: random.Random, origin: str, diags: list[Diagnostic]
+          ) -> list[PromptPair]:
+    """The template's pairs (empty, with an E407 diagnostic, when a slot runs out of distinct values)."""
+    total = int(items.count.value.value) if items.count else DEFAULT_TEMPLATE_COUNT
+    values = {name: _Pool(_unique(s.values)) for name, s in items.slots.items()}
+    corrupt_pool = {name: _Pool(_unique(c.values)) if c.values is not None else values[name]
+                    for name, c in items.corrupts.items()}
+    pairs: list[PromptPair] = []
+    for index in range(total):
+        clean_vals: dict[str, str] = {}
+        for name in items.slots:
+            value = values[name].draw(rng, set(clean_vals.values()))
+            if value is None:
+                diags.append(error("E407", f"slot {quote(name)} has no value left that differs from the other"
+                                           " slots' values", items.slots[name].span,
+                                   "values of different slots are distinct; add values or use one slot twice"))
+                return []
+            clean_vals[name] = value
+        corrupt_vals = dict(clean_vals)
+        for name in items.corrupts:
+            taken = set(clean_vals.values()) | {corrupt_vals[s] for s in items.corrupts if s != name}
+            value = corrupt_pool[name].draw(rng, taken)
+            if value is None:
+                diags.append(error("E407", f"corrupt slot {quote(name)} has no value that differs from every clean"
+                                           " slot value", items.corrupts[name].span,
+                                   f"give it values of its own: `corrupt {name} [\"...\"]`"))
+                return []
+            corrupt_vals[name] = value
+        pairs.append(fill(clean_vals, corrupt_vals, f"{origin}#{index + 1}"))
+    return pairs
 
 
 def expand_template(t: n.Template, default_seed: int) -> tuple[list[PromptPair], list[Diagnostic], list[str]]:
@@ -95,161 +273,20 @@ def expand_template(t: n.Template, default_seed: int) -> tuple[list[PromptPair],
     """
     diags: list[Diagnostic] = []
     keyword = t.span.source.span(t.span.start, t.span.start + len("template"))
-    texts = [i for i in t.items if isinstance(i, n.TemplateText)]
-    slots: dict[str, n.TemplateSlot] = {}
-    corrupts: dict[str, n.TemplateCorrupt] = {}
-    fields: dict[str, n.Field] = {}
-    count: n.TemplateCount | None = None
-    seed: n.TemplateSeed | None = None
-    for item in t.items:
-        if isinstance(item, n.TemplateText) and item is not texts[0]:
-            diags.append(error("E105", "duplicate `text` in template", item.span,
-                               f"the first is on line {texts[0].span.line}"))
-        elif isinstance(item, n.TemplateSlot):
-            if item.name.name in slots:
-                diags.append(error("E409", f"slot {quote(item.name.name)} is defined twice", item.name.span,
-                                   f"the first is on line {slots[item.name.name].span.line}"))
-            elif not item.values:
-                diags.append(error("E404", f"slot {quote(item.name.name)} has no values", item.span))
-            else:
-                slots[item.name.name] = item
-        elif isinstance(item, n.TemplateCorrupt):
-            if item.name.name in corrupts:
-                diags.append(error("E409", f"slot {quote(item.name.name)} is corrupted twice", item.name.span))
-            elif item.values is not None and not item.values:
-                diags.append(error("E404", f"corrupt values for {quote(item.name.name)} are empty", item.span))
-            else:
-                corrupts[item.name.name] = item
-        elif isinstance(item, n.TemplateCount):
-            if count is not None:
-                diags.append(error("E105", "duplicate `count` in template", item.span))
-            elif not TEMPLATE_COUNT.accepts(item.value.value):
-                diags.append(error("E106", f"`count` must be {TEMPLATE_COUNT.describe()}, got {item.value.shown}",
-                                   item.value.span))
-            else:
-                count = item
-        elif isinstance(item, n.TemplateSeed):
-            if seed is not None:
-                diags.append(error("E105", "duplicate `seed` in template", item.span))
-            elif not SEED.accepts(item.value.value):
-                diags.append(error("E106", f"`seed` must be {SEED.describe()}, got {item.value.shown}",
-                                   item.value.span))
-            else:
-                seed = item
-        elif isinstance(item, n.Field):
-            name = item.name.name
-            if name == "clean":
-                diags.append(error("E401", "a template's clean prompt is its `text`", item.name.span,
-                                   'write `text "..."` with `{slot}` placeholders'))
-            elif name in fields:
-                diags.append(error("E306", f"duplicate field {quote(name)} in template", item.name.span))
-            else:
-                fields[name] = item
-    if not texts:
+    items = _collect(t, diags)
+    if not items.texts:
         diags.append(error("E401", "template has no `text`", keyword,
                            'add `text "... {slot} ..."`: the clean prompt with placeholders'))
         return [], diags, []
-    text = texts[0].text
-    parts, problems = parse_placeholders(text.value)
-    for start, end, problem in problems:
-        diags.append(error("E410", problem, _inner_span(text, start, end)))
-    holders = [p for p in parts if isinstance(p, Placeholder)]
-    if not holders and not problems:
-        diags.append(error("E402", "template text has no `{slot}` placeholder", text.span,
-                           "the corrupt prompt changes a slot, so the text needs at least one"))
-    text_broken = bool(problems)
-    used_slots: set[str] = set()
-    occurrences: list[_Occurrence] = []
-    seen_per_slot: dict[str, int] = {}
-    names: dict[str, Placeholder] = {}
-    for p in holders:
-        span = _inner_span(text, p.start, p.end)
-        if p.corrupt:
-            diags.append(error("E410", f"`{{{p.slot}.corrupt}}` is only allowed in fields; the text is the clean"
-                                       " prompt", span))
-            continue
-        if p.slot not in slots:
-            guess = did_you_mean(p.slot, slots)
-            text_broken = True
-            diags.append(error("E402", f"template text uses {quote('{' + p.slot + '}')}, but no slot"
-                                       f" {quote(p.slot)} is defined", span,
-                               f"did you mean {quote(guess)}?" if guess else f'add `slot {p.slot} ["...", ...]`'))
-            continue
-        used_slots.add(p.slot)
-        seen_per_slot[p.slot] = seen_per_slot.get(p.slot, 0) + 1
-        k = seen_per_slot[p.slot]
-        name = p.label or (p.slot if k == 1 else f"{p.slot}_{k}")
-        if name in names:
-            diags.append(error("E409", f"position name {quote(name)} is used twice in the template text", span,
-                               "label the occurrence: `{label:slot}`"))
-            continue
-        names[name] = p
-        occurrences.append(_Occurrence(p.slot, name))
-    for f in fields.values():
-        fparts, fproblems = parse_placeholders(f.value.value)
-        for start, end, problem in fproblems:
-            diags.append(error("E410", problem, _inner_span(f.value, start, end)))
-        for p in fparts:
-            if isinstance(p, Placeholder):
-                if p.label is not None:
-                    diags.append(error("E410", "labels (`{label:slot}`) belong in `text`, not in fields",
-                                       _inner_span(f.value, p.start, p.end)))
-                elif p.slot not in slots:
-                    guess = did_you_mean(p.slot, slots)
-                    diags.append(error("E402", f"field {quote(f.name.name)} uses {quote('{' + p.slot + '}')}, but"
-                                               f" no slot {quote(p.slot)} is defined",
-                                       _inner_span(f.value, p.start, p.end),
-                                       f"did you mean {quote(guess)}?" if guess else ""))
-                else:
-                    used_slots.add(p.slot)
-    for name, slot in slots.items():
-        if name not in used_slots and not text_broken:
-            diags.append(warning("W403", f"slot {quote(name)} is never used", slot.name.span))
-    if not corrupts:
-        example = next(iter(slots), "SLOT")
-        diags.append(error("E406", "template has no `corrupt` line", keyword,
-                           f"say which slot the corrupt prompt changes, e.g. `corrupt {example}`"))
-    for name, c in corrupts.items():
-        if name not in slots:
-            guess = did_you_mean(name, slots)
-            diags.append(error("E405", f"`corrupt` names {quote(name)}, which is not a slot", c.name.span,
-                               f"did you mean {quote(guess)}?" if guess else
-                               f"slots: {cap_list([quote(s) for s in slots], conj='and')}"))
-        elif not any(o.slot == name for o in occurrences) and not text_broken:
-            diags.append(error("E405", f"corrupt slot {quote(name)} does not appear in the text", c.name.span))
+    parts, occurrences, used, broken = _text_positions(items.texts[0].text, items.slots, diags)
+    _field_slots(items.fields, items.slots, used, diags)
+    _slot_use(items, keyword, occurrences, used, broken, diags)
+    positions = [o.name for o in occurrences]
     if any(d.is_error for d in diags):
-        return [], diags, [o.name for o in occurrences]
-
-    total = int(count.value.value) if count else DEFAULT_TEMPLATE_COUNT
-    rng = random.Random(int(seed.value.value) if seed else default_seed)
-    values = {name: _Pool(_unique(s.values)) for name, s in slots.items()}
-    corrupt_pool = {name: _Pool(_unique(c.values)) if c.values is not None else values[name]
-                    for name, c in corrupts.items()}
-    origin = f"{t.span.file}:{t.span.line}"
-    fill = _Filler(parts, occurrences, fields)
-    pairs: list[PromptPair] = []
-    for index in range(total):
-        clean_vals: dict[str, str] = {}
-        for name in slots:
-            value = values[name].draw(rng, set(clean_vals.values()))
-            if value is None:
-                diags.append(error("E407", f"slot {quote(name)} has no value left that differs from the other"
-                                           " slots' values", slots[name].span,
-                                   "values of different slots are distinct; add values or use one slot twice"))
-                return [], diags, [o.name for o in occurrences]
-            clean_vals[name] = value
-        corrupt_vals = dict(clean_vals)
-        for name in corrupts:
-            taken = set(clean_vals.values()) | {corrupt_vals[s] for s in corrupts if s != name}
-            value = corrupt_pool[name].draw(rng, taken)
-            if value is None:
-                diags.append(error("E407", f"corrupt slot {quote(name)} has no value that differs from every clean"
-                                           " slot value", corrupts[name].span,
-                                   f"give it values of its own: `corrupt {name} [\"...\"]`"))
-                return [], diags, [o.name for o in occurrences]
-            corrupt_vals[name] = value
-        pairs.append(fill(clean_vals, corrupt_vals, f"{origin}#{index + 1}"))
-    return pairs, diags, [o.name for o in occurrences]
+        return [], diags, positions
+    rng = random.Random(int(items.seed.value.value) if items.seed else default_seed)
+    fill = _Filler(parts, occurrences, items.fields)
+    return _draw(items, fill, rng, f"{t.span.file}:{t.span.line}", diags), diags, positions
 
 
 class _Pool:

@@ -47,7 +47,7 @@ def _version() -> str:
     try:
         return metadata.version("atpdsl")
     except metadata.PackageNotFoundError:  # pragma: no cover - a source checkout without install
-        from atpdsl import __version__
+        from atpdsl.version import __version__
 
         return __version__
 

@@ -16,6 +16,7 @@ from atpdsl.errors import AtpError
 from atpdsl.outputs.atomic import export_path, path_problem
 from atpdsl.outputs.formats import EXPORT_FORMATS, ExportError, clashes, format_of, load_writer, lookup, planned_files
 from atpdsl.outputs.manifest import ManifestWriter, manifest_path
+from atpdsl.faults import fault_point
 
 if TYPE_CHECKING:  # pragma: no cover
     from atpdsl.outputs.result import Result
@@ -159,5 +160,6 @@ def write_all(res: "Result", targets: Iterable["ExportTarget"], *, spec_file: st
         outcomes.append(outcome)
         manifest = _guarded(manifest, lambda m: m.record(os.path.expanduser(path), fmt, list(outcome.written),
                                                          list(outcome.replaced), outcome.error))
+        fault_point("export", i + 1)
     _guarded(manifest, lambda m: m.finish())
     return tuple(outcomes)

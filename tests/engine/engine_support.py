@@ -57,8 +57,10 @@ def make_plan(source: str | Path, pairs: list[dict[str, str]] | list[PromptPair]
 
 
 def with_(plan: Plan, **kw: Any) -> Plan:
-    """The plan with fields changed and its steps lowered again (Plan.with_)."""
-    return plan.with_(**kw)
+    """The plan with fields changed and its steps lowered again (atpdsl.lowering.replan)."""
+    from atpdsl.lowering import replan
+
+    return replan(plan, **kw)
 
 
 @lru_cache(maxsize=None)

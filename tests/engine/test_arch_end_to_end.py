@@ -34,34 +34,9 @@ def _threads():
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def record_based_atp_star(monkeypatch):
-    """Until engine/corrections reads the architecture record itself (the lead's switch, see the arch report), point
-    its two name-keyed tables at the record: the rotary module and function from `Arch.rotary`. A no-op once the
-    tables are gone."""
-    from atpdsl.arch import all_archs
-    from atpdsl.engine.corrections import qk_fix, shared
-    from atpdsl.engine.rotary import rotary_function
-
-    if hasattr(shared, "ROTARY"):
-        table = {a.name: (a.rotary.module if a.rotary else None) for a in all_archs()}
-        monkeypatch.setattr(shared, "ROTARY", table)
-        monkeypatch.setattr(qk_fix, "ROTARY", table, raising=False)
-    if hasattr(qk_fix.QkFix, "_rotary_fn"):
-        monkeypatch.setattr(qk_fix.QkFix, "_rotary_fn", lambda self: rotary_function(self.state.ctx.loaded))
-
-
 def run(plan, loaded):
     """execute() with the plan's steps lowered for the loaded model (make_plan builds plans without steps)."""
     return execute(complete_plan(plan, loaded), loaded=loaded)
-
-
-@pytest.fixture
-def no_edges(monkeypatch):
-    """Lower plans without edge steps: for a config whose record refuses edges, until lowering asks the record."""
-    from atpdsl import lowering
-
-    monkeypatch.setattr(lowering, "computes_edges", lambda method, metric_kind: False)
 
 
 def _star(mode: str = "layer", qk: bool = True, gd: bool = True, norm: bool = False) -> MethodSpec:
@@ -144,7 +119,7 @@ def _reference_kind(node) -> str:
 
 @pytest.mark.parametrize("mode", ["layer", "sublayer"])
 @pytest.mark.parametrize("name", NEW)
-def test_atp_star_equals_the_reference(name, mode, record_based_atp_star):
+def test_atp_star_equals_the_reference(name, mode):
     """QK fix + GradDrop through execute(): score = sum_t |estimate_t| / (n_terms - 1) (graddrop_reference, terms
     QK-fixed), estimate = the QK-fixed estimate for queries / keys (qk_fix_reference), plain AtP for the rest."""
     model, tok = _sharp(name), tm.make_tokenizer()
@@ -172,7 +147,7 @@ def test_atp_star_equals_the_reference(name, mode, record_based_atp_star):
           f"QK fix moved an estimate by {moved:.2f}")
 
 
-def test_phi3_norm_fix_equals_the_brute_force_reference(record_based_atp_star):
+def test_phi3_norm_fix_equals_the_brute_force_reference():
     """The norm fix on Phi-3 (RMSNorm, fused qkv with GQA), per-position nodes of every kind, with the QK fix."""
     model, tok = _sharp("phi3"), tm.make_tokenizer()
     nodes = tuple(NodeGroup(k, per_position=True) for k in ("heads", "queries", "keys", "values", "neurons", "attn",
@@ -200,7 +175,7 @@ def test_verification_equals_the_references_exact_patches(name):
     assert worst <= 2e-5, worst
 
 
-def test_post_norm_opt_runs_atp_and_exact_and_refuses_what_needs_pre_norm(no_edges):
+def test_post_norm_opt_runs_atp_and_exact_and_refuses_what_needs_pre_norm():
     """OPT-350m's layout (norms after the residual add): AtP and exact patching need no block structure and equal
     the reference; GradDrop, the norm fix and edges are refused by the record for this config."""
     model, tok = tm.make_opt(n_layer=2, pre_norm=False), tm.make_tokenizer()

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from atpdsl.language.compiler import compile_file
+from atpdsl.lowering import replan
 from atpdsl.engine import execute
 from atpdsl.engine.load import load_model
 from atpdsl.plan import Diagnosis, MethodSpec, NodeGroup, Verification
@@ -43,12 +44,12 @@ def runs():
     loaded = None
     for name, spec in (("copy", "induction.atp"), ("prev", "induction-prev.atp")):
         plan = compile_file(EXAMPLES / spec)
-        plan = plan.with_(pairs=plan.pairs[:N_PAIRS], exports=(), verification=None, diagnosis=None)
+        plan = replan(plan, pairs=plan.pairs[:N_PAIRS], exports=(), verification=None, diagnosis=None)
         loaded = loaded or load_model(plan.model)
-        heads = plan.with_(nodes=(NodeGroup("heads"),))
+        heads = replan(plan, nodes=(NodeGroup("heads"),))
         assert plan.method.qk_fix and plan.method.graddrop  # the examples run full AtP* (prev: + the norm fix)
         paper = MethodSpec("atp*", qk_fix=True, graddrop=True)
-        out[name] = {m: execute(heads.with_(method=method), loaded=loaded)
+        out[name] = {m: execute(replan(heads, method=method), loaded=loaded)
                      for m, method in (("exact", MethodSpec("exact")), ("atp", MethodSpec("atp")),
                                        ("atp*", paper), ("atp*+norm", replace(paper, norm_fix=True)))}
         out[name]["plan"] = plan
@@ -88,7 +89,7 @@ def test_prev_corruption_the_norm_fix_makes_the_layer_1_heads_exact(runs):
 
 def test_prev_corruption_the_diagnostic_flags_what_atp_star_missed(runs):
     res, loaded = runs
-    plan = res["prev"]["plan"].with_(verification=Verification(12),  # as the spec; 200 samples, not 64:
+    plan = replan(res["prev"]["plan"], verification=Verification(12),  # as the spec; 200 samples, not 64:
                    diagnosis=Diagnosis(samples=200, confidence=0.95, inclusion=0.1))  # 64 leave nodes untestable
     result = execute(plan, loaded=loaded)
     by = result.by_name()

@@ -95,9 +95,6 @@ def test_a_module_path_that_names_the_wrong_tensor_is_named():
         check_site_values(loaded.arch, loaded.geom, ctx.table, values, rows, positions)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="until the engine calls site_check.check_site_values on its first batch (the lead's wiring); "
-                          "then this passes and the marker goes")
 def test_execute_reports_a_wrong_record_as_an_engine_error():
     from atpdsl.engine import execute
     from atpdsl.engine.run import complete_plan

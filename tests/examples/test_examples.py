@@ -371,4 +371,4 @@ def _ran_the_plan(plan, out: Path) -> None:
     batches = dict(plan.extras)["batches"]
     assert [(s["kind"], s["name"]) for s in ran] == [(s.kind, s.name) for s in plan.steps]
     assert [s["runs"] for s in ran] == [batches if s.scope == "batch" else 1 for s in plan.steps]
-    assert all(s["seconds"] >= 0 for s in ran)
+    assert all(s["name"] in dict(json.loads(saved.read_text())["timings"]["engine"]) for s in ran)

@@ -22,7 +22,10 @@ from atpdsl.engine.corrections.shared import MID_STAGE, check_supported, site_pl
 from atpdsl.engine.graddrop import n_terms as count_terms
 from atpdsl.engine.state import BatchWork, ExtraSites, RunState
 
-__all__ = ["Term", "GradDrop", "prepare_graddrop", "graddrop_term_step"]
+__all__ = ["Term", "GradDrop", "prepare_graddrop", "graddrop_term_step", "TERM_SUMS"]
+
+TERM_SUMS = "graddrop_terms"
+"""The name of GradDrop's signed per-term sums over pairs [n_terms, N] among the run's sums."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,6 @@ class GradDrop:
     mode: str
     terms: list[Term] = field(default_factory=list)
     divisor: torch.Tensor | None = None
-    term_sums: torch.Tensor | None = None  # [n_terms, N] float64: signed per-term sums over pairs
     parallel: bool = False
     places: dict[int, tuple[int, str]] = field(default_factory=dict)
 
@@ -81,7 +83,6 @@ class GradDrop:
                 mid = extra.add(f"{mod}.input", mod, "input", (l, MID_STAGE))
                 self.terms.append(Term(l, frozenset({"attn"}), skip(mid)))
                 self.terms.append(Term(l, frozenset({"mlp"}), ((mid, resid[l]),)))
-        self.term_sums = torch.zeros((len(self.terms), table.size), dtype=torch.float64)
         self.divisor = torch.full((table.size,), float(len(self.terms) - 1))
         for b in table.blocks:
             if self.places[b.site][1] == "out":
@@ -185,25 +186,28 @@ class GradDrop:
         norm.write(work, grad_of, est, todo, above=lambda where: self.place(*where, term) == "above")
 
     def add(self, work: BatchWork, j: int, est: torch.Tensor) -> None:
-        """Fold term j's estimates into the batch's ranking magnitude and the run's signed per-term sums."""
+        """Fold term j's estimates into the batch's ranking magnitude and its signed per-term sums (the batch's
+        `sums["graddrop_terms"]` [n_terms, N], which the run adds up)."""
         if work.magnitude is None:
             work.magnitude = torch.zeros_like(est)
+            work.sums[TERM_SUMS] = torch.zeros((len(self.terms), est.shape[1]), dtype=torch.float64)
         work.magnitude += est.abs()
-        self.term_sums[j] += est.double().sum(0).cpu()
+        work.sums[TERM_SUMS][j] += est.double().sum(0).cpu()
         done = work.cache["graddrop_terms"] = work.cache.get("graddrop_terms", 0) + 1
         if done == len(self.terms):  # every term is in: the per-pair score
             work.magnitude = work.magnitude / self.divisor.to(work.magnitude.device)
 
     def scores(self, aggregate: str, n_pairs: int) -> torch.Tensor | None:
         """`aggregate abs_mean` with GradDrop: sum_t |mean over pairs of estimate_t| / (n_terms - 1)."""
-        if aggregate == "abs_mean" and self.term_sums is not None:
-            return (self.term_sums / n_pairs).abs().sum(0) / self.divisor.double()
+        term_sums = self.state.sums.get(TERM_SUMS)
+        if aggregate == "abs_mean" and term_sums is not None:
+            return (term_sums / n_pairs).abs().sum(0) / self.divisor.double()
         return None
 
 
 def prepare_graddrop(state: RunState, step: Step) -> None:
     """Build the run's GradDrop terms, add the residual sites they cut at, and keep the clean graph."""
-    check_supported(state.ctx)
+    check_supported(state.ctx, "graddrop", state.plan.method.graddrop_mode)
     gd = GradDrop(state, mode=state.plan.method.graddrop_mode)
     gd.setup(state.extra)
     state.parts["graddrop"] = gd

@@ -212,7 +212,7 @@ class NormFix:
 
 def prepare_norm_fix(state: RunState, step: Step) -> None:
     """Build the run's norm fix and add the sites it reads."""
-    check_supported(state.ctx)
+    check_supported(state.ctx, "norm_fix")
     fix = NormFix(state, keep_suffix=any(s.kind == "graddrop_term" for s in state.steps))
     fix.setup(state.extra, state.parts.get("qk"))
     state.parts["norm"] = fix

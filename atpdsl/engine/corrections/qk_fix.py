@@ -10,7 +10,6 @@ fix does not model). GradDrop's terms call `QkFix.write` again with their own pa
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +18,8 @@ from atpdsl.errors import EngineError
 from atpdsl.plan import Step
 from atpdsl.engine.atp import MAIN
 from atpdsl.engine.context import align
-from atpdsl.engine.corrections.shared import PATTERN_STAGE, PATTERN_TOLERANCE, ROTARY, check_supported, heads_view
+from atpdsl.engine.corrections.shared import PATTERN_STAGE, PATTERN_TOLERANCE, check_supported, heads_view
+from atpdsl.engine.rotary import rotary_function
 from atpdsl.engine.node_table import Block, block_estimates
 from atpdsl.engine.qkfix import QKFix, reduce_groups
 from atpdsl.engine.state import BatchWork, ExtraSites, RunState
@@ -64,11 +64,11 @@ class QkFix:
                 (qs if b.kind == "queries" else ks).append(b)
         qt, kt = arch.template("queries"), arch.template("keys")
         self.q_layout, self.k_layout = qt.resolve(geom), kt.resolve(geom)
-        rotary = ROTARY[arch.name]
+        rotary = arch.rotary.module if arch.rotary is not None else None
         if per_layer and rotary is not None:
             self.rotary_keys = (extra.add(f"{rotary}.output.0", rotary, "output", (0, 0), 0, False),
                                 extra.add(f"{rotary}.output.1", rotary, "output", (0, 1), 1, False))
-            self.apply_rotary = self._rotary_fn()
+            self.apply_rotary = rotary_function(loaded)
         for layer, (qs, ks) in sorted(per_layer.items()):
             attn = arch.template("heads").path(layer).rsplit(".", 1)[0]
             q_key = extra.add(f"{qt.path(layer)}.{qt.attr}", qt.path(layer), qt.attr, (layer, 10), grad=False)
@@ -81,15 +81,6 @@ class QkFix:
     def pattern_where(self) -> dict[str, tuple[int, str]]:
         """Pattern site key -> (layer, "attn"): where each pattern's gradient sits for GradDrop."""
         return {q.pattern_key: (q.layer, "attn") for q in self.layers}
-
-    def _rotary_fn(self):
-        loaded = self.state.ctx.loaded
-        module = loaded.hf.get_submodule(loaded.arch.template("heads").path(0).rsplit(".", 1)[0])
-        fn = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
-        if fn is None:
-            raise EngineError(f"QK fix: cannot find apply_rotary_pos_emb next to {type(module).__name__}; "
-                              f"use `qk_fix off`")
-        return fn
 
     def prepared(self, work: BatchWork) -> dict[int, QKFix]:
         """The batch's prepared fix per layer (built once per batch, shared by the main pass and GradDrop)."""
@@ -170,7 +161,7 @@ class QkFix:
 
 def prepare_qk_fix(state: RunState, step: Step) -> None:
     """Build the run's QK fix and add the sites it reads."""
-    check_supported(state.ctx)
+    check_supported(state.ctx, "qk_fix")
     fix = QkFix(state)
     fix.setup(state.extra)
     state.parts["qk"] = fix

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from atpdsl.arch import Layout
+from atpdsl.arch import Layout, support_problems
 from atpdsl.errors import EngineError
 from atpdsl.engine.context import Context
 
 __all__ = ["ATTN_SIDE", "MLP_SIDE", "PATTERN_TOLERANCE", "PATTERN_STAGE", "MID_STAGE", "NORM_STAGE", "heads_view",
-           "side_of", "site_places", "ROTARY", "check_supported"]
+           "side_of", "site_places", "check_supported"]
 
 ATTN_SIDE = frozenset({"queries", "keys", "values", "heads", "attn"})
 MLP_SIDE = frozenset({"neurons", "mlp"})
@@ -22,18 +22,13 @@ PATTERN_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e
 PATTERN_STAGE, MID_STAGE = 32, 40
 NORM_STAGE = {"attn-in": 5, "mlp-in": MID_STAGE, "logits": 0}  # a reader norm's input; its output is + 1
 
-# Per architecture (Arch.name): the module whose output is the rotary (cos, sin), None without rotary.
-ROTARY = {"GPT-2": None, "GPT-NeoX": "gpt_neox.rotary_emb"}
-for _name in ("Llama", "Qwen2", "Mistral", "Gemma"):
-    ROTARY[_name] = "model.rotary_emb"
-
-
-def check_supported(ctx: Context) -> None:
-    """EngineError unless the corrections know this architecture's residual layout."""
-    arch = ctx.loaded.arch
-    if arch.name not in ROTARY or not arch.mlp_norm:
-        raise EngineError(f"AtP* (qk_fix / graddrop / norm_fix) does not know the residual layout of {arch.name} "
-                          f"models (supported: {', '.join(sorted(ROTARY))}); use `method atp`")
+def check_supported(ctx: Context, correction: str, graddrop_mode: str = "layer") -> None:
+    """EngineError when the architecture record refuses this AtP* correction for the model's config."""
+    loaded = ctx.loaded
+    problems = support_problems(loaded.arch, loaded.config, "atp*", corrections=[correction],
+                                graddrop_mode=graddrop_mode)
+    if problems:
+        raise EngineError(f"{problems[0].message}; {problems[0].hint}")
 
 
 def heads_view(x: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""Edge scores from kept reads: each source's write times each target row's own input gradient, per pair.
+
+Per batch: the sources' writes into the residual stream [U, rows, S, d] (from the node sites' differences and
+the output projections), the target rows' gradients [T, rows, S, d] (atpdsl.engine.edge_targets, averaged over
+the gradient passes: one, or one per integrated-gradients step), one batched product per reader point over the
+sources written before it; queries, keys and values (no residual write) against their heads' own projection-space
+gradients. Positions decide which edges exist (atpdsl.engine.edges.linked, `reach`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from atpdsl.errors import EngineError
+from atpdsl.names import NodeId, NodeKind
+from atpdsl.engine.data import pair_sum
+from atpdsl.engine.edge_sites import EdgeSites
+from atpdsl.engine.edge_targets import PassTargets
+from atpdsl.engine.edges import (
+    EMBED, QKV, EdgeMatrix, TargetRow, linked, node_groups, qkv_heads, reach, read_point, target_rows,
+    write_matrix, write_point,
+)
+from atpdsl.engine.load import Loaded
+from atpdsl.engine.node_table import build_table, unit_columns
+
+__all__ = ["Sources", "sources_of", "matrix_from_reads"]
+
+
+@dataclass(slots=True)
+class Sources:
+    """The selected nodes as edge sources: a node table covering them, `embed` first then table order."""
+
+    table: object
+    cols: list[int]
+    nodes: list[NodeId]
+
+
+def sources_of(loaded: Loaded, nodes: Sequence[NodeId], positions) -> Sources:
+    """Sources in table (forward) order; EngineError for a node the model's table does not have."""
+    table = build_table(loaded.arch, loaded.geom, node_groups(nodes), positions)
+    index = {n: i for i, n in enumerate(table.nodes)}
+    seen = set()
+    for n in nodes:
+        if n.kind in (NodeKind.EMBED, NodeKind.LOGITS):
+            continue
+        if n not in index:
+            raise EngineError(f"edge attribution: node {n.name} is not in the model's node table")
+        seen.add(n)
+    cols, out = [], [EMBED]
+    for c, n in enumerate(table.nodes):
+        if n in seen:
+            cols.append(c)
+            out.append(n)
+    return Sources(table, cols, out)
+
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _at(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, S, ...] kept at one position per row (all of x when `rows` is None)."""
+    if rows is None:
+        return x
+    keep = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+    keep[torch.arange(x.shape[0], device=x.device), rows] = 1.0
+    return x * keep.view(*keep.shape, *([1] * (x.dim() - 2)))
+
+
+def _writes(loaded: Loaded, src: Sources, deltas: dict, d_emb: torch.Tensor, targets: PassTargets
+            ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Residual writes [U, rows, S, d] (zero for q/k/v) and each q/k/v source's own columns' change [rows, S, dh]."""
+    W = torch.zeros((len(src.nodes), *d_emb.shape), dtype=_f(d_emb).dtype, device=d_emb.device)
+    W[0] = _f(d_emb)
+    own: dict[int, torch.Tensor] = {}
+    where = {c: i + 1 for i, c in enumerate(src.cols)}
+    for si, site in enumerate(src.table.sites):
+        d = _f(deltas[site.name])
+        for bl in src.table.blocks_at(si):
+            for c in range(bl.first, bl.first + bl.size):
+                if c not in where:
+                    continue
+                node = src.nodes[where[c]]
+                rows = None if node.position is None else targets.rows_at(node.position)
+                unit, _ = bl.locate(c)
+                if bl.kind in ("queries", "keys", "values"):
+                    own[where[c]] = _at(d[..., slice(*bl.layout.columns(unit))], rows)
+                    continue
+                if bl.kind in ("heads", "neurons"):
+                    cols = torch.arange(*bl.layout.columns(unit))
+                    module = site.module if site.attr == "input" else loaded.arch.neuron_proj.format(layer=site.layer)
+                    write = d[..., cols] @ write_matrix(loaded.hf.get_submodule(module), cols).T
+                else:  # attn, mlp, resid: the whole vector is the write
+                    write = d
+                W[where[c]] = _at(write, rows)
+    return W, own
+
+
+def _qkv_grad(targets: PassTargets, source: NodeId, row: TargetRow) -> torch.Tensor:
+    """[rows, S, dh]: the gradient a q/k/v source meets through a head row, or through `attn` (its heads)."""
+    if row.node.kind is NodeKind.HEAD:
+        (piece,) = targets.head_pieces(source.layer, [row.node.index], row.channel, row.node.position)
+        return piece.grad
+    channel = {NodeKind.QUERY: "q", NodeKind.KEY: "k", NodeKind.VALUE: "v"}[source.kind]
+    if row.node.position is None:  # every head of the unit, every query: the projection's own gradient
+        return targets.node_piece(NodeId(source.layer, source.kind, source.index)).grad
+    heads = qkv_heads(source, targets.loaded.geom.group_size)
+    return sum(p.grad for p in targets.head_pieces(source.layer, heads, channel, row.node.position))
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What is fixed across batches: sources, rows, order links, the per-point groups and q/k/v links."""
+
+    src: Sources
+    rows: list[TargetRow]
+    order: torch.Tensor  # bool [U, T]
+    groups: list[tuple[list[int], list[int]]]  # (source indices, row indices) per reader point
+    qkv_links: list[tuple[int, int]]
+
+
+def _plan(loaded: Loaded, src: Sources, targets: Sequence[NodeId]) -> _Plan:
+    rows = target_rows(targets)
+    parallel, gs = loaded.parallel, loaded.geom.group_size
+    heads = frozenset((t.layer, t.index) for t in targets if t.kind is NodeKind.HEAD)
+    order = torch.tensor([[linked(s, r, parallel, gs, heads) for r in rows] for s in src.nodes], dtype=torch.bool)
+    by_point: dict[int, list[int]] = {}
+    for j, r in enumerate(rows):
+        by_point.setdefault(10**9 if r.node.kind is NodeKind.RESID else read_point(r.node, parallel), []).append(j)
+    groups = []
+    for point, cols in sorted(by_point.items()):
+        srcs = [i for i, s in enumerate(src.nodes) if s.kind not in QKV and bool(order[i, cols].any())]
+        if srcs:
+            groups.append((srcs, cols))
+    qkv_links = [(i, j) for i, s in enumerate(src.nodes) if s.kind in QKV for j in range(len(rows)) if order[i, j]]
+    return _Plan(src, rows, order, groups, qkv_links)
+
+
+def _place_links(pl: _Plan, targets: PassTargets) -> torch.Tensor:
+    """bool [U, T]: edges whose positions meet in some row of this batch (per-position nodes)."""
+    out = torch.ones_like(pl.order)
+    for i, s in enumerate(pl.src.nodes):
+        if s.position is None:
+            continue
+        ps = targets.rows_at(s.position)
+        for j, r in enumerate(pl.rows):
+            if r.node.position is None:
+                continue
+            pt = targets.rows_at(r.node.position)
+            out[i, j] = bool(((ps <= pt) if reach(r) == "upto" else (ps == pt)).any())
+    return out
+
+
+def _batch_scores(loaded: Loaded, pl: _Plan, passes: list[PassTargets], deltas: dict, d_emb: torch.Tensor,
+                  blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row scores [rows, U, T] (and reader-block products [rows, U, R]) for one batch."""
+    W, own = _writes(loaded, pl.src, deltas, d_emb, passes[0])
+    n_rows, U, T = d_emb.shape[0], len(pl.src.nodes), len(pl.rows)
+    out = torch.zeros((n_rows, U, T), dtype=torch.float64, device=d_emb.device)
+    for srcs, cols in pl.groups:
+        G = sum(p.residual([pl.rows[j] for j in cols]) for p in passes) / len(passes)  # [t, rows, S, d]
+        w = W[srcs].flatten(2).transpose(0, 1)  # [rows, u, S*d]
+        g = G.flatten(2).permute(1, 2, 0)  # [rows, S*d, t]
+        out[:, torch.tensor(srcs)[:, None], torch.tensor(cols)[None, :]] = (w @ g).double()
+    for i, j in pl.qkv_links:
+        grad = sum(_qkv_grad(p, pl.src.nodes[i], pl.rows[j]) for p in passes) / len(passes)
+        out[:, i, j] = (own[i] * grad).sum((1, 2)).double()
+    reader_products = None
+    if blocks:
+        G = sum(p.reads.G for p in passes) / len(passes)  # [R, rows, S, d]
+        reader_products = torch.einsum("ursd,krsd->ruk", W.double(), G.double())
+        points = torch.tensor([r.point for r in passes[0].sites.blocks])
+        writes = torch.tensor([write_point(s.kind, s.layer, loaded.parallel) if s.kind not in QKV else 10**9
+                               for s in pl.src.nodes])
+        reader_products *= (points[None, :] >= writes[:, None]).to(reader_products.dtype)
+    return out, reader_products
+
+
+def matrix_from_reads(loaded: Loaded, sites: EdgeSites, nodes: Sequence[NodeId], reads: Iterable, positions,
+                      *, keep_pairs: bool = False, check: bool = True) -> EdgeMatrix:
+    """The EdgeMatrix of `embed` and `nodes` (sources) against `nodes` and `logits` (targets) from kept reads
+    (atpdsl.engine.edge_reads.EdgeReads, one per batch)."""
+    from atpdsl.engine.rotary import rotary_function
+
+    src = sources_of(loaded, nodes, positions)
+    pl = _plan(loaded, src, [n for n in src.nodes[1:]])
+    rotate = rotary_function(loaded)
+    names = list(positions[1]) if positions else []
+    total = torch.zeros(pl.order.shape, dtype=torch.float64)
+    place = torch.zeros_like(pl.order) if any(s.position is not None for s in src.nodes) else torch.ones_like(pl.order)
+    pairs, blocks, n_pairs, steps = [], [], 0, 0
+    for k, r in enumerate(reads):
+        passes = [PassTargets(loaded, sites, p, r.batch, names, r.tables, rotate, check=check and k == 0)
+                  for p in r.passes]
+        steps = max(steps, len(r.passes) if r.ig else 0)
+        scores, reader_products = _batch_scores(loaded, pl, passes, r.deltas, r.d_emb, keep_pairs)
+        per_pair = pair_sum(r.batch, scores).cpu()
+        total += per_pair.sum(0)
+        n_pairs += per_pair.shape[0]
+        place |= _place_links(pl, passes[0])
+        if keep_pairs:
+            pairs.append(per_pair)
+            blocks.append(pair_sum(r.batch, reader_products).cpu())
+    return EdgeMatrix(
+        sources=tuple(src.nodes), rows=tuple(pl.rows), total=total, linked=pl.order & place, n_pairs=n_pairs,
+        readers=tuple(sites.blocks), per_pair=torch.cat(pairs) if keep_pairs else None,
+        blocks=torch.cat(blocks) if keep_pairs else None, ig_steps=steps,
+    )
