@@ -52,6 +52,16 @@ METHODS: dict[str, tuple[MethodSpec, RelpRules | None]] = {
     "RelP": (MethodSpec("atp", aggregate=PER_PAIR), PAPER_RULES),
     "RelP+AH": (MethodSpec("atp", aggregate=PER_PAIR), ALL_RULES),
 }
+DEFAULT_METHODS = tuple(METHODS)
+# Rule ablations (--ablation): one or two of RelP's rules alone.
+ABLATION = {
+    "RelP[LN]": RelpRules(True, False, False, False),
+    "RelP[identity]": RelpRules(False, True, False, False),
+    "RelP[half]": RelpRules(False, False, True, False),
+    "RelP[AH]": RelpRules(False, False, False, True),
+    "RelP[LN+AH]": RelpRules(True, False, False, True),
+}
+METHODS.update({name: (MethodSpec("atp", aggregate=PER_PAIR), rules) for name, rules in ABLATION.items()})
 
 
 def log(text: str) -> None:
@@ -101,8 +111,8 @@ def _fmt(r: float) -> str:
 
 def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -> str:
     kinds = [k for k in scores[0].pearson if k != "all"]
-    head = (["method", "cost"] + [f"r {k}" for k in kinds] + ["r all", "worst rank/pair mean [min-max]",
-            "x less/pair", "worst rank agg.", "x less agg."])
+    head = (["method", "cost"] + [f"r {k}" for k in kinds] + ["r all", "r all, top 10 verified",
+            "worst rank/pair mean [min-max]", "x less/pair", "worst rank agg.", "x less agg."])
     rows = []
     base = next((s.seconds for s in scores if s.method == "AtP"), None)
     if not markdown and base:
@@ -110,7 +120,8 @@ def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -
     for s in scores:
         pw = s.pair_worst
         row = [s.method, f"{s.cost:.2f}"] + [_fmt(s.pearson[k]) for k in kinds] + [
-            _fmt(s.pearson["all"]), f"{sum(pw) / len(pw):.1f} [{min(pw)}-{max(pw)}]", f"{s.pair_less:.1f}",
+            _fmt(s.pearson["all"]), _fmt(s.verified_r), f"{sum(pw) / len(pw):.1f} [{min(pw)}-{max(pw)}]",
+            f"{s.pair_less:.1f}",
             str(s.dataset_worst), f"{s.dataset_less:.1f}"]
         if not markdown and base:
             row.insert(2, f"{M.RELP_COST * s.seconds / base:.1f}")
@@ -170,12 +181,13 @@ def main() -> None:
     ap.add_argument("--tasks", default="stories,ioi,induction")
     ap.add_argument("--stories-pairs", type=int, default=20)
     ap.add_argument("--smollm2-pairs", type=int, default=10)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--ablation", action="store_true", help="also run RelP's rules one (or two) at a time")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.tasks.split(",")
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") + (list(ABLATION) if args.ablation else [])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown methods {unknown} (known: {', '.join(METHODS)})")

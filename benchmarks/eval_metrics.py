@@ -6,6 +6,8 @@
   deepest of their ranks in the method's own ranking of that pair (its per-pair ranking magnitudes, GradDrop's
   where it ranks); aggregated, the true top 10 by mean |exact effect| over pairs, ranked by the method's
   dataset score (mean over pairs of the ranking magnitude).
+- Pearson after `verify top 10`: the same over all kinds once the method's 10 best-ranked nodes (dataset
+  ranking) carry their exact effects, as atpdsl reports verified nodes; costs 10 exact patches per pair more.
 - Cost of verified recall (Kramar et al. 2024's figure of merit), in forward-equivalents per pair: the method's
   own cost (atpdsl.costs: corrupt forward 1, clean forward 1, backward 2, the QK fix, GradDrop's terms, the
   norm fix) plus one exact patch per node walking down its ranking until the true top 10 are verified,
@@ -92,6 +94,7 @@ class Score:
     exhaustive: int  # forward-equivalents per pair of patching every node
     seconds: float
     means: dict[str, float]  # node name -> mean signed estimate over pairs
+    verified_r: float  # Pearson over all nodes once the method's own top 10 are verified (their values exact)
 
     @property
     def pair_less(self) -> float:
@@ -118,4 +121,8 @@ def score(method: str, result, truth: Truth, cost: float, seconds: float) -> Sco
                        for p in range(truth.n_pairs))
     dataset_worst = worst_rank(truth.dataset, {n.name: n.rank for n in result.nodes})
     means = {n: statistics.fmean(v) for n, v in estimates.items()}
-    return Score(method, cost, r, pair_worst, dataset_worst, 2 + len(truth.per_pair), seconds, means)
+    top = {n.name for n in result.nodes if n.rank <= TOP}
+    shown = {n: (truth.per_pair[n] if n in top else estimates[n]) for n in truth.per_pair}
+    verified_r = pearson([v for n in truth.per_pair for v in shown[n]],
+                         [v for n in truth.per_pair for v in truth.per_pair[n]])
+    return Score(method, cost, r, pair_worst, dataset_worst, 2 + len(truth.per_pair), seconds, means, verified_r)

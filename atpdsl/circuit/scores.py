@@ -104,9 +104,10 @@ class AdditivityCheck:
     (exact permutation test); `worst_p` is the smallest p-value (of `worst_node`, whose effect alone and subset
     estimate are given), compared with `p_threshold` (alpha / nodes tested: suspects are chosen among them all).
     Pairs: `pairs` pairs of suspects patched together; `pair_max` is the largest |f(a + b) - f(a) - f(b)|, for
-    `pair_nodes`. Splits: `splits` sampled subsets S cut into halves A, B; `split_max` is the largest
-    |f(S) - f(A) - f(B)|, `split_share` the sum of those gaps over the sum of |f(S)|. Pair and split gaps (in the
-    bounded quantity) fail the check above `split_limit` x the bound that would be stated."""
+    `pair_nodes`, whose effect together and sum of effects alone (signed means) are `pair_together`, `pair_sum`.
+    Splits: `splits` sampled subsets S cut into halves A, B; `split_max` is the largest |f(S) - f(A) - f(B)|,
+    `split_share` the sum of those gaps over the sum of |f(S)|. Pair and split gaps (in the bounded quantity)
+    fail the check above `split_limit` x the bound that would be stated."""
 
     suspects_tested: int = 0
     worst_node: str | None = None
@@ -117,6 +118,8 @@ class AdditivityCheck:
     pairs: int = 0
     pair_max: float | None = None
     pair_nodes: str | None = None
+    pair_together: float | None = None
+    pair_sum: float | None = None
     splits: int = 0
     split_max: float | None = None
     split_share: float | None = None

@@ -79,6 +79,8 @@ def print_summary(res: "Result", console: "Console") -> None:
         highlight=False,
         soft_wrap=True,
     )
+    for warning in (result.extras.get("warnings") or []) if isinstance(result.extras, dict) else []:
+        console.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True)
     rows = res.scores.rows
     shown = [r for r in rows if r["in_circuit"]] or rows[: min(10, len(rows))]
     title = "circuit nodes" if any(r["in_circuit"] for r in rows) else "top nodes (none selected)"

@@ -52,20 +52,22 @@ def suspect_check(masks: np.ndarray, y: np.ndarray, alone: dict[int, np.ndarray]
 
 
 def pair_check(alone: dict[int, np.ndarray], n: int, patch: PatchSubsets, quantity: str,
-               names: Sequence[str]) -> tuple[np.ndarray, str | None]:
+               names: Sequence[str]) -> tuple[np.ndarray, dict]:
     """Every pair of suspects patched together: gaps |f(a + b) - f(a) - f(b)| [pairs] in the bounded quantity,
-    and the worst pair's names."""
+    and the worst pair (names, its effect together and its effects alone summed: signed means over pairs)."""
     pairs = list(combinations(sorted(alone), 2))
     if not pairs:
-        return np.zeros(0), None
+        return np.zeros(0), {}
     masks = np.zeros((len(pairs), n), dtype=bool)
     for r, (a, b) in enumerate(pairs):
         masks[r, [a, b]] = True
     together = patch(masks)  # [pairs, P]
-    gap = together - np.stack([alone[a] + alone[b] for a, b in pairs])
-    gaps = magnitudes(gap.T, quantity)
-    a, b = pairs[int(np.argmax(gaps))]
-    return gaps, f"{names[a]} + {names[b]}"
+    summed = np.stack([alone[a] + alone[b] for a, b in pairs])
+    gaps = magnitudes((together - summed).T, quantity)
+    w = int(np.argmax(gaps))
+    a, b = pairs[w]
+    return gaps, dict(pair_nodes=f"{names[a]} + {names[b]}", pair_together=float(together[w].mean()),
+                      pair_sum=float(summed[w].mean()))
 
 
 def _split_rows(masks: np.ndarray, lim: NodeLimits, splits: int, rng) -> list[tuple[int, np.ndarray]]:

@@ -15,8 +15,9 @@ import torch
 
 from atpdsl.plan import Step
 from atpdsl.engine.context import Context, align, merge_sites
-from atpdsl.engine.metrics import metric_rows
+from atpdsl.engine.metrics import metric_values
 from atpdsl.engine.node_table import block_estimates, unit_values
+from atpdsl.engine.finite import check_rows, check_values
 from atpdsl.engine.site_check import check_trace
 from atpdsl.engine.state import BatchWork, RunState
 from atpdsl.engine.trace import Backward, TraceSite, run_trace
@@ -42,10 +43,11 @@ def corrupt_forward(state: RunState, step: Step, work: BatchWork) -> None:
     """Run the corrupt prompts without gradients, keeping every site's value and the logits at the metric."""
     ctx, batch = state.ctx, work.batch
     with torch.no_grad():
-        work.corrupt = run_trace(ctx.model, batch.corrupt, trace_sites(state), last_pos=batch.corrupt_metric_pos)
+        work.corrupt = run_trace(ctx.model, batch.corrupt, trace_sites(state), last_pos=batch.reads.corrupt_pos)
     if "sites_checked" not in state.parts:  # the first batch: every site has the shape its record promises
         check_trace(ctx, work.corrupt, batch.corrupt, "corrupt")
         state.parts["sites_checked"] = True
+    check_values(ctx, batch, work.corrupt.acts, [s.key for s in trace_sites(state)], "corrupt run")
 
 
 def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None:
@@ -54,22 +56,28 @@ def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None
     rule = state.parts.get("gradient_rule")  # a context manager changing how gradients flow (RelP), or None
     with (rule() if rule is not None else contextlib.nullcontext()):
         work.clean = run_trace(ctx.model, batch.clean, trace_sites(state), embed=ctx.embed,
-                               metric=ctx.metric_fn(batch), last_pos=batch.metric_pos,
+                               metric=ctx.metric_fn(batch), last_pos=batch.reads.pos,
                                backwards=[Backward(MAIN, retain_graph=state.keep_graph)],
                                keep_graph=state.keep_graph)
-    work.est = atp_estimates(ctx, work)
     work.clean_rows = work.clean.metric
-    work.corrupt_rows = metric_rows(ctx.plan.metric, work.corrupt.last, batch.answers)
+    work.corrupt_rows = metric_values(ctx.plan.metric, work.corrupt.last, batch.reads.corrupt())
+    keys = [s.key for s in trace_sites(state)]
+    check_values(ctx, batch, work.clean.acts, keys, "clean run")
+    check_rows(ctx, batch, work.clean_rows, "the metric on the clean prompt")
+    check_rows(ctx, batch, work.corrupt_rows, "the metric on the corrupt prompt")
+    check_values(ctx, batch, work.clean.grads[MAIN], keys[::-1], "backward pass")
+    work.est = atp_estimates(ctx, work)
 
 
 def site_delta(ctx: Context, work: BatchWork, key: str) -> torch.Tensor:
     """corrupt - clean at one site on the clean positions (float32), zero where a position has no node value."""
     batch = work.batch
     delta = align(work.corrupt.acts[key], batch).float() - work.clean.acts[key].float()
-    # Positions without a node value (left padding, unaligned slot tokens) get delta = 0: no estimate there.
+    # Positions without a node value (left padding, unaligned slot tokens) get delta = 0: no estimate there
+    # (`where`, not a product: a padded position's value may be NaN, and 0 * NaN is NaN).
     if batch.cmap is None and bool(batch.real.all()):
         return delta
-    return delta * batch.real.unsqueeze(-1)
+    return torch.where(batch.real.unsqueeze(-1), delta, 0.0)
 
 
 def site_estimates(ctx: Context, work: BatchWork, si: int, delta: torch.Tensor, grad: torch.Tensor,
@@ -77,6 +85,8 @@ def site_estimates(ctx: Context, work: BatchWork, si: int, delta: torch.Tensor, 
     """Write the AtP estimates of table site `si`'s blocks into est [b, N] from its delta and a gradient."""
     batch = work.batch
     prod = delta * grad.float()
+    if not bool(batch.real.all()):  # padding: its gradient may be NaN, and 0 * NaN is NaN
+        prod = torch.where(batch.real.unsqueeze(-1), prod, 0.0)
     for b in ctx.table.blocks_at(si):
         est[:, b.first: b.first + b.size] = block_estimates(b, unit_values(prod, b.layout), batch.real,
                                                             batch.node_pos)
@@ -84,10 +94,11 @@ def site_estimates(ctx: Context, work: BatchWork, si: int, delta: torch.Tensor, 
 
 def atp_estimates(ctx: Context, work: BatchWork, block: str = MAIN,
                   sites: Sequence[int] | None = None) -> torch.Tensor:
-    """Per-pair AtP estimates [b, N] (float32) from one backward block's gradients."""
+    """AtP estimates [rows, N] (float32) from one backward block's gradients, one row per model row (a pair's
+    estimate is the sum of its rows', `data.pair_sum`, when a metric reads several answers)."""
     batch = work.batch
     table = ctx.table
-    est = torch.zeros((batch.size, table.size), dtype=torch.float32, device=batch.real.device)
+    est = torch.zeros((batch.n_rows, table.size), dtype=torch.float32, device=batch.real.device)
     grads = work.clean.grads[block]
     for si, site in enumerate(table.sites):
         if sites is None or si in sites:

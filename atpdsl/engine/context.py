@@ -10,11 +10,11 @@ from atpdsl.errors import EngineError
 from atpdsl.plan import MetricSpec, Plan
 from atpdsl.engine.data import Batch, EncodedPair, encode_pairs, make_batches, node_positions, where_text
 from atpdsl.engine.load import Loaded
-from atpdsl.engine.metrics import METRIC_KINDS, metric_rows, pick
+from atpdsl.engine.metrics import MetricReads, metric_values, pick
 from atpdsl.engine.node_table import NodeTable, build_table
 from atpdsl.engine.trace import TraceSite
 
-__all__ = ["Context", "make_context", "merge_sites", "align", "Accumulator"]
+__all__ = ["Context", "make_context", "merge_sites", "align", "Accumulator", "metric_reads"]
 
 
 @dataclass(slots=True)
@@ -39,19 +39,24 @@ class Context:
 
     def metric_fn(self, batch: Batch, spec: MetricSpec | None = None, *, eval_: bool = False,
                   clean_logprobs: torch.Tensor | None = None, repeat: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
-        """logits [rows, S, V] -> metric rows, at the batch's metric (or evaluation) position."""
+        """logits [rows, S, V] -> per-pair metric values, read where the batch's metric (or evaluation metric) reads
+        (atpdsl.engine.metrics.MetricReads: one position, or a whole answer's tokens)."""
         spec = spec or self.plan.metric
-        pos = (batch.eval_pos if eval_ else batch.metric_pos).repeat(repeat)
-        answers = (batch.eval_answers if eval_ else batch.answers).repeat(repeat, 1)
+        reads = metric_reads(batch, eval_).repeat(repeat)
         ref = None if clean_logprobs is None else clean_logprobs.repeat(repeat, 1)
 
         def fn(logits: torch.Tensor) -> torch.Tensor:
-            return metric_rows(spec, pick(logits, pos), answers, ref)
+            return metric_values(spec, pick(logits, reads.pos), reads, ref)
 
         return fn
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+
+def metric_reads(batch: Batch, eval_: bool = False) -> MetricReads:
+    """What the batch's metric (or evaluation metric) reads."""
+    return batch.eval_reads if eval_ else batch.reads
 
 
 def align(corrupt: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -108,6 +113,8 @@ class Accumulator:
     mag_rows: list[torch.Tensor] = field(default_factory=list)  # per-pair ranking magnitudes, when they differ
     clean_sum: float = 0.0
     corrupt_sum: float = 0.0
+    largest_gap: float = 0.0  # max over pairs of |clean metric - corrupt metric|
+    largest_metric: float = 0.0  # max over pairs of |clean metric| and |corrupt metric|
 
     def add(self, est: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
         """Add a batch of per-pair estimates [b, N] (`magnitude` [b, N] overrides |est| for the score)."""
@@ -125,8 +132,11 @@ class Accumulator:
                 self.mag_rows.append(mag)
 
     def add_metrics(self, clean: torch.Tensor, corrupt: torch.Tensor) -> None:
-        self.clean_sum += float(clean.double().sum())
-        self.corrupt_sum += float(corrupt.double().sum())
+        clean, corrupt = clean.detach().double(), corrupt.detach().double()
+        self.clean_sum += float(clean.sum())
+        self.corrupt_sum += float(corrupt.sum())
+        self.largest_gap = max(self.largest_gap, float((clean - corrupt).abs().max()))
+        self.largest_metric = max(self.largest_metric, float(clean.abs().max()), float(corrupt.abs().max()))
 
     def per_pair(self) -> torch.Tensor | None:
         return torch.cat(self.rows) if self.rows else None

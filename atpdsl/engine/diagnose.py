@@ -138,28 +138,30 @@ def _choose_suspects(lim: NodeLimits, s: Settings) -> tuple[list[int], int]:
     return chosen, max(0, len(untestable) - len(chosen))
 
 
-def _refusal(check: dict, bound: float, s: Settings) -> str:
-    """Why no bound: the first check that failed, with its numbers."""
+def _refusal(check: dict, bound: float, s: Settings, limit: float) -> str:
+    """Why no bound: the exact checks first (a measured gap is certain), then the statistical one."""
     head = "effects do not add up inside random subsets: "
     tail = "; verify the nodes patched alone (`verify until confident`) and diagnose the rest, or lower `inclusion`"
-    if check.get("worst_p") is not None and check["worst_p"] <= check["p_threshold"]:
-        return (f"{head}{check['worst_node']} changes the metric by {check['worst_alone']:+.4g} alone, but the random "
-                f"subsets, less that effect, still depend on whether it was drawn (estimate "
-                f"{check['worst_estimate']:+.4g}; permutation p = {check['worst_p']:.2g} < {check['p_threshold']:.2g})"
-                f", so other nodes change what it does{tail}")
-    limit = s.split_limit * bound
     if check.get("pair_max") is not None and check["pair_max"] > limit:
-        return (f"{head}{check['pair_nodes']} patched together change the metric by {check['pair_max']:.3g} less "
-                f"(or more) than the sum of their effects alone, over {s.split_limit:g} x the {bound:.3g} the "
-                f"subset test would state, so a node's effect alone can hide inside a subset{tail}")
-    return (f"{head}cut into two halves, a sampled subset's effect differs from the sum of its halves' by "
-            f"{check['split_max']:.3g}, over {s.split_limit:g} x the {bound:.3g} the subset test would state, so "
-            f"a node's effect alone can hide inside a subset{tail}")
+        return (f"{head}{check['pair_nodes']} patched together change the metric by {check['pair_together']:+.4g}, "
+                f"their effects alone sum to {check['pair_sum']:+.4g} (gap {check['pair_max']:.3g}, over "
+                f"{s.split_limit:g} x the {bound:.3g} the subset test would state), so one node's effect can hide "
+                f"another's inside a subset{tail}")
+    if check.get("split_max") is not None and check["split_max"] > limit:
+        return (f"{head}cut into two halves, a sampled subset's effect differs from the sum of its halves' by "
+                f"{check['split_max']:.3g}, over {s.split_limit:g} x the {bound:.3g} the subset test would state, "
+                f"so a node's effect alone can hide inside a subset{tail}")
+    return (f"{head}{check['worst_node']} changes the metric by {check['worst_alone']:+.4g} alone, yet the random "
+            f"subsets, less that effect, still depend on whether it was drawn (subset estimate "
+            f"{check['worst_estimate']:+.4g}; permutation p = {check['worst_p']:.2g} < {check['p_threshold']:.2g}, a "
+            f"p-value that additive effects give any of the tested nodes with probability under "
+            f"{1 - s.confidence:.0%}){tail}")
 
 
 def _checks(masks, y, lim: NodeLimits, alone: dict[int, np.ndarray], patcher: Patcher, s: Settings,
-            names: Sequence[str], bound: float, progress: Progress | None) -> tuple[dict, bool, np.ndarray, int]:
-    """The three additivity checks (additivity.py): (AdditivityCheck fields, passed, split gaps, subsets patched)."""
+            names: Sequence[str], bound: float, progress: Progress | None) -> tuple[dict, bool, np.ndarray, int, float]:
+    """The three additivity checks (additivity.py): AdditivityCheck fields, passed, split gaps, subsets patched,
+    and the largest gap accepted (split_limit x bound, or rounding)."""
     tol = NUMERIC_TOLERANCE * (1.0 + float(np.abs(y).max()))
     check = suspect_check(masks, y, alone, lim, 1.0 - s.confidence, names, tol, s.seed)
     ok = check.pop("ok")
@@ -167,15 +169,15 @@ def _checks(masks, y, lim: NodeLimits, alone: dict[int, np.ndarray], patcher: Pa
     def patch_pairs(rows: np.ndarray) -> np.ndarray:
         return patcher.subsets(rows, _phase(progress, "additivity"))
 
-    pair_gaps, pair_nodes = pair_check(alone, masks.shape[1], patch_pairs, s.quantity, names)
+    pair_gaps, worst_pair = pair_check(alone, masks.shape[1], patch_pairs, s.quantity, names)
     gaps, share = (split_check(masks, y, lim, patch_pairs, s.splits, s.quantity, s.seed) if s.splits > 0
                    else (np.zeros(0), 0.0))
     check.update(pairs=len(pair_gaps), pair_max=float(pair_gaps.max()) if len(pair_gaps) else None,
-                 pair_nodes=pair_nodes, splits=len(gaps), split_max=float(gaps.max()) if len(gaps) else None,
+                 **worst_pair, splits=len(gaps), split_max=float(gaps.max()) if len(gaps) else None,
                  split_share=share if len(gaps) else None, split_limit=s.split_limit)
     worst_gap = max(pair_gaps.max(initial=0.0), gaps.max(initial=0.0))
-    ok = ok and worst_gap <= max(s.split_limit * bound, tol)
-    return check, ok, gaps, len(pair_gaps) + 2 * len(gaps)
+    limit = max(s.split_limit * bound, tol)
+    return check, bool(ok and worst_gap <= limit), gaps, len(pair_gaps) + 2 * len(gaps), limit
 
 
 def _subset_test(n: int, patcher: Patcher, s: Settings, names: Sequence[str], progress: Progress | None) -> Finding:
@@ -187,11 +189,11 @@ def _subset_test(n: int, patcher: Patcher, s: Settings, names: Sequence[str], pr
     alone = {i: effects[:, j] for j, i in enumerate(chosen)}
     rest = np.delete(lim.limits, chosen)
     bound = float(max(rest.max(initial=0.0), magnitudes(effects, s.quantity).max(initial=0.0)))
-    check, ok, gaps, extra = _checks(masks, y, lim, alone, patcher, s, names, bound, progress)
+    check, ok, gaps, extra, limit = _checks(masks, y, lim, alone, patcher, s, names, bound, progress)
     additivity = AdditivityCheck(**check, passed=ok)
     patches = s.samples + extra
     if not ok:
-        return Finding("refused", float("inf"), alone, lim, additivity, _refusal(check, bound, s), patches, gaps)
+        return Finding("refused", float("inf"), alone, lim, additivity, _refusal(check, bound, s, limit), patches, gaps)
     if left:
         untestable = int((~lim.testable).sum())
         reason = (f"with {s.samples} samples at inclusion {s.inclusion:g}, {untestable} nodes were in (or out of) "

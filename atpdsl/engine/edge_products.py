@@ -9,7 +9,7 @@ gradients. Positions decide which edges exist (atpdsl.engine.edges.linked, `reac
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,15 +17,15 @@ from atpdsl.errors import EngineError
 from atpdsl.names import NodeId, NodeKind
 from atpdsl.engine.data import pair_sum
 from atpdsl.engine.edge_sites import EdgeSites
-from atpdsl.engine.edge_targets import PassTargets
+from atpdsl.engine.edge_targets import PassTargets, Places
 from atpdsl.engine.edges import (
-    EMBED, QKV, EdgeMatrix, TargetRow, linked, node_groups, qkv_heads, reach, read_point, target_rows,
+    EMBED, QKV, EdgeMatrix, TargetRow, link_matrix, node_groups, qkv_heads, reach, read_point, target_rows,
     write_matrix, write_point,
 )
 from atpdsl.engine.load import Loaded
 from atpdsl.engine.node_table import build_table, unit_columns
 
-__all__ = ["Sources", "sources_of", "matrix_from_reads"]
+__all__ = ["Sources", "sources_of", "source_writes", "matrix_from_reads"]
 
 
 @dataclass(slots=True)
@@ -60,41 +60,56 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _at(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """x [rows, S, ...] kept at one position per row (all of x when `rows` is None)."""
-    if rows is None:
-        return x
-    keep = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
-    keep[torch.arange(x.shape[0], device=x.device), rows] = 1.0
-    return x * keep.view(*keep.shape, *([1] * (x.dim() - 2)))
+def _position_mask(targets: Places, nodes: Sequence[NodeId], shape: tuple[int, int]) -> torch.Tensor:
+    """[rows, n, S]: 1 where each node has a value (every position when summed, its own when per position)."""
+    rows, seq = shape
+    mask = torch.ones((rows, len(nodes), seq), device=targets.batch.real.device)
+    for i, node in enumerate(nodes):
+        if node.position is not None:
+            mask[:, i] = 0.0
+            mask[torch.arange(rows), i, targets.rows_at(node.position)] = 1.0
+    return mask
 
 
-def _writes(loaded: Loaded, src: Sources, deltas: dict, d_emb: torch.Tensor, targets: PassTargets
+def _block_writes(loaded: Loaded, site, bl, units: list[int], d: torch.Tensor, cache: dict) -> torch.Tensor:
+    """[rows, n, S, d]: the residual writes of a heads / neurons block's units (one einsum through the output
+    projection's columns, stacked once per block and kept in `cache`)."""
+    key = (site.name, bl.kind, tuple(units))
+    mats = cache.get(key)
+    if mats is None:
+        module = site.module if site.attr == "input" else loaded.arch.neuron_proj.format(layer=site.layer)
+        mod = loaded.hf.get_submodule(module)
+        mats = cache[key] = torch.stack([write_matrix(mod, torch.arange(*bl.layout.columns(u))).T for u in units])
+    cols = torch.cat([torch.arange(*bl.layout.columns(u)) for u in units])
+    sel = d[..., cols].unflatten(-1, (len(units), -1))  # [rows, S, n, w]
+    return torch.einsum("rsnw,nwd->rnsd", sel, mats.to(d.dtype))
+
+
+def source_writes(loaded: Loaded, src: Sources, deltas: dict, d_emb: torch.Tensor, targets: Places, cache: dict
             ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Residual writes [U, rows, S, d] (zero for q/k/v) and each q/k/v source's own columns' change [rows, S, dh]."""
-    W = torch.zeros((len(src.nodes), *d_emb.shape), dtype=_f(d_emb).dtype, device=d_emb.device)
-    W[0] = _f(d_emb)
+    """Residual writes [rows, U, S, d] (zero for q/k/v) and each q/k/v source's own columns' change [rows, S, dh]."""
+    dtype = torch.promote_types(_f(d_emb).dtype, loaded.dtype)
+    W = torch.zeros((d_emb.shape[0], len(src.nodes), *d_emb.shape[1:]), dtype=dtype, device=d_emb.device)
+    W[:, 0] = d_emb
     own: dict[int, torch.Tensor] = {}
     where = {c: i + 1 for i, c in enumerate(src.cols)}
     for si, site in enumerate(src.table.sites):
-        d = _f(deltas[site.name])
+        d = deltas[site.name].to(dtype)
         for bl in src.table.blocks_at(si):
-            for c in range(bl.first, bl.first + bl.size):
-                if c not in where:
-                    continue
-                node = src.nodes[where[c]]
-                rows = None if node.position is None else targets.rows_at(node.position)
-                unit, _ = bl.locate(c)
-                if bl.kind in ("queries", "keys", "values"):
-                    own[where[c]] = _at(d[..., slice(*bl.layout.columns(unit))], rows)
-                    continue
-                if bl.kind in ("heads", "neurons"):
-                    cols = torch.arange(*bl.layout.columns(unit))
-                    module = site.module if site.attr == "input" else loaded.arch.neuron_proj.format(layer=site.layer)
-                    write = d[..., cols] @ write_matrix(loaded.hf.get_submodule(module), cols).T
-                else:  # attn, mlp, resid: the whole vector is the write
-                    write = d
-                W[where[c]] = _at(write, rows)
+            picked = [(where[c], bl.locate(c)[0]) for c in range(bl.first, bl.first + bl.size) if c in where]
+            if not picked:
+                continue
+            idx = [i for i, _ in picked]
+            mask = _position_mask(targets, [src.nodes[i] for i in idx], d.shape[:2]).to(dtype)
+            if bl.kind in ("queries", "keys", "values"):
+                for (i, unit), m in zip(picked, mask.unbind(1)):
+                    own[i] = d[..., slice(*bl.layout.columns(unit))] * m.unsqueeze(-1)
+                continue
+            if bl.kind in ("heads", "neurons"):
+                write = _block_writes(loaded, site, bl, [u for _, u in picked], d, cache)
+            else:  # attn, mlp, resid: the whole vector is the write
+                write = d.unsqueeze(1).expand(-1, len(idx), -1, -1)
+            W[:, idx] = write * mask.unsqueeze(-1)
     return W, own
 
 
@@ -117,23 +132,26 @@ class _Plan:
     src: Sources
     rows: list[TargetRow]
     order: torch.Tensor  # bool [U, T]
-    groups: list[tuple[list[int], list[int]]]  # (source indices, row indices) per reader point
+    groups: list[tuple[int, list[int]]]  # (sources written before it: a prefix, row indices) per reader point
     qkv_links: list[tuple[int, int]]
+    cache: dict = field(default_factory=dict)  # stacked output-projection columns per source block
 
 
 def _plan(loaded: Loaded, src: Sources, targets: Sequence[NodeId]) -> _Plan:
     rows = target_rows(targets)
-    parallel, gs = loaded.parallel, loaded.geom.group_size
-    heads = frozenset((t.layer, t.index) for t in targets if t.kind is NodeKind.HEAD)
-    order = torch.tensor([[linked(s, r, parallel, gs, heads) for r in rows] for s in src.nodes], dtype=torch.bool)
+    parallel = loaded.parallel
+    order = link_matrix(src.nodes, rows, parallel, loaded.geom.group_size)
     by_point: dict[int, list[int]] = {}
     for j, r in enumerate(rows):
         by_point.setdefault(10**9 if r.node.kind is NodeKind.RESID else read_point(r.node, parallel), []).append(j)
+    writes = [write_point(s.kind, s.layer, parallel) for s in src.nodes]
+    if any(a > b for a, b in zip(writes, writes[1:])):
+        raise EngineError("internal: edge sources are not in forward order")
     groups = []
     for point, cols in sorted(by_point.items()):
-        srcs = [i for i, s in enumerate(src.nodes) if s.kind not in QKV and bool(order[i, cols].any())]
-        if srcs:
-            groups.append((srcs, cols))
+        first = sum(1 for w in writes if w <= point)
+        if first:
+            groups.append((first, cols))
     qkv_links = [(i, j) for i, s in enumerate(src.nodes) if s.kind in QKV for j in range(len(rows)) if order[i, j]]
     return _Plan(src, rows, order, groups, qkv_links)
 
@@ -141,36 +159,42 @@ def _plan(loaded: Loaded, src: Sources, targets: Sequence[NodeId]) -> _Plan:
 def _place_links(pl: _Plan, targets: PassTargets) -> torch.Tensor:
     """bool [U, T]: edges whose positions meet in some row of this batch (per-position nodes)."""
     out = torch.ones_like(pl.order)
-    for i, s in enumerate(pl.src.nodes):
-        if s.position is None:
-            continue
-        ps = targets.rows_at(s.position)
-        for j, r in enumerate(pl.rows):
-            if r.node.position is None:
-                continue
-            pt = targets.rows_at(r.node.position)
-            out[i, j] = bool(((ps <= pt) if reach(r) == "upto" else (ps == pt)).any())
+    pos = targets.batch.node_pos
+    if pos is None:
+        return out
+    same = (pos[:, :, None] == pos[:, None, :]).any(0).cpu()  # [P, P]: positions i and j coincide in some row
+    before = (pos[:, :, None] <= pos[:, None, :]).any(0).cpu()
+    index = targets.pos_index
+    srcs = [(i, index[s.position]) for i, s in enumerate(pl.src.nodes) if s.position is not None]
+    rows = [(j, index[r.node.position], reach(r) == "upto") for j, r in enumerate(pl.rows)
+            if r.node.position is not None]
+    if srcs and rows:
+        si, sp = (torch.tensor(x) for x in zip(*srcs))
+        rj, rp, upto = (torch.tensor(x) for x in zip(*rows))
+        meet = torch.where(upto[None, :], before[sp][:, rp], same[sp][:, rp])
+        out[si[:, None], rj[None, :]] = meet
     return out
 
 
 def _batch_scores(loaded: Loaded, pl: _Plan, passes: list[PassTargets], deltas: dict, d_emb: torch.Tensor,
                   blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row scores [rows, U, T] (and reader-block products [rows, U, R]) for one batch."""
-    W, own = _writes(loaded, pl.src, deltas, d_emb, passes[0])
+    W, own = source_writes(loaded, pl.src, deltas, d_emb, passes[0], pl.cache)  # [rows, U, S, d]
     n_rows, U, T = d_emb.shape[0], len(pl.src.nodes), len(pl.rows)
     out = torch.zeros((n_rows, U, T), dtype=torch.float64, device=d_emb.device)
-    for srcs, cols in pl.groups:
+    live = W.ne(0).any(-1).any(1).any(0)  # positions where some source writes something: the rest add 0
+    flat = W[:, :, live].flatten(2)  # [rows, U, S'*d]
+    for first, cols in pl.groups:
         G = sum(p.residual([pl.rows[j] for j in cols]) for p in passes) / len(passes)  # [t, rows, S, d]
-        w = W[srcs].flatten(2).transpose(0, 1)  # [rows, u, S*d]
-        g = G.flatten(2).permute(1, 2, 0)  # [rows, S*d, t]
-        out[:, torch.tensor(srcs)[:, None], torch.tensor(cols)[None, :]] = (w @ g).double()
+        g = G[:, :, live].flatten(2).permute(1, 2, 0).to(flat.dtype)  # [rows, S'*d, t]
+        out[:, :first, torch.tensor(cols)] = (flat[:, :first] @ g).double()
     for i, j in pl.qkv_links:
         grad = sum(_qkv_grad(p, pl.src.nodes[i], pl.rows[j]) for p in passes) / len(passes)
         out[:, i, j] = (own[i] * grad).sum((1, 2)).double()
     reader_products = None
     if blocks:
         G = sum(p.reads.G for p in passes) / len(passes)  # [R, rows, S, d]
-        reader_products = torch.einsum("ursd,krsd->ruk", W.double(), G.double())
+        reader_products = torch.einsum("rusd,krsd->ruk", W.double(), G.double())
         points = torch.tensor([r.point for r in passes[0].sites.blocks])
         writes = torch.tensor([write_point(s.kind, s.layer, loaded.parallel) if s.kind not in QKV else 10**9
                                for s in pl.src.nodes])

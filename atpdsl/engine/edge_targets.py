@@ -28,14 +28,15 @@ from atpdsl.engine.edge_attention import AttnSplit, per_head, rotate_queries
 from atpdsl.engine.edge_sites import EdgeSites, PassReads
 from atpdsl.engine.edges import TargetRow, reader_index
 from atpdsl.engine.load import Loaded
+from atpdsl.engine.normfix import norm_map
 
-__all__ = ["Piece", "PassTargets", "read_matrix", "SPLIT_TOLERANCE"]
+__all__ = ["Piece", "Places", "PassTargets", "read_matrix", "SPLIT_TOLERANCE", "CHANNEL_KIND"]
 
 SPLIT_TOLERANCE = 1e-3
 """Largest relative gap accepted (first batch) between the heads' key / value shares summed and the gradient the
 model's own backward gives at the projection: a larger gap means an attention variant the split does not model."""
 
-_CHANNEL_KIND = {"q": "queries", "k": "keys", "v": "values"}
+CHANNEL_KIND = {"q": "queries", "k": "keys", "v": "values"}
 _NODE_CHANNEL = {NodeKind.QUERY: "q", NodeKind.KEY: "k", NodeKind.VALUE: "v"}
 
 
@@ -63,29 +64,20 @@ def read_matrix(module: torch.nn.Module, cols: torch.Tensor) -> torch.Tensor:
     return w.to(torch.promote_types(w.dtype, torch.float32))
 
 
-class PassTargets:
-    """Target rows' gradients for one batch and gradient pass (computed on demand, cached per layer)."""
+class Places:
+    """Where a batch's per-position nodes sit: each model row's padded position for a position name."""
 
-    def __init__(self, loaded: Loaded, sites: EdgeSites, reads: PassReads, batch: Batch,
-                 positions: Sequence[int | str], tables, rotate, check: bool = False) -> None:
-        self.loaded, self.sites, self.reads, self.batch = loaded, sites, reads, batch
+    def __init__(self, batch: Batch, positions: Sequence[int | str]) -> None:
+        self.batch = batch
         self.pos_index = {p: i for i, p in enumerate(positions)}
-        self.tables, self.rotate, self.check = tables, rotate, check
-        geom, arch = loaded.geom, loaded.arch
-        self.layouts = {c: arch.template(k).resolve(geom) for c, k in _CHANNEL_KIND.items()}
-        self.rep = geom.group_size
-        self._splits: dict[int, AttnSplit] = {}
-        self._summed: dict[tuple[int, str], torch.Tensor] = {}
-        self._mats: dict[tuple[str, int, int], torch.Tensor] = {}
 
-    # ------------------------------------------------------------------------------------------ positions
     def rows_at(self, position: int | str) -> torch.Tensor:
         """[rows]: the padded position of a per-position node in each model row."""
         if self.batch.node_pos is None or position not in self.pos_index:
             raise EngineError(f"internal: per-position node at {position!r} without its position index")
         return self.batch.node_pos[:, self.pos_index[position]]
 
-    def _only_at(self, x: torch.Tensor, position: int | str | None) -> torch.Tensor:
+    def only_at(self, x: torch.Tensor, position: int | str | None) -> torch.Tensor:
         """x [rows, S, ...] kept at one per-position node's position (all of it when summed)."""
         if position is None:
             return x
@@ -93,6 +85,23 @@ class PassTargets:
         keep = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
         keep[torch.arange(x.shape[0], device=x.device), rows] = 1.0
         return x * keep.view(*keep.shape, *([1] * (x.dim() - 2)))
+
+
+class PassTargets(Places):
+    """Target rows' gradients for one batch and gradient pass (computed on demand, cached per layer)."""
+
+    def __init__(self, loaded: Loaded, sites: EdgeSites, reads: PassReads, batch: Batch,
+                 positions: Sequence[int | str], tables, rotate, check: bool = False) -> None:
+        super().__init__(batch, positions)
+        self.loaded, self.sites, self.reads = loaded, sites, reads
+        self.tables, self.rotate, self.check = tables, rotate, check
+        geom, arch = loaded.geom, loaded.arch
+        self.layouts = {c: arch.template(k).resolve(geom) for c, k in CHANNEL_KIND.items()}
+        self.rep = geom.group_size
+        self._splits: dict[int, AttnSplit] = {}
+        self._summed: dict[tuple[int, str], torch.Tensor] = {}
+        self._mats: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._norms: dict[int, object] = {}
 
     # ------------------------------------------------------------------------------------- attention side
     def split(self, layer: int) -> AttnSplit:
@@ -142,7 +151,7 @@ class PassTargets:
         unit = (lambda h: h) if channel == "q" else (lambda h: h // self.rep)
         if position is None or channel == "q":
             share = self._summed_share(layer, channel)
-            return [Piece(layer, channel, unit(h), self._only_at(share[:, h], position)) for h in heads]
+            return [Piece(layer, channel, unit(h), self.only_at(share[:, h], position)) for h in heads]
         split = self.split(layer)
         idx = torch.tensor(list(heads), device=share_device(self.reads))
         rows = self.rows_at(position).unsqueeze(1).expand(-1, len(heads))
@@ -153,7 +162,7 @@ class PassTargets:
         """A query, key or value node's own input: the gradient at its columns (at its position when per position)."""
         channel = _NODE_CHANNEL[node.kind]
         g = self._node_grad(node.layer, channel)[:, node.index]
-        return Piece(node.layer, channel, node.index, self._only_at(g, node.position))
+        return Piece(node.layer, channel, node.index, self.only_at(g, node.position))
 
     def pieces(self, row: TargetRow) -> list[Piece]:
         """The projection-space parts of an attention-side row (empty for the rows a block gradient covers)."""
@@ -172,24 +181,28 @@ class PassTargets:
         key = (piece.channel, piece.layer, piece.unit)
         got = self._mats.get(key)
         if got is None:
-            t = self.loaded.arch.template(_CHANNEL_KIND[piece.channel])
+            t = self.loaded.arch.template(CHANNEL_KIND[piece.channel])
             cols = torch.arange(*self.layouts[piece.channel].columns(piece.unit))
             got = self._mats[key] = read_matrix(self.loaded.hf.get_submodule(t.path(piece.layer)), cols)
         return got
 
-    def _neuron_input(self, node: NodeId) -> torch.Tensor | None:
-        """[rows, S, d] at the MLP norm's output: a neuron's gradient through its own input rows."""
-        mlp = self.sites.mlp[node.layer]
+    def _neuron_inputs(self, layer: int, nodes: Sequence[NodeId]) -> torch.Tensor | None:
+        """[n, rows, S, d] at the MLP norm's output: each neuron's gradient through its own input rows (None when
+        the architecture's MLP input projections are not known)."""
+        mlp = self.sites.mlp[layer]
         if not mlp.pieces:
             return None
         width, total = self.loaded.geom.mlp, None
+        units = torch.tensor([n.index for n in nodes])
         for key, module in zip(mlp.pieces, mlp.modules):
             g = self.reads.grads[key]
-            cols = torch.arange(node.index, g.shape[-1], width)
-            part = g[..., cols].to(torch.promote_types(g.dtype, torch.float32)) @ read_matrix(
-                self.loaded.hf.get_submodule(module), cols)
-            total = part if total is None else total + part
-        return self._only_at(total, node.position)
+            g = g.to(torch.promote_types(g.dtype, torch.float32))
+            for offset in range(0, g.shape[-1], width):
+                cols = units + offset
+                w = read_matrix(self.loaded.hf.get_submodule(module), cols).to(g.dtype)  # [n, d]
+                part = g[..., cols].permute(2, 0, 1).unsqueeze(-1) * w[:, None, None, :]
+                total = part if total is None else total + part
+        return torch.stack([self.only_at(t, n.position) for t, n in zip(total, nodes)])
 
     def _block(self, row: TargetRow) -> torch.Tensor:
         """[rows, S, d]: a row that takes block branch gradients (attn, mlp, logits, resid; neurons without rows)."""
@@ -199,41 +212,69 @@ class PassTargets:
             g = G[points].sum(0)
         else:
             g = G[reader_index(self.sites.blocks, node)]
-        return self._only_at(g, node.position)
+        return self.only_at(g, node.position)
 
     def residual(self, rows: Sequence[TargetRow]) -> torch.Tensor:
         """[len(rows), b, S, d]: each row's gradient in the residual stream at its block's input."""
         out: list[torch.Tensor | None] = [None] * len(rows)
-        by_norm: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        seeds: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        neurons: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             node = row.node
+            if node.kind is NodeKind.NEURON and self.sites.mlp[node.layer].pieces:
+                neurons.setdefault(node.layer, []).append(i)
+                continue
             pieces = self.pieces(row)
             if pieces:
-                y = sum(p.grad @ self._matrix(p) for p in pieces)
-            elif node.kind is NodeKind.NEURON:
-                y = self._neuron_input(node)
+                y = sum(p.grad @ self._matrix(p).to(p.grad.dtype) for p in pieces)
+                seeds.setdefault(reader_index(self.sites.blocks, node), []).append((i, y))
             else:
-                y = None
-            if y is None:
                 out[i] = self._block(row)
-            else:
-                by_norm.setdefault(reader_index(self.sites.blocks, node), []).append((i, y))
-        for r, items in by_norm.items():
+        for layer, idx in neurons.items():
+            ys = self._neuron_inputs(layer, [rows[i].node for i in idx])
+            seeds.setdefault(2 * layer + 1, []).extend(zip(idx, ys))
+        for r, items in seeds.items():
             back = self._norm_back(r, torch.stack([y for _, y in items]))
             for j, (i, _) in enumerate(items):
                 out[i] = back[j]
         return torch.stack(out) if out else self.reads.G[:0]
 
     def _norm_back(self, reader: int, seeds: torch.Tensor) -> torch.Tensor:
-        """Gradients at a norm's output [T, rows, S, d] pulled back through the norm at its clean input."""
+        """Gradients at a norm's output [T, rows, S, d] pulled back through the norm at its clean input: the closed
+        form of atpdsl.engine.normfix.norm_map (checked against autograd on the first batch), else autograd."""
         x = self.reads.X[reader]
-        norm = self.loaded.hf.get_submodule(self.sites.blocks[reader].module)
-        xs = x.detach().to(self.loaded.dtype).unsqueeze(0).expand(seeds.shape[0], *x.shape).reshape(-1, *x.shape[1:])
-        xs = xs.clone().requires_grad_(True)
-        with torch.enable_grad():
-            y = norm(xs)
-            (g,) = torch.autograd.grad(y, xs, seeds.reshape(-1, *seeds.shape[2:]).to(y.dtype))
-        return g.view_as(seeds).to(seeds.dtype)
+        module = self.loaded.hf.get_submodule(self.sites.blocks[reader].module)
+        norm = self._norms.get(reader, False)
+        if norm is False:
+            try:
+                norm = norm_map(module, seeds.dtype)
+            except EngineError:
+                norm = None
+            self._norms[reader] = norm
+        if norm is None:
+            return _autograd_back(module, x, seeds, self.loaded.dtype)
+        c = norm.center(x.to(seeds.dtype))
+        scale = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + norm.eps)
+        u = seeds * norm.gain.to(seeds.device)
+        v = scale * u - scale.pow(3) * c * (c * u).sum(-1, keepdim=True) / x.shape[-1]
+        got = norm.center(v)
+        if self.check:
+            want = _autograd_back(module, x, seeds[:1], self.loaded.dtype)
+            gap = float((want - got[:1]).abs().max()) / max(float(want.abs().max()), 1e-12)
+            if not gap <= SPLIT_TOLERANCE:
+                raise EngineError(f"per-target edges: the closed form of {type(module).__name__} differs from the "
+                                  f"module's own backward (relative gap {gap:.3g})")
+        return got
+
+
+def _autograd_back(module: torch.nn.Module, x: torch.Tensor, seeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The norm's vector-Jacobian products by autograd on its input repeated once per seed."""
+    xs = x.detach().to(dtype).unsqueeze(0).expand(seeds.shape[0], *x.shape).reshape(-1, *x.shape[1:])
+    xs = xs.clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = module(xs)
+        (g,) = torch.autograd.grad(y, xs, seeds.reshape(-1, *seeds.shape[2:]).to(y.dtype))
+    return g.view_as(seeds).to(seeds.dtype)
 
 
 def share_device(reads: PassReads) -> torch.device:

@@ -52,7 +52,7 @@ from atpdsl.plan import NodeGroup
 from atpdsl.engine.load import Loaded
 
 __all__ = ["Reader", "TargetRow", "EdgeMatrix", "weighted_edges", "readers", "reader_index", "write_matrix",
-           "write_point", "read_point", "node_groups", "target_rows", "linked", "reach", "ATTN_SIDE", "QKV",
+           "write_point", "read_point", "node_groups", "target_rows", "linked", "link_matrix", "reach", "ATTN_SIDE", "QKV",
            "EMBED", "LOGITS", "CHANNELS", "qkv_heads"]
 
 ATTN_SIDE = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTN)
@@ -180,6 +180,29 @@ def linked(source: NodeId, row: TargetRow, parallel: bool, group_size: int, head
     return read_point(t, parallel) >= w
 
 
+def link_matrix(sources: Sequence[NodeId], rows: Sequence[TargetRow], parallel: bool, group_size: int
+                ) -> torch.Tensor:
+    """bool [len(sources), len(rows)]: `linked` for every pair (vectorised for sources that write)."""
+    heads = frozenset((r.node.layer, r.node.index) for r in rows if r.node.kind is NodeKind.HEAD)
+    writes = torch.tensor([write_point(s.kind, s.layer, parallel) if s.kind not in QKV else 0 for s in sources])
+    is_resid = torch.tensor([r.node.kind is NodeKind.RESID for r in rows])
+    reads = torch.tensor([2 * r.node.layer + 2 if r.node.kind is NodeKind.RESID else min(read_point(r.node, parallel),
+                          2**31 - 1) for r in rows])
+    out = writes[:, None] <= reads[None, :]
+    src_resid = [i for i, s in enumerate(sources) if s.kind is NodeKind.RESID]
+    if src_resid:
+        layers_s = torch.tensor([sources[i].layer for i in src_resid])
+        layers_t = torch.tensor([r.node.layer for r in rows])
+        out[src_resid] &= ~is_resid[None, :] | (layers_s[:, None] < layers_t[None, :])
+    index = {(r.node, r.channel): j for j, r in enumerate(rows)}
+    for i, s in enumerate(sources):
+        if (s, "") in index:
+            out[i, index[(s, "")]] = False
+        if s.kind in QKV:
+            out[i] = torch.tensor([linked(s, r, parallel, group_size, heads) for r in rows], dtype=torch.bool)
+    return out
+
+
 def node_groups(nodes: Sequence[NodeId]) -> tuple[NodeGroup, ...]:
     """Node groups that cover exactly the requested (layer, kind, units), per position or summed."""
     wanted: dict[tuple[int, str, bool], set[int]] = {}
@@ -248,18 +271,23 @@ class EdgeMatrix:
 def weighted_edges(m: EdgeMatrix) -> list[EdgeScore]:
     """EdgeScores of every existing edge: into a head its q / k / v parts (from a residual-writing source) and
     their sum, into any other target one whole edge."""
-    mean, linked = m.mean.tolist(), m.linked.tolist()
-    by_target: dict[NodeId, list[int]] = {}
+    mean, linked_ = m.mean.tolist(), m.linked.tolist()
+    groups: list[tuple[str, bool, list[tuple[int, str]]]] = []
     for j, row in enumerate(m.rows):
-        by_target.setdefault(row.node, []).append(j)
+        if groups and groups[-1][0] == row.node.name:
+            groups[-1][2].append((j, row.channel))
+        else:
+            groups.append((row.node.name, row.node.kind is NodeKind.HEAD, [(j, row.channel)]))
     out: list[EdgeScore] = []
+    add = out.append
     for si, s in enumerate(m.sources):
-        weights, links = mean[si], linked[si]
-        for t, cols in by_target.items():
-            live = [j for j in cols if links[j]]
+        weights, links, name, parts = mean[si], linked_[si], s.name, s.kind not in QKV
+        for target, head, cols in groups:
+            live = [(j, c) for j, c in cols if links[j]]
             if not live:
                 continue
-            if t.kind is NodeKind.HEAD and s.kind not in QKV:
-                out.extend(EdgeScore(s.name, t.name, weights[j], channel=m.rows[j].channel) for j in live)
-            out.append(EdgeScore(s.name, t.name, sum(weights[j] for j in live)))
+            if head and parts:
+                for j, c in live:
+                    add(EdgeScore(name, target, weights[j], None, c))
+            add(EdgeScore(name, target, sum(weights[j] for j, _ in live)))
     return out

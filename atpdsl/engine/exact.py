@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from atpdsl.plan import MetricSpec, Step
-from atpdsl.engine.context import Context, align
+from atpdsl.engine.context import Context, align, metric_reads
 from atpdsl.engine.data import Batch
-from atpdsl.engine.metrics import metric_rows
+from atpdsl.engine.finite import check_rows, check_values
+from atpdsl.engine.metrics import MetricInput, metric_values
 from atpdsl.engine.node_table import block_estimates, unit_values
 from atpdsl.engine.state import BatchWork, RunState
 from atpdsl.engine.trace import TraceOut, TraceSite, run_trace
@@ -36,21 +37,19 @@ class BatchRefs:
 
 
 def batch_refs(ctx: Context, batch: Batch, sites: Sequence[TraceSite], spec: MetricSpec, eval_: bool) -> BatchRefs:
-    """Corrupt forward (site values) and clean forward (metric rows) without gradients."""
-    pos = batch.eval_pos if eval_ else batch.metric_pos
-    cpos = batch.corrupt_eval_pos if eval_ else batch.corrupt_metric_pos
+    """Corrupt forward (site values) and clean forward (metric values) without gradients."""
+    reads = metric_reads(batch, eval_)
     with torch.no_grad():
-        corrupt = run_trace(ctx.model, batch.corrupt, sites, last_pos=cpos)
-        clean = run_trace(ctx.model, batch.clean, sites, last_pos=pos)
-    return _refs(corrupt, clean, batch, spec, pos, eval_)
+        corrupt = run_trace(ctx.model, batch.corrupt, sites, last_pos=reads.corrupt_pos)
+        clean = run_trace(ctx.model, batch.clean, sites, last_pos=reads.pos)
+    return _refs(corrupt, clean, batch, spec, eval_)
 
 
-def _refs(corrupt: TraceOut, clean: TraceOut, batch: Batch, spec: MetricSpec, pos: torch.Tensor,
-          eval_: bool = False) -> BatchRefs:
-    answers = batch.eval_answers if eval_ else batch.answers
-    clean_lp = torch.log_softmax(clean.last.float(), -1)
-    clean_rows = metric_rows(spec, clean.last, answers, clean_lp)
-    corrupt_rows = metric_rows(spec, corrupt.last, answers, clean_lp)
+def _refs(corrupt: TraceOut, clean: TraceOut, batch: Batch, spec: MetricSpec, eval_: bool = False) -> BatchRefs:
+    reads = metric_reads(batch, eval_)
+    clean_lp = torch.log_softmax(MetricInput(clean.last, reads).position_logits(), -1)  # kl's reference
+    clean_rows = metric_values(spec, clean.last, reads, clean_lp)
+    corrupt_rows = metric_values(spec, corrupt.last, reads.corrupt(), clean_lp)
     aligned = {k: align(v, batch) for k, v in corrupt.acts.items()}
     return BatchRefs(aligned, clean_rows, corrupt_rows, clean_lp, clean.acts)
 
@@ -78,18 +77,18 @@ def chunk_rows(ctx: Context, batch: Batch) -> int:
     per_row = seq * (g.hidden * 16 + g.mlp * 3 + g.n_heads * seq * 2) * g.n_layers + seq * int(
         ctx.loaded.config.get("vocab_size") or 50000)
     budget = 2.5e8  # floats, ~1 GB in float32
-    return int(max(batch.size, min(1024, budget // max(per_row, 1))))
+    return int(max(batch.n_rows, min(1024, budget // max(per_row, 1))))
 
 
 def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: BatchRefs, spec: MetricSpec,
                   eval_: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Per-pair exact effects [b, len(columns)] of patching each node column on its own."""
+    """Per-pair exact effects [pairs, len(columns)] of patching each node column on its own (in every model row
+    of its pair)."""
     table = ctx.table
-    b = batch.size
+    b = batch.n_rows
     per_fwd = max(1, chunk_rows(ctx, batch) // b)
-    out = torch.zeros((b, len(columns)), dtype=torch.float64)
-    pos = batch.eval_pos if eval_ else batch.metric_pos
-    answers = batch.eval_answers if eval_ else batch.answers
+    out = torch.zeros((batch.size, len(columns)), dtype=torch.float64)
+    reads = metric_reads(batch, eval_)
     real = batch.real
     changed = changed_columns(ctx, batch, refs)
     slots = [j for j, col in enumerate(columns) if changed[col]]  # the others' effect is exactly 0
@@ -125,11 +124,7 @@ def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: Batc
             source = src.repeat(k, 1, 1)
             sites.append(site)
             patches[site.key] = _patcher(mask, source)
-        inputs = {name: t.repeat(k, 1) for name, t in batch.clean.items()}
-        with torch.no_grad():
-            res = run_trace(ctx.model, inputs, sites, patches=patches, last_pos=pos.repeat(k), keep=False)
-        rows = metric_rows(spec, res.last, answers.repeat(k, 1), refs.clean_logprobs.repeat(k, 1))
-        out[:, slots[lo: lo + k]] = (rows.double().view(k, b) - refs.clean_rows.double().view(1, b)).T.cpu()
+        out[:, slots[lo: lo + k]] = _effects(ctx, inputs_of(batch, k), sites, patches, spec, reads, refs, k)
         if progress:
             progress(skipped + lo + k)
     return out
@@ -138,7 +133,7 @@ def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: Batc
 def _site_mask(ctx: Context, batch: Batch, si: int, subsets: torch.Tensor, width: int) -> torch.Tensor | None:
     """Patch mask [k, b, S, W] at table site `si`: copy j patches every node of row j of `subsets` [k, N] there."""
     table = ctx.table
-    k, b, seq = subsets.shape[0], batch.size, batch.real.shape[1]
+    k, b, seq = subsets.shape[0], batch.n_rows, batch.real.shape[1]
     device = batch.real.device
     out = torch.zeros((k, b, seq, width), dtype=torch.bool, device=device)
     hit = False
@@ -167,14 +162,13 @@ def _site_mask(ctx: Context, batch: Batch, si: int, subsets: torch.Tensor, width
 
 def subset_effects(ctx: Context, batch: Batch, subsets: torch.Tensor, refs: BatchRefs, spec: MetricSpec,
                    eval_: bool = False) -> torch.Tensor:
-    """Per-pair effects [b, k] of patching, for each row of `subsets` (bool [k, N] over table columns), every
+    """Per-pair effects [pairs, k] of patching, for each row of `subsets` (bool [k, N] over table columns), every
     node of that row at once (the false-negative diagnostic's random subsets); many rows per forward."""
-    b = batch.size
+    b = batch.n_rows
     k_all = subsets.shape[0]
     per_fwd = max(1, chunk_rows(ctx, batch) // b)
-    out = torch.zeros((b, k_all), dtype=torch.float64)
-    pos = batch.eval_pos if eval_ else batch.metric_pos
-    answers = batch.eval_answers if eval_ else batch.answers
+    out = torch.zeros((batch.size, k_all), dtype=torch.float64)
+    reads = metric_reads(batch, eval_)
     for lo in range(0, k_all, per_fwd):
         chunk = subsets[lo: lo + per_fwd]
         k = chunk.shape[0]
@@ -188,12 +182,23 @@ def subset_effects(ctx: Context, batch: Batch, subsets: torch.Tensor, refs: Batc
                 continue
             sites.append(site)
             patches[site.key] = _patcher(mask.reshape(k * b, src.shape[1], src.shape[-1]), src.repeat(k, 1, 1))
-        inputs = {name: t.repeat(k, 1) for name, t in batch.clean.items()}
-        with torch.no_grad():
-            res = run_trace(ctx.model, inputs, sites, patches=patches, last_pos=pos.repeat(k), keep=False)
-        rows = metric_rows(spec, res.last, answers.repeat(k, 1), refs.clean_logprobs.repeat(k, 1))
-        out[:, lo: lo + k] = (rows.double().view(k, b) - refs.clean_rows.double().view(1, b)).T.cpu()
+        out[:, lo: lo + k] = _effects(ctx, inputs_of(batch, k), sites, patches, spec, reads, refs, k)
     return out
+
+
+def inputs_of(batch: Batch, copies: int) -> dict[str, torch.Tensor]:
+    """The clean inputs of `copies` stacked copies of the batch."""
+    return {name: t.repeat(copies, 1) for name, t in batch.clean.items()}
+
+
+def _effects(ctx: Context, inputs: dict, sites: list, patches: dict, spec: MetricSpec, reads, refs: BatchRefs,
+             k: int) -> torch.Tensor:
+    """One patched forward of k copies: per-pair metric changes [pairs, k] against the clean run."""
+    with torch.no_grad():
+        res = run_trace(ctx.model, inputs, sites, patches=patches, last_pos=reads.repeat(k).pos, keep=False)
+    values = metric_values(spec, res.last, reads.repeat(k), refs.clean_logprobs.repeat(k, 1))
+    pairs = refs.clean_rows.shape[0]
+    return (values.double().view(k, pairs) - refs.clean_rows.double().view(1, pairs)).T.cpu()
 
 
 def _patcher(mask: torch.Tensor, source: torch.Tensor):
@@ -209,10 +214,13 @@ def clean_forward(state: RunState, step: Step, work: BatchWork) -> None:
     ctx, batch = state.ctx, work.batch
     spec = ctx.plan.metric
     with torch.no_grad():
-        clean = run_trace(ctx.model, batch.clean, ctx.sites, last_pos=batch.metric_pos)
+        clean = run_trace(ctx.model, batch.clean, ctx.sites, last_pos=batch.reads.pos)
     work.clean = clean
-    work.cache["refs"] = refs = _refs(work.corrupt, clean, batch, spec, batch.metric_pos)
+    work.cache["refs"] = refs = _refs(work.corrupt, clean, batch, spec)
     work.clean_rows, work.corrupt_rows = refs.clean_rows, refs.corrupt_rows
+    check_values(ctx, batch, clean.acts, [s.key for s in ctx.sites], "clean run")
+    check_rows(ctx, batch, refs.clean_rows, "the metric on the clean prompt")
+    check_rows(ctx, batch, refs.corrupt_rows, "the metric on the corrupt prompt")
 
 
 def exact_patch_step(state: RunState, step: Step, work: BatchWork) -> None:
@@ -227,4 +235,5 @@ def exact_patch_step(state: RunState, step: Step, work: BatchWork) -> None:
 
     work.est = exact_effects(ctx, work.batch, list(range(table.size)), work.cache["refs"], ctx.plan.metric,
                              progress=tick)
+    check_rows(ctx, work.batch, work.est, "an exact patching effect")
     state.parts["exact_done"] = base + table.size

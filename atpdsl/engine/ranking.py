@@ -46,11 +46,28 @@ def pair_rank_extras(state: RunState, ranks: torch.Tensor) -> dict:
     }
 
 
+SAME_METRIC = 1e-6
+"""Relative size below which the clean and corrupt metric count as the same (no behaviour to explain)."""
+
+
+def check_behaviour(state: RunState) -> None:
+    """A dataset whose corrupt prompts do not change the metric has nothing to attribute: refuse it with the
+    numbers instead of ranking a circuit of zeros (e.g. two answers that resolve to the same token)."""
+    acc = state.acc
+    if acc.n and acc.largest_gap <= SAME_METRIC * max(1.0, acc.largest_metric):
+        raise EngineError(
+            f"the corrupt prompts do not change the metric: over {acc.n} pair(s) the largest |clean - corrupt| is "
+            f"{acc.largest_gap:.3g} (clean mean {acc.clean_sum / acc.n:+.4g}, corrupt mean {acc.corrupt_sum / acc.n:+.4g}),"
+            f" so every effect is 0; check that the answers differ (`atpdsl check` lists each pair's tokens) and that "
+            f"the corrupt prompts change what the metric reads")
+
+
 def rank_step(state: RunState, step: Step, work: BatchWork | None = None) -> None:
     """Mean signed estimate and ranking score per node, and the order by score."""
     acc, aggregate = state.acc, state.plan.method.aggregate
     if aggregate not in AGGREGATES:
         raise EngineError(f"unknown aggregate {aggregate!r} (known: {', '.join(AGGREGATES)})")
+    check_behaviour(state)
     n = acc.n
     state.mean = acc.sum_est / n
     state.score = state.mean.abs() if aggregate == "abs_mean" else acc.sum_abs / n

@@ -9,7 +9,7 @@ nonlinearity passes relevance by an LRP rule instead of its local derivative. Th
 - LN-rule (Ali et al. 2022), LayerNorm and RMSNorm: the normalising scale is a constant, so a norm acts as the
   linear map x -> gain * C x / sigma (+ bias), C the centring (LayerNorm) or the identity (RMSNorm).
 - Identity rule (Jafari et al. 2024), element-wise activations f (GELU, SiLU): f(x) = x * (f(x) / x) with the
-  ratio a constant; at an exact zero the ratio is taken as f(0) / 1 = 0.
+  ratio a constant; at an exact zero the ratio is taken as 0.
 - Half rule (Jafari et al. 2024; Arras et al. 2019), products of two activations (SwiGLU's act(gate) * up):
   each factor receives half of the product's coefficient.
 - AH-rule (Ali et al. 2022), attention: the softmax pattern is a constant, so heads are linear in their values;
@@ -26,9 +26,11 @@ s'(x)^T g, the rule's coefficient. The AH-rule is an attention function (registe
 AttentionInterface) that calls the model's own eager attention with detached queries and keys. Hooks act only
 while gradients are enabled, so corrupt runs and exact patching inside the context are plain forwards.
 
-Wiring (for `method relp`): run the engine's ordinary AtP pass inside the context,
-`with relp_context(ctx.loaded): acc = run_atp(ctx, [], ...)`; the per-pair estimates are then RelP estimates.
-Verification and the diagnostic may run inside or outside it (they run without gradients).
+Wiring (for `method relp`): run the engine's ordinary AtP pass with the clean forward + backward inside the
+context, e.g. `state.parts["gradient_rule"] = lambda: relp_context(loaded)` (atp.clean_forward_backward enters
+it per batch), or `with relp_context(loaded): execute(plan with method atp)`; the per-pair estimates are then
+RelP estimates. Corrupt runs, verification and the diagnostic may run inside or outside it: without gradients
+the hooks do nothing and the AH-rule attention gives the same values as eager attention.
 """
 from __future__ import annotations
 
@@ -132,8 +134,9 @@ def _check_norm(module: nn.Module, path: str) -> None:
 
 
 def _ratio(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """f(x) / x, with f(0) / 1 = 0 at exact zeros (no coefficient passes a neuron whose input is exactly 0)."""
-    return out / torch.where(x == 0, torch.ones_like(x), x)
+    """f(x) / x, and 0 at exact zeros (no coefficient passes a neuron whose input is exactly 0)."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(out), out / torch.where(zero, torch.ones_like(x), x))
 
 
 def _activation_surrogate(scale: float) -> Surrogate:

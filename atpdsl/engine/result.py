@@ -101,8 +101,21 @@ def _extras(state: RunState, nodes: list[NodeScore]) -> dict:
         extras["verification"] = verification_summary(plan, nodes)
     if state.diagnosis is not None:
         extras["diagnosis"] = state.diagnosis[1]
+    extras["resolved_tokens"] = _resolved(state)
+    extras["warnings"] = list(plan.warnings)
     extras.update(state.extras)
     return extras
+
+
+def _resolved(state: RunState) -> list[dict]:
+    """Every pair's answer tokens as the metric reads them (ids and pieces), for the outputs."""
+    from atpdsl.language.encoding import as_tokenizer
+    from atpdsl.language.resolved import resolved_rows
+
+    ctx = state.ctx
+    encoded = {p.index: p for p in ctx.pairs}
+    return resolved_rows(as_tokenizer(ctx.loaded.tokenizer), state.plan,
+                         [encoded.get(i) for i in range(len(state.plan.pairs))])
 
 
 def build_result(state: RunState) -> RunResult:

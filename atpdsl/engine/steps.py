@@ -15,6 +15,7 @@ from collections.abc import Callable
 from atpdsl.errors import EngineError
 from atpdsl.lowering import STEP_KINDS
 from atpdsl.engine.context import Accumulator, Context
+from atpdsl.engine.data import pair_sum
 from atpdsl.engine.state import BatchWork, ExtraSites, Progress, RunState, SpillList
 
 __all__ = ["implementation", "preparation", "prepare_steps", "run_batch", "execute_steps", "fold", "new_state"]
@@ -44,7 +45,10 @@ def fold(state: RunState, work: BatchWork) -> None:
     """Add a finished batch to the run: its per-pair numbers, ranking magnitudes, metric rows, sums and kept items."""
     if work.est is None:
         raise EngineError("a batch finished without estimates: the plan has no scoring step")
-    state.acc.add(work.est, work.magnitude)
+    est = work.est
+    if work.batch.per_pair > 1 and est.shape[0] == work.batch.n_rows:  # per model row: a pair's is their sum
+        est = pair_sum(work.batch, est)
+    state.acc.add(est, work.magnitude)
     if work.clean_rows is not None and work.corrupt_rows is not None:
         state.acc.add_metrics(work.clean_rows, work.corrupt_rows)
     for name, value in work.sums.items():

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import nnsight
 import torch
 
+from atpdsl.engine.metrics import pick
+
 __all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "resolve", "FAST_BACKWARD"]
 
 # Plain backward blocks (no gradient edits) over module sites take the fast path: nnsight's cache records the
@@ -132,7 +134,7 @@ def run_trace(
     """Run one forward (and the backward blocks) through nnsight; see the module docstring.
 
     `embed`: the embedding module made to require grad (params are frozen). `metric(logits) -> [b]` rows; their
-    sum is differentiated. `last_pos` [b]: also return the logits there (detached). `keep=False` returns no site
+    sum is differentiated. `last_pos` [b] or [b, K]: also return the logits there (detached). `keep=False` returns no site
     values (exact patching). `keep_graph`: keep the clean graph and return graph-attached site values in
     `TraceOut.live` for further `torch.autograd.grad` calls (GradDrop's terms; module sites and plain backward
     blocks only; the caller clears `live` to free the graph). Flat sites ([b * S, W]) come back as [b, S, W]
@@ -170,7 +172,7 @@ def _requested(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
         grads = nnsight.save({})
         clock = nnsight.save([0.0, 0.0])
         if last_pos is not None:
-            out[1] = logits[rows, last_pos].detach()
+            out[1] = pick(logits, last_pos).detach()
         if metric is not None:
             m_rows = metric(logits)
             out[0] = m_rows.detach()
@@ -277,7 +279,7 @@ def _read_only(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
                              include_inputs=inputs_needed)
         out_last = nnsight.save([None])
         if last_pos is not None:
-            out_last[0] = model.output.logits[rows, last_pos].detach()
+            out_last[0] = pick(model.output.logits, last_pos).detach()
     acts = {}
     for s in sites:
         value = getattr(cache["model." + s.module if s.module else "model"], s.attr)
@@ -310,7 +312,7 @@ def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[
         out = nnsight.save([None, None])
         out[0] = metric(logits)
         if last_pos is not None:
-            out[1] = logits[rows, last_pos].detach()
+            out[1] = pick(logits, last_pos).detach()
     values = []  # as the model computed them (flat sites [b * S, W]): their gradients are the full ones
     for s in sites:
         value = original.get(s.point)

@@ -15,6 +15,7 @@ from atpdsl.errors import EngineError
 from atpdsl.plan import Plan, Step
 from atpdsl.engine.context import Context
 from atpdsl.engine.exact import batch_refs, exact_effects
+from atpdsl.engine.finite import check_rows
 from atpdsl.engine.state import BatchWork, RunState
 
 __all__ = ["verify", "verify_step", "verify_adaptive_step", "diagnose_step", "verification_summary"]
@@ -39,7 +40,9 @@ def verify(ctx: Context, columns: Sequence[int], *, progress: Progress | None = 
 
         def compute(batch=batch, tick=tick) -> torch.Tensor:
             refs = batch_refs(ctx, batch, sites, spec, eval_=eval_)
-            return exact_effects(ctx, batch, columns, refs, spec, eval_=eval_, progress=tick)
+            effects = exact_effects(ctx, batch, columns, refs, spec, eval_=eval_, progress=tick)
+            check_rows(ctx, batch, effects, "a verified node's exact effect")
+            return effects
 
         if checkpoint is None:
             out.append(compute())

@@ -147,10 +147,16 @@ def document(res: "Result") -> dict[str, Any]:
             "rows": [_score_row(row, by_name[row["node"]]) for row in table.rows],
         },
         "edges": {"columns": list(EDGE_COLUMNS), "rows": edges_table(result, res.graph.edges).rows},
-        "extras": result.extras,
+        "resolved_tokens": result.extras.get("resolved_tokens"),
+        "warnings": result.extras.get("warnings") or [],
+        "extras": {k: v for k, v in result.extras.items() if k not in _TOP_LEVEL_EXTRAS},
         "plan": plan_dict,
         "graph": nx.node_link_data(res.graph, edges="edges"),
     }
+
+
+_TOP_LEVEL_EXTRAS = ("resolved_tokens", "warnings")
+"""Engine extras the JSON puts at the top level (what every pair's answers resolved to, the check's warnings)."""
 
 
 def _finite(value: Any, where: str, found: list[str]) -> Any:
@@ -259,7 +265,7 @@ def _run_result(doc: dict[str, Any], name: str) -> RunResult:
         false_negatives=bound,
         timings=tuple(doc.get("timings", {}).get("engine", {}).items()),
         provenance=tuple(doc.get("provenance", {}).items()),
-        extras=doc.get("extras") or {},
+        extras={**(doc.get("extras") or {}), **{k: doc[k] for k in _TOP_LEVEL_EXTRAS if doc.get(k) is not None}},
     )
 
 

@@ -153,6 +153,25 @@ def _edges_section(res: "Result") -> list[str]:
     ]
 
 
+def _tokens_section(res: "Result") -> list[str]:
+    """The check's warnings, and every pair's answers as the metric reads them (ids and pieces)."""
+    extras = res.result.extras if isinstance(res.result.extras, dict) else {}
+    parts: list[str] = []
+    warnings = extras.get("warnings") or []
+    if warnings:
+        parts += ["<h2>Warnings</h2>", "<ul>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"]
+    rows = []
+    for r in extras.get("resolved_tokens") or []:
+        for a in r.get("metric", []):
+            rows.append([_e(r.get("pair", "")), _e(a.get("arg", "")), _e(repr(a.get("text", ""))),
+                         _e(" ".join(map(str, a.get("read_ids", [])))), _e(" ".join(map(repr, a.get("read_pieces", [])))),
+                         _e(a.get("use", ""))])
+    if rows:
+        parts += ["<h2>Answer tokens</h2>", '<p class="note">what each pair\'s metric arguments resolved to</p>',
+                  _table(["pair", "argument", "text", "token ids read", "pieces", "use"], rows, left=5)]
+    return parts
+
+
 def render_html(res: "Result") -> str:
     """The report as one HTML string: no scripts, no external files, no network."""
     result, attrs = res.result, res.graph.graph
@@ -168,6 +187,7 @@ def render_html(res: "Result") -> str:
         *_summary(res),
         *_nodes_section(res),
         *_edges_section(res),
+        *_tokens_section(res),
         "<h2>Plots</h2>",
     ]
     for caption, tag in _images(res):

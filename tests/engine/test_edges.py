@@ -1,8 +1,8 @@
-"""Edge attribution: a node's products over every later reader block add up to its node AtP estimate (GPT-2,
-parallel and sequential GPT-NeoX, grouped-query Llama, summed and per-position nodes); the branch-only gradients
-and write vectors equal a plain-PyTorch computation with hooks; edge scores are the derivative of the metric
-when u's change is added to one block's input only (finite differences); and a pipeline run on the zoo model
-exports weighted edges that sum to the node estimates."""
+"""Edge attribution, block side and pipeline: the reader blocks' branch-only gradients and the write vectors equal a
+plain-PyTorch computation with hooks; a source's product with a block is the derivative of the metric when its
+change is added to that block's input only (finite differences); the position rules of per-position edges; and a
+pipeline run on the zoo model exports per-head edges that add up to the block edges and the node estimates.
+(tests/engine/test_edges_targets.py checks each head's and neuron's own input against a plain-PyTorch reference.)"""
 from __future__ import annotations
 
 import csv
@@ -18,9 +18,6 @@ from atpdsl.engine.edges import readers, weighted_edges
 from atpdsl.engine.load import wrap_model
 from atpdsl.names import NodeKind, parse_node
 
-QKV = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
-MIXED = (NodeGroup("heads"), NodeGroup("neurons", heads=(0, 5, 7)), NodeGroup("attn"), NodeGroup("mlp"),
-         NodeGroup("resid"), NodeGroup("keys", (1, 1)), NodeGroup("queries", (0, 0), (1,)))
 
 
 @pytest.fixture(autouse=True)
@@ -36,65 +33,31 @@ def _loaded(name: str, dtype=torch.float32):
     return wrap_model(model, tm.make_tokenizer())
 
 
-def _identity(plan, loaded):
-    """(worst |sum over readers - node AtP|, worst |q/k/v estimate - node AtP|, the matrix)."""
-    res = execute(plan, loaded=loaded)
-    pp = per_pair(res)
-    m = edge_matrix(plan, [n.node for n in res.nodes], loaded=loaded)
-    totals = m.totals()
-    worst = worst_qkv = 0.0
-    for i, s in enumerate(m.sources[1:], start=1):
-        ref = torch.tensor(pp[s.name], dtype=torch.float64)
-        got = m.qkv[:, i] if s.kind in QKV else totals[:, i]
-        if s.kind in QKV:
-            worst_qkv = max(worst_qkv, float((got - ref).abs().max()))
-        else:
-            worst = max(worst, float((got - ref).abs().max()))
-    assert {s.name for s in m.sources} == {"embed"} | set(pp)
-    return worst, worst_qkv, m
-
-
-@pytest.mark.parametrize("name", ["gpt2", "neox", "neox_seq", "llama"])
-def test_out_edges_over_all_readers_sum_to_node_atp(name):
-    """Three pairs in batches of two (left padding), heads / neurons / attn / mlp / resid / q / k summed."""
-    loaded = _loaded(name)
-    plan = make_plan("tiny", tm.TINY_PAIRS, MIXED, batch=2, write_per_pair=True)
-    worst, worst_qkv, m = _identity(plan, loaded)
-    assert worst < 1e-5 and worst_qkv < 1e-6, (worst, worst_qkv)
-    names = [r.name for r in m.readers]
-    src = {s.name: i for i, s in enumerate(m.sources)}
-    # not vacuous: a layer-0 head reaches several readers, and readers before a source see nothing of it
-    assert int((m.per_pair[:, src["L0.H1"]].abs() > 1e-4).any(0).sum()) >= 3
-    assert float(m.per_pair[:, src["L1.H0"], names.index("L0.mlp-in")].abs().max()) == 0.0
-    assert float(m.per_pair[:, src["L1.mlp"], names.index("L1.mlp-in")].abs().max()) == 0.0
-    same_layer = float(m.per_pair[:, src["L0.attn"], names.index("L0.mlp-in")].abs().max())
-    assert (same_layer == 0.0) == (name == "neox")  # parallel residual: L0's MLP does not read L0's attention
-
-
 def test_per_position_nodes_and_position_rules():
-    """Per-position sources and targets (two 12-token pairs): identity per position, summed sources split over
-    positions, and edges between per-position nodes only at one position."""
+    """Per-position sources and targets (two 12-token pairs): summed sources reach per-position targets, a
+    per-position source reaches a head at a later position only through its key and value, an MLP or a query only
+    at its own position, never backwards; a KV group's key with no layer-0 head among the targets feeds `attn`
+    with its estimate."""
     loaded = _loaded("llama")
     groups = (NodeGroup("heads", (1, 1), (0, 3), True), NodeGroup("mlp", (0, 0), None, True), NodeGroup("attn"),
               NodeGroup("neurons", (0, 0), (2, 9)), NodeGroup("keys", (0, 0), (1,), True))
     plan = make_plan("tiny", tm.TINY_PAIRS[1:], groups, batch=2, write_per_pair=True)
-    worst, worst_qkv, m = _identity(plan, loaded)
-    assert worst < 1e-5 and worst_qkv < 1e-6, (worst, worst_qkv)
-    summed = [i for i, s in enumerate(m.sources) if s.position is None]
-    # every token is a node position ("index" mode): a summed source's per-position products add up to its total
-    assert torch.allclose(m.at[summed].sum(-1), m.mean[summed], atol=1e-6)
-    edges = {(e.source, e.target): e.weight for e in weighted_edges(m, m.sources[1:])}
-    assert ("L0.mlp@3", "L1.H0@3") in edges and ("L0.mlp@3", "L1.H0@4") not in edges
-    assert ("L1.H0@3", "L0.mlp@5") not in edges and ("L1.attn", "L0.mlp@3") not in edges  # never backwards
-    reader = [r.name for r in m.readers].index("L1.attn-in")
-    i_n, i_m = m.sources.index(parse_node("L0.N2")), m.sources.index(parse_node("L0.mlp@3"))
-    j = m.positions.index(3)
-    assert edges[("L0.N2", "L1.H3@3")] == pytest.approx(float(m.at[i_n, reader, j]), abs=1e-12)
-    assert edges[("L0.mlp@3", "L1.attn")] == pytest.approx(float(m.mean[i_m, reader]), abs=1e-12)
-    # a KV group's key at one position feeds both heads of its group at that position, with its own estimate
-    key = parse_node("L0.G1.k@4")
-    assert key.grouped and not [t for (s, t) in edges if s == key.name and ".H" in t]  # no layer-0 head in the set
-    assert edges[("L0.G1.k@4", "L0.attn")] == pytest.approx(float(m.qkv[:, m.sources.index(key)].mean()))
+    res = execute(plan, loaded=loaded)
+    m = edge_matrix(plan, [n.node for n in res.nodes], loaded=loaded)
+    edges = {(e.source, e.target, e.channel): e.weight for e in weighted_edges(m)}
+    pairs = {(a, b) for a, b, _ in edges}
+    assert ("L0.mlp@3", "L1.H0@3") in pairs and ("L0.mlp@3", "L1.H0@4") in pairs  # through L1.H0@4's key / value
+    assert ("L0.mlp@3", "L1.H0@4", "q") not in edges and ("L0.mlp@3", "L1.H0@4", "k") in edges
+    assert ("L0.mlp@3", "L1.H0@3", "q") in edges
+    assert ("L0.mlp@5", "L1.H0@3") not in pairs and ("L1.attn", "L0.mlp@3") not in pairs  # never backwards
+    assert ("L0.N2", "L1.H3@3") in pairs and ("L0.mlp@3", "L1.attn") in pairs
+    assert ("L0.mlp@3", "L0.mlp@4") not in pairs
+    key = parse_node("L0.G1.k@8")
+    assert key.grouped and not [t for (s, t) in pairs if s == key.name and ".H" in t]
+    estimate = sum(per_pair(res)["L0.G1.k@8"]) / 2
+    assert edges[("L0.G1.k@8", "L0.attn", "")] == pytest.approx(estimate, abs=1e-6)
+    assert abs(estimate) > 1e-4
+
 
 
 def _reference_products(model, tok, pair, sources):
@@ -185,7 +148,7 @@ def test_branch_gradients_and_writes_equal_plain_pytorch(name):
         # sequential blocks: embed writes at point 0, a layer-l head at 2l+1, a neuron at 2l+2
         write = 0 if s.kind is NodeKind.EMBED else 2 * s.layer + (1 if s.kind is NodeKind.HEAD else 2)
         for j, r in enumerate(m.readers):
-            got = float(m.per_pair[0, i, j])
+            got = float(m.blocks[0, i, j])
             if r.point < write:  # a reader before the source: masked out on purpose
                 assert got == 0.0
                 continue
@@ -248,10 +211,10 @@ def test_edge_is_derivative_through_one_block_input(name, monkeypatch):
     eps, checked, worst = 1e-4, 0, 0.0
     for i, s in enumerate(m.sources[1:], start=1):
         for j, r in enumerate(m.readers):
-            if float(m.per_pair[0, i, j]) == 0.0:  # a reader before the source, or no overlap in positions
+            if float(m.blocks[0, i, j]) == 0.0:  # a reader before the source
                 continue
             fd = (metric_with(r.name, eps * writes[s.name]) - metric_with(r.name, -eps * writes[s.name])) / (2 * eps)
-            worst = max(worst, abs(fd - float(m.per_pair[0, i, j])))
+            worst = max(worst, abs(fd - float(m.blocks[0, i, j])))
             checked += 1
     assert checked >= 5 and worst < 1e-6, (checked, worst)
 
@@ -278,14 +241,19 @@ def test_pipeline_exports_weighted_edges_that_sum_to_node_estimates(tmp_path, mo
     assert G.graph["edge_rule"] == "attribution" and "edge_semantics" in G.graph
     assert res.result.edges and all(e.weight is not None for e in res.result.edges)
     assert "edges" in dict(res.result.timings)
-    weights = {(e.source, e.target): e.weight for e in res.result.edges}  # every edge, before the graph's cut
+    weights = {(e.source, e.target): e.weight for e in res.result.edges if not e.channel}  # whole edges
+    parts = {(e.source, e.target, e.channel): e.weight for e in res.result.edges if e.channel}
     kind = {n.name: n.node.kind.value for n in res.result.nodes}
     assert ("L0.attn", "L0.mlp") not in weights  # parallel residual
     for u in ("L0.attn", "L0.mlp", "L1.attn", "L1.mlp"):
         total = sum(w for (a, b), w in weights.items() if a == u and kind.get(b, "logits") in ("attn", "mlp", "logits"))
         assert total == pytest.approx(res.result.by_name()[u].estimate, abs=1e-5)
-    heads = [b for (a, b) in weights if a == "L0.attn" and kind.get(b) == "heads"]
-    assert heads and {weights["L0.attn", v] for v in heads} == {weights["L0.attn", "L1.attn"]}
+    heads = sorted(b for (a, b) in weights if a == "L0.attn" and kind.get(b) == "heads")
+    assert heads == ["L1.H0", "L1.H1"]  # per-head edges: they differ and add up to the block edge
+    assert weights["L0.attn", "L1.H0"] != pytest.approx(weights["L0.attn", "L1.H1"], rel=1e-3)
+    assert sum(weights["L0.attn", v] for v in heads) == pytest.approx(weights["L0.attn", "L1.attn"], abs=1e-5)
+    for v in heads:
+        assert weights["L0.attn", v] == pytest.approx(sum(parts["L0.attn", v, c] for c in "qkv"), abs=1e-9)
     assert abs(weights["L1.attn", "logits"]) > 1e-2  # the corrupted token matters
     H = read_graphml(tmp_path / "e.graphml")
     assert {(a, b): round(d["weight"], 9) for a, b, d in H.edges(data=True)} == {

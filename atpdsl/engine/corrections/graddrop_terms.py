@@ -19,6 +19,7 @@ from atpdsl.errors import EngineError
 from atpdsl.plan import Step
 from atpdsl.engine.atp import MAIN, site_delta, site_estimates
 from atpdsl.engine.corrections.shared import MID_STAGE, check_supported, site_places
+from atpdsl.engine.data import pair_sum
 from atpdsl.engine.graddrop import n_terms as count_terms
 from atpdsl.engine.state import BatchWork, ExtraSites, RunState
 
@@ -186,8 +187,9 @@ class GradDrop:
         norm.write(work, grad_of, est, todo, above=lambda where: self.place(*where, term) == "above")
 
     def add(self, work: BatchWork, j: int, est: torch.Tensor) -> None:
-        """Fold term j's estimates into the batch's ranking magnitude and its signed per-term sums (the batch's
-        `sums["graddrop_terms"]` [n_terms, N], which the run adds up)."""
+        """Fold term j's estimates (per model row) into the batch's per-pair ranking magnitude and its signed per-term
+        sums (the batch's `sums["graddrop_terms"]` [n_terms, N], which the run adds up)."""
+        est = pair_sum(work.batch, est)  # a pair's estimate before its absolute value
         if work.magnitude is None:
             work.magnitude = torch.zeros_like(est)
             work.sums[TERM_SUMS] = torch.zeros((len(self.terms), est.shape[1]), dtype=torch.float64)
