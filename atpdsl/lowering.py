@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from atpdsl import costs
 from atpdsl.arch import Geometry
-from atpdsl.plan import Diagnosis, MethodSpec, NodeGroup, Plan, Step, Verification
+from atpdsl.plan import Diagnosis, EdgeSettings, MethodSpec, NodeGroup, Plan, Step, Verification
 
 __all__ = ["StepKind", "STEP_KINDS", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps", "computes_edges",
            "graddrop_terms", "plan_total", "node_count", "steps_for", "relower", "replan", "same_program", "edges_allowed"]
@@ -66,6 +66,10 @@ STEP_KINDS: dict[str, StepKind] = {
                  "random node subsets patched to bound what the unverified nodes could hide"),
         StepKind("edges", "run", "atpdsl.engine.edge_reads:edges_step",
                  "edge attribution among the selected nodes, from the kept reads"),
+        StepKind("edge_ig", "batch", "atpdsl.engine.edge_ig:edge_ig_step",
+                 "integrated gradients for the edges: one forward + backward per step between clean and corrupt"),
+        StepKind("verify_edges", "run", "atpdsl.engine.path_patching:verify_edges_step",
+                 "exact path patching of the strongest edges"),
     )
 }
 
@@ -107,26 +111,27 @@ def _layers_with(groups: Sequence[NodeGroup], kinds: frozenset[str], n_layers: i
     return len(found)
 
 
-def _atp_star_steps(method: MethodSpec, groups: Sequence[NodeGroup], n_layers: int, note: str) -> list[Step]:
+def _atp_star_steps(method: MethodSpec, groups: Sequence[NodeGroup], n_layers: int, note: str,
+                    w: costs.Workload | None) -> list[Step]:
     kinds = {g.kind for g in groups}
     qk_layers = _layers_with(groups, QK_KINDS, n_layers) if method.qk_fix else 0
     steps: list[Step] = []
     if qk_layers:
-        steps.append(_step("qk_fix", "qk fix", costs.QK_FIX_PER_LAYER * qk_layers,
+        steps.append(_step("qk_fix", "qk fix", costs.qk_fix_cost(w, qk_layers),
                            f"exact softmax for patched queries and keys: one attention-pattern recomputation in each"
                            f" of {qk_layers} layer(s){note}"))
     fixed = NORM_FIX_KINDS | (QK_KINDS if method.qk_fix else frozenset())
     norm = method.norm_fix and bool(kinds & fixed)
     if norm:
-        steps.append(_step("norm_fix", "norm fix", costs.norm_fix_cost(n_layers),
+        steps.append(_step("norm_fix", "norm fix", costs.norm_fix_cost(w, n_layers),
                            f"exact block-input and final norms on every node's own write, {n_layers} layers{note}"))
     if method.graddrop:
         for layer, side in graddrop_terms(n_layers, method.graddrop_mode):
-            cost = costs.graddrop_term_cost(layer, side, n_layers)
+            cost = costs.graddrop_term_cost(w, layer, side, n_layers, sites_below=2 * layer)
             if qk_layers:
-                cost += costs.QK_FIX_PER_LAYER * min(layer, qk_layers)
+                cost += costs.qk_fix_cost(w, min(layer, qk_layers))
             if norm:
-                cost += costs.norm_fix_term_cost(layer, side, n_layers)
+                cost += costs.norm_fix_cost(w, n_layers, below=2 * layer + (2 if side in ("layer", "mlp") else 1))
             where = f"L{layer}" if side == "layer" else f"L{layer}.{side}"
             cut = "both block writes" if side == "layer" else f"the {side} write"
             steps.append(_step("graddrop_term", f"graddrop {where}", cost,
@@ -137,16 +142,16 @@ def _atp_star_steps(method: MethodSpec, groups: Sequence[NodeGroup], n_layers: i
 
 
 def _check_steps(method: MethodSpec, verification: Verification | None, diagnosis: Diagnosis | None,
-                 reuse_exact: bool) -> list[Step]:
+                 reuse_exact: bool, w: costs.Workload | None) -> list[Step]:
     steps: list[Step] = []
     if verification is not None and verification.adaptive:
         budget = verification.budget or 200
         samples = diagnosis.samples if diagnosis is not None else 200
-        steps.append(_step("verify_adaptive", "verify until confident", budget + 2.0 + samples,
+        steps.append(_step("verify_adaptive", "verify until confident", costs.patched_cost(w, budget + samples),
                            f"verify in ranking order, diagnose, patch the suspects; at most {budget} exact patches",
                            budget=budget, first=verification.top))
     elif verification is not None and not reuse_exact:
-        steps.append(_step("verify", "verify", verification.top + 2.0,
+        steps.append(_step("verify", "verify", costs.patched_cost(w, verification.top),
                            f"exact patching of the {verification.top} best-ranked nodes, one forward each",
                            top=verification.top))
     elif verification is not None:
@@ -154,7 +159,7 @@ def _check_steps(method: MethodSpec, verification: Verification | None, diagnosi
                            f"the {verification.top} best-ranked nodes: their exact effects are already measured",
                            top=verification.top))
     if diagnosis is not None and not (verification is not None and verification.adaptive):
-        steps.append(_step("diagnose", "diagnose", diagnosis.samples + 2.0,
+        steps.append(_step("diagnose", "diagnose", costs.patched_cost(w, diagnosis.samples),
                            f"{diagnosis.samples} forwards with random node subsets patched (inclusion"
                            f" {diagnosis.inclusion}) to bound false negatives at confidence {diagnosis.confidence}"))
     return steps
@@ -162,44 +167,58 @@ def _check_steps(method: MethodSpec, verification: Verification | None, diagnosi
 
 def lower_steps(method: MethodSpec, groups: Sequence[NodeGroup], *, n_layers: int | None, nodes: int | None,
                 verification: Verification | None, diagnosis: Diagnosis | None,
-                metric_kind: str = "logit_diff", eval_metric: bool = False, edges_ok: bool = True
+                metric_kind: str = "logit_diff", eval_metric: bool = False, edges_ok: bool = True,
+                edge_settings: EdgeSettings | None = None, workload: costs.Workload | None = None
                 ) -> tuple[Step, ...]:
     """The steps a run of this spec executes, in order, each with its cost per batch.
 
     `eval_metric`: the spec has an `eval metric` (exact patching's own effects are then not the verified ones).
     `n_layers` is None when the model's config is not on disk (a hub id offline): the depth is then estimated
-    from the node groups, and the engine lowers again with the real depth once the config is read.
+    from the node groups, and the engine lowers again with the real depth once the config is read. `workload`
+    (the model's sizes and the batch's shape) makes the costs follow the model; without it they are their
+    large-model limits.
     """
     layers = n_layers if n_layers is not None else max((g.layers[1] + 1 for g in groups if g.layers), default=1)
     note = "" if n_layers is not None else " (model depth unknown offline: estimated from the node groups)"
     per_position = any(g.per_position for g in groups)
-    steps = [_step("corrupt_forward", "corrupt forward", costs.FORWARD,
+    sites = 2 * layers * len({g.kind for g in groups})
+    steps = [_step("corrupt_forward", "corrupt forward", costs.forward_cost(workload, sites),
                    "run the corrupt prompts; keep the node values")]
     if method.name == "exact":
-        count = float(nodes) if nodes is not None else 0.0
+        count = nodes if nodes is not None else 0
         what = f"{nodes} nodes" if nodes is not None else "node count unknown until the model config is read"
         if per_position:
             what += "; per-position nodes once per token position"
-        steps.append(_step("clean_forward", "clean forward", costs.FORWARD, "run the clean prompts: the metric's baseline"))
-        steps.append(_step("exact_patch", "patched forwards", count,
+        steps.append(_step("clean_forward", "clean forward", costs.forward_cost(workload, sites),
+                           "run the clean prompts: the metric's baseline"))
+        steps.append(_step("exact_patch", "patched forwards", costs.patched_cost(workload, count) - 2 * costs.FORWARD
+                           if workload is None else costs.patched_cost(workload, count) - 2 * costs.forward_cost(workload),
                            f"one clean forward per node with it set to its corrupt value ({what})"))
     else:
         rule = "relp" if method.name == "relp" else "gradient"
         what = ("relevance (LRP rules) at every node (RelP)" if rule == "relp" else "gradient of the metric at every"
                 " node (AtP)")
-        steps.append(_step("clean_backward", "clean forward + backward", costs.FORWARD + costs.BACKWARD,
+        steps.append(_step("clean_backward", "clean forward + backward", costs.clean_backward_cost(workload, sites),
                            f"run the clean prompts keeping the graph, then one backward: {what}", rule=rule))
         if method.name == "atp*":
-            steps.extend(_atp_star_steps(method, groups, layers, note))
+            steps.extend(_atp_star_steps(method, groups, layers, note, workload))
     edges = computes_edges(method, metric_kind, edges_ok)
+    es = edge_settings or EdgeSettings()
     if edges:
-        steps.append(_step("edge_reads", "edge reads", costs.EDGE_READS,
+        steps.append(_step("edge_reads", "edge reads", costs.edge_reads_cost(workload, 2 * layers + 1),
                            "keep this batch's reader-block gradients and node differences for the edges"))
+        if es.ig_steps:
+            steps.append(_step("edge_ig", "edge integrated gradients", es.ig_steps * costs.clean_backward_cost(workload),
+                               f"integrated gradients for the edges: {es.ig_steps} forward + backward passes between"
+                               f" the corrupt and the clean input", steps=es.ig_steps))
     steps.append(_step("rank", "rank", 0.0, f"combine the batches ({method.aggregate}) and rank the nodes"))
-    steps.extend(_check_steps(method, verification, diagnosis, method.name == "exact" and not eval_metric))
+    steps.extend(_check_steps(method, verification, diagnosis, method.name == "exact" and not eval_metric, workload))
     if edges:
-        steps.append(_step("edges", "edges", costs.EDGE_PRODUCTS,
+        steps.append(_step("edges", "edges", costs.edge_products_cost(workload, 2 * layers + 1),
                            "edge attribution among the selected nodes (at most 200), from the kept reads"))
+        if es.verify:
+            steps.append(_step("verify_edges", "verify edges", costs.patched_cost(workload, es.verify),
+                               f"exact path patching of the {es.verify} strongest edges", top=es.verify))
     return tuple(steps)
 
 
@@ -234,7 +253,7 @@ def steps_for(plan: Plan, geom: Geometry | None = None, edges_ok: bool | None = 
     return lower_steps(plan.method, plan.nodes, n_layers=geom.n_layers if geom else None,
                        nodes=node_count(plan.nodes, geom), verification=plan.verification,
                        diagnosis=plan.diagnosis, metric_kind=plan.metric.kind, eval_metric=plan.eval_metric is not None,
-                       edges_ok=edges_ok)
+                       edges_ok=edges_ok, edge_settings=plan.edges)
 
 
 def relower(plan: Plan, geom: Geometry | None = None) -> Plan:

@@ -91,7 +91,8 @@ def finish(
     clock = list(timings)
     t0 = time.perf_counter()
     aggregate = plan.method.aggregate if plan is not None else "mean_abs"
-    outcome = select(run_result, plan.selection if plan is not None else None, aggregate=aggregate)
+    edge_rule = plan.edges.selection if plan is not None and plan.edges is not None else None
+    outcome = select(run_result, plan.selection if plan is not None else None, aggregate=aggregate, edges=edge_rule)
     t1 = time.perf_counter()
     graph = build_graph(run_result, outcome, plan)
     t2 = time.perf_counter()

@@ -12,7 +12,7 @@ __all__ = [
     "DTYPES", "ATTENTIONS", "SWITCHES", "GRADDROP_MODES",
     "MethodInfo", "METHODS", "AGGREGATES", "KEEP_OPTIONS",
     "SelectInfo", "SELECT_KINDS", "VERIFY_KINDS", "VERIFY_UNTIL", "VERIFY_SETTINGS", "VERIFY_BUDGET_DEFAULT",
-    "DIAGNOSE_TARGETS", "MAX_COUNT",
+    "DIAGNOSE_TARGETS", "EDGE_TARGETS", "EDGE_SETTINGS", "MAX_COUNT",
     "FormatInfo", "EXPORT_FORMATS", "PAIR_FILE_TYPES",
     "BATCH", "SEED", "TEMPLATE_COUNT", "VERIFY_TOP", "LAST",
 ]
@@ -52,6 +52,9 @@ STATEMENTS: dict[str, StatementInfo] = {
         StatementInfo("select", False, "select top K | threshold X | cumulative F", "which nodes form the circuit"),
         StatementInfo("verify", False, "verify top K | verify until confident [{ budget B }]",
                       "exactly patch the K best-ranked nodes, or verify adaptively until the diagnostic is confident"),
+        StatementInfo("select edges", False, "select edges top K | threshold X | cumulative F [{ ig_steps N }]",
+                      "the circuit as its best edges and the nodes they touch"),
+        StatementInfo("verify edges", False, "verify edges top K", "exact path patching of the K strongest edges"),
         StatementInfo("diagnose", False, "diagnose false_negatives [{ samples N confidence P inclusion p }]",
                       "bound the effect of nodes missed"),
         StatementInfo("export", True, 'export "path.ext"', "write the circuit or scores"),
@@ -337,6 +340,15 @@ VERIFY_SETTINGS: dict[str, SettingInfo] = {
     )
 }
 DIAGNOSE_TARGETS: dict[str, str] = {"false_negatives": "bound the effect of unverified nodes (AtP* section 6)"}
+EDGE_TARGETS: dict[str, str] = {"edges": "the attributed edges between the candidate nodes"}
+EDGE_SETTINGS: dict[str, SettingInfo] = {
+    s.key: s
+    for s in (
+        SettingInfo("ig_steps", "number", "integrated gradients over N steps between the clean and the corrupt input "
+                    "for the edge scores (EAP-IG); without it the clean gradient (EAP)", "off",
+                    bound=Bound(True, 1, 1000)),
+    )
+}
 
 
 @dataclass(frozen=True, slots=True)

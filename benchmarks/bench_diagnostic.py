@@ -144,15 +144,33 @@ def induction_prev() -> None:
             b = run_diagnosis(ctx, unverified, Settings(seed=seed, exhaustive_up_to=0, **extra)).bound
             rows.append(f"{b.status} {b.bound:.3g}" if b.bounded else b.status)
         print(f"   random-subset path, {label}, seeds 0-5: {', '.join(rows)}")
+    estimate_sum_check(ctx, result, unverified)
     cut = candidates(result.nodes, Selection("top", 20))[1]
     for label, exhaustive in (("default", None), ("random subsets forced", 0)):
         t0 = time.perf_counter()
         out = adaptive_verify(ctx, order, cut_fn=lambda v: cut, budget=200, first=12, diagnosis=plan.diagnosis,
                               seed=plan.seed, exhaustive_up_to=exhaustive)
-        head = {names[c]: round(float(v.mean()), 3) for c, v in out.verified.items() if names[c] in ("L0.H0", "L0.H0.v@5")}
+        head = {names[c]: round(float(v.mean()), 3) for c, v in out.verified.items()
+                if names[c] in ("L0.H0", "L0.H0.v@5")}
         print(f"   adaptive ({label}), cut {cut:.3g}: stop '{out.stop}', {len(out.rounds)} round(s) "
               f"{[r.status for r in out.rounds]}, {out.exact_patches} exact + {out.subset_patches} subset patches, "
               f"previous-token head verified {head} ({time.perf_counter() - t0:.0f} s)")
+
+
+def estimate_sum_check(ctx, result, unverified: list[int]) -> None:
+    """The issue's other idea: a subset's effect against the sum of its members' AtP* estimates. Shown, not used:
+    the gap mixes interaction with the estimates' own error (L0.H0: AtP* -1.0, exact -15.2, additive or not)."""
+    from atpdsl.engine.diagnose import changed_among, engine_patcher
+    from atpdsl.engine.false_negatives import sample_subsets
+
+    tested = [c for c, ch in zip(unverified, changed_among(ctx, unverified)) if ch]
+    by = result.by_name()
+    est = np.array([by[ctx.table.nodes[c].name].estimate for c in tested])
+    masks = sample_subsets(len(tested), 200, 0.1, 0)
+    y = engine_patcher(ctx, tested).subsets(masks, lambda done, total: None).mean(1)
+    gap = np.abs(y - masks.astype(float) @ est)
+    print(f"   subsets vs. the sum of their members' AtP* estimates (200 draws): gaps sum to "
+          f"{gap.sum() / np.abs(y).sum():.0%} of the subsets' effects (largest gap {gap.max():.3g})")
 
 
 def stories(seeds: int) -> None:

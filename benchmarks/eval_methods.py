@@ -28,16 +28,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "engine"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
+import eval_metrics as M
+import eval_tasks as T
+import torch
+from engine_support import NodeGroup, make_plan
 
-import eval_metrics as M  # noqa: E402
-import eval_tasks as T  # noqa: E402
-from engine_support import NodeGroup, make_plan  # noqa: E402
-
-from atpdsl.engine import execute  # noqa: E402
-from atpdsl.engine.load import load_model  # noqa: E402
-from atpdsl.engine.relp import ALL_RULES, PAPER_RULES, RelpRules, relp_context  # noqa: E402
-from atpdsl.plan import MethodSpec  # noqa: E402
+from atpdsl.engine import execute
+from atpdsl.engine.load import load_model
+from atpdsl.engine.relp import ALL_RULES, PAPER_RULES, RelpRules, relp_context
+from atpdsl.errors import AtpError
+from atpdsl.plan import MethodSpec
 
 PER_PAIR = "per_pair"
 METHODS: dict[str, tuple[MethodSpec, RelpRules | None]] = {
@@ -97,11 +97,16 @@ def evaluate(task: T.TaskSpec, loaded, methods: list[str]) -> tuple[list[M.Score
             "clean": exact_res.clean_metric, "corrupt": exact_res.corrupt_metric}
     log(f"[{task.name}] {info['nodes']} nodes x {info['pairs']} pairs exact in {exact_s:.0f} s; clean "
         f"{info['clean']:+.2f}, corrupt {info['corrupt']:+.2f}")
-    scores = []
+    scores, failed = [], []
     for name in methods:
-        scores.append(run_method(name, plan, loaded, truth, frozenset(task.kinds)))
+        try:
+            scores.append(run_method(name, plan, loaded, truth, frozenset(task.kinds)))
+        except AtpError as err:  # reported in the table, not a crash: the other methods still count
+            failed.append(f"{name}: {type(err).__name__}: {err}")
+            log(f"[{task.name}] {name} failed: {err}")
+            continue
         log(f"[{task.name}] {name}: {scores[-1].seconds:.1f} s")
-    info["truth"] = truth
+    info["truth"], info["failed"] = truth, failed
     return scores, info
 
 
@@ -129,15 +134,16 @@ def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -
     title = (f"{task.name} ({task.about}): {info['nodes']} nodes, {info['pairs']} pairs, mean metric clean "
              f"{info['clean']:+.2f} / corrupt {info['corrupt']:+.2f}; exhaustive = {scores[0].exhaustive} "
              f"forward-equivalents per pair")
+    notes = [f"not run: {f}" for f in info.get("failed", [])]
     if markdown:
         lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""] * bool(notes) + notes
         return "\n".join(lines) + "\n"
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = [title, "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths))]
     if base:
         lines.insert(1, "  (timed: 4 x the method's wall time / AtP's in this run, a noisy stand-in for its cost)")
-    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows] + ["  " + n for n in notes]
     return "\n".join(lines) + "\n"
 
 

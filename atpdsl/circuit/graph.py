@@ -6,11 +6,13 @@ than set to None (a head has `index`, `L3.mlp` has none; only verified nodes hav
 `verified_effect`). Lists are comma-joined strings (`dropped_verified = "L0.H1,L2.N7"`).
 
 Edges. When the run computed edge attributions (`RunResult.edges`), the graph holds those whose two
-ends are in the graph, less zero-weight edges, cut at graph level by `EdgeCut` (by default the
-strongest edges carrying 90% of the total |weight|); the graph attributes say how many were left
-out (`n_edges_left_out`, `n_edges_zero`) and `-edges.csv` / the JSON keep every edge. `weight` is the
-edge's attribution (signed, same convention as the node estimates) and `verified_weight` the
-path-patching effect where measured. Otherwise the graph connects along the residual stream,
+ends are in the graph, less zero-weight edges: for a node-level circuit the strongest ones, cut at graph level by
+`EdgeCut` (by default those carrying 90% of the total |weight|), for an edge-level circuit (`select edges ...`)
+exactly the chosen ones (atpdsl.circuit.edge_graph). The graph attributes say how many were left out
+(`n_edges_left_out`, `n_edges_zero`) and `-edges.csv` / the JSON keep every edge. `weight` is the edge's
+attribution (signed, same convention as the node estimates), `verified_weight` the path-patching effect where
+measured; an edge into a head also carries its parts through the head's query, key and value (`weight_q`,
+`weight_k`, `weight_v`). Otherwise the graph connects along the residual stream,
 unweighted: an edge runs from A to B when A writes the residual stream at or before the point B
 reads it (layer L's attention and its q/k/v read before layer L's attention and write after it,
 its neurons/MLP read after its attention and write after the layer, `L.resid` is the point after
@@ -32,8 +34,8 @@ import networkx as nx
 from atpdsl.names import NodeId, NodeKind, parse_node
 from atpdsl.plan import Plan
 from atpdsl.circuit.scores import SCHEMA_VERSION, SIGN_CONVENTION, NodeScore, RunResult
-from atpdsl.circuit.select import DEFAULT_EDGE_CUT, EdgeCut, EdgeCutOutcome, SelectionOutcome, cut_edges, ranked, \
-    selection_value
+from atpdsl.circuit.edge_graph import EDGE_SEMANTICS, add_attributed_edges, add_selected_edges, describe_edges
+from atpdsl.circuit.select import DEFAULT_EDGE_CUT, EdgeCut, SelectionOutcome, ranked, selection_value
 
 __all__ = [
     "EDGE_SEMANTICS",
@@ -53,15 +55,6 @@ __all__ = [
 
 EMBED = "embed"
 LOGITS = "logits"
-
-EDGE_SEMANTICS = (
-    "weight(u->v) = mean over pairs of (write_u(corrupt) - write_u(clean)) . dM/d(input of v's block, through "
-    "its input norm only), at the clean run; heads/q/k/v/attn of a layer share the attention block's input "
-    "gradient and neurons/mlp the MLP block's (block-level weights); L.resid targets take the full residual "
-    "gradient; q/k/v -> own head(s) carry the q/k/v node's AtP estimate; a node's out-edges to every later "
-    "block and logits sum to its node AtP estimate"
-)
-"""What a weighted edge means (the graph attribute `edge_semantics` when the run computed edge attributions)."""
 
 ScalarAttr = str | int | float | bool
 
@@ -318,25 +311,6 @@ def _unify_types(G: nx.DiGraph) -> None:
             data[key] = str(data[key])
 
 
-def _add_attributed_edges(G: nx.DiGraph, result: RunResult, edge_cut: EdgeCut | None) -> EdgeCutOutcome:
-    """The run's edges between graph nodes, after the edge cut; the counts go into the graph attributes."""
-    inside = [e for e in result.edges if e.source in G and e.target in G]
-    outcome = cut_edges(inside, edge_cut)
-    for edge in outcome.kept:
-        data: dict[str, ScalarAttr] = {} if edge.weight is None else {"weight": float(edge.weight)}
-        if edge.verified is not None:
-            data["verified_weight"] = float(edge.verified)
-        G.add_edge(edge.source, edge.target, **data)
-    G.graph.update(
-        edge_cut=outcome.rule,
-        n_edges_computed=len(inside),
-        n_edges_kept=len(outcome.kept),
-        n_edges_left_out=int(outcome.left_out),
-        n_edges_zero=int(outcome.zero),
-    )
-    return outcome
-
-
 def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None = None,
                 edge_cut: EdgeCut | None = DEFAULT_EDGE_CUT) -> nx.DiGraph:
     """The circuit: the selected nodes (in rank order) plus `embed` and `logits`, with provenance.
@@ -366,8 +340,10 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
     G.add_node(LOGITS, name=LOGITS, layer=n_layers, kind=NodeKind.LOGITS.value, stage=stage(logits, n_layers))
     ids[logits] = LOGITS
     _unify_types(G)
-    if result.edges:
-        _add_attributed_edges(G, result, edge_cut)
+    if result.edges and outcome.of_edges:
+        add_selected_edges(G, result, outcome)
+    elif result.edges:
+        add_attributed_edges(G, result, edge_cut)
     else:
         for a, b in residual_edges(ids, heads_of):
             G.add_edge(ids[a], ids[b])
@@ -375,23 +351,14 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
 
 
 def describe_selection(outcome: SelectionOutcome) -> str:
-    """One line for summaries: the rule, how many nodes, what verification removed."""
+    """One line for summaries: the rule, how many nodes (and edges), what verification removed."""
     text = f"{outcome.rule}: {len(outcome.selected)} node(s)"
+    if outcome.of_edges:
+        text = f"{outcome.rule}: {len(outcome.edges)} edge(s) touching {len(outcome.selected)} node(s)"
+        if outcome.dropped_edges:
+            text += (f"; {len(outcome.dropped_edges)} edge(s) dropped after path patching (measured |effect| below "
+                     f"{outcome.cut:.3g})")
     if outcome.dropped:
         names = ", ".join(d.node for d in outcome.dropped)
         text += f"; dropped after verification (measured |effect| below {outcome.cut:.3g}): {names}"
-    return text
-
-
-
-def describe_edges(G: nx.DiGraph) -> str:
-    """One line for summaries: how many edges the graph keeps and how many the cut left out."""
-    if G.graph.get("edge_rule") != "attribution":
-        return f"{G.number_of_edges()} residual-stream edge(s), unweighted"
-    text = (f"{G.graph.get('n_edges_kept', G.number_of_edges())} of {G.graph.get('n_edges_computed', '?')} "
-            f"attributed edge(s) kept ({G.graph.get('edge_cut', 'no cut')})")
-    left, zero = G.graph.get("n_edges_left_out", 0), G.graph.get("n_edges_zero", 0)
-    if left or zero:
-        text += f"; {left} weaker edge(s) left out" + (f", {zero} zero-weight edge(s) dropped" if zero else "")
-        text += " (all are in the -edges.csv and JSON exports)"
     return text

@@ -172,9 +172,11 @@ class FalseNegativeBound:
 
     @property
     def what(self) -> str:
-        return "|mean effect over pairs|" if self.quantity == "abs_mean" else "mean |effect| per pair"
+        """The bounded quantity in words."""
+        return "|mean effect| over the pairs" if self.quantity == "abs_mean" else "mean |effect| per pair"
 
     def _alone(self, limit: int = 3) -> str:
+        """The nodes patched alone, largest first: `limit` named, the rest counted."""
         shown = sorted(self.suspects, key=lambda s: -s.magnitude)[:limit]
         more = len(self.suspects) - len(shown)
         text = ", ".join(f"{s.node} {s.effect:+.4g}" for s in shown)
@@ -194,17 +196,21 @@ class FalseNegativeBound:
             if changed == 0:
                 return (f"none of the {self.nodes_tested} unverified nodes changes the metric: each has the same "
                         f"activation on the clean and the corrupt prompt (effect exactly 0)")
-            top = f" (largest: {self._alone(1)})" if self.suspects else ""
+            largest = max(self.suspects, key=lambda s: s.magnitude, default=None)
+            top = f"; largest: {largest.node} {largest.effect:+.4g}" if largest else ""
             return (f"exact patching of each of the {changed} unverified nodes whose activation changes: none "
-                    f"changes the metric by more than {_round_up(self.bound)} in {self.what}{top}{self._unchanged()}")
+                    f"changes the metric by more than {_round_up(self.bound)} ({self.what}{top}){self._unchanged()}")
         if not self.bounded:
             head = ("no bound can be given" if self.status == "refused"
                     else "the diagnostic could not bound the unverified nodes")
+            reason = self.reason or (f"with {self.samples} samples at inclusion {self.inclusion:g} some node was "
+                                     f"in (or out of) fewer than 2 random subsets; raise samples so that samples x "
+                                     f"inclusion is at least 20")
             alone = f"; patched alone: {self._alone()}" if self.suspects else ""
-            return f"{head}: {self.reason}{alone}{self._unchanged()}"
+            return f"{head}: {reason}{alone}{self._unchanged()}"
         alone = f"; patched alone (exact): {self._alone()}" if self.suspects else ""
         return (f"with {self.confidence:.0%} confidence no unverified node changes the metric by more than "
-                f"{_round_up(self.bound)} in {self.what} (random-subset test of "
+                f"{_round_up(self.bound)} ({self.what}; random-subset test of "
                 f"{self.nodes_tested - self.unchanged} nodes, {self.samples} samples; it assumes effects add up "
                 f"inside a subset, which its checks did not refute){alone}{self._unchanged()}")
 

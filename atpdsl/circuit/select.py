@@ -31,6 +31,8 @@ __all__ = [
     "DEFAULT_EDGE_CUT",
     "EdgeCutOutcome",
     "cut_edges",
+    "finest_edges",
+    "select_edges",
 ]
 
 DEFAULT_SELECTION = Selection("top", 20)
@@ -77,6 +79,9 @@ class SelectionOutcome:
     selected: tuple[str, ...]
     dropped: tuple[DroppedNode, ...] = ()
     aggregate: str = "mean_abs"
+    of_edges: bool = False  # `select edges ...`: kind / value / cut are the edge rule's (on |edge weight|)
+    edges: tuple[tuple[str, str, str], ...] = ()  # the circuit's edges (source, target, channel), when of_edges
+    dropped_edges: tuple[tuple[str, str, str], ...] = ()  # path patching measured them below the cut
 
     @property
     def value_definition(self) -> str:
@@ -85,8 +90,8 @@ class SelectionOutcome:
 
     @property
     def rule(self) -> str:
-        """The rule as a user writes it, e.g. `top 20`."""
-        return describe(Selection(self.kind, self.value))
+        """The rule as a user writes it, e.g. `top 20` or `edges top 30`."""
+        return ("edges " if self.of_edges else "") + describe(Selection(self.kind, self.value))
 
 
 def describe(selection: Selection) -> str:
@@ -166,14 +171,18 @@ def candidates(nodes: Sequence[NodeScore], selection: Selection) -> tuple[list[N
 
 
 def select(
-    result: RunResult, selection: Selection | None = None, *, aggregate: str = "mean_abs"
+    result: RunResult, selection: Selection | None = None, *, aggregate: str = "mean_abs",
+    edges: Selection | None = None,
 ) -> SelectionOutcome:
     """Apply a selection rule to a run, then drop verified nodes whose measured effect misses the cut.
 
     A node that was verified stays only if its measured magnitude (see `verified_magnitude`) is at
     least the cut the estimates had to reach: exact patching outranks the estimate it checks.
-    Nodes are never added on the strength of verification alone.
+    Nodes are never added on the strength of verification alone. With an edge rule (`select edges ...`)
+    the circuit is the best edges instead, and the nodes they touch (`select_edges`).
     """
+    if edges is not None:
+        return select_edges(result, edges, aggregate=aggregate)
     _check_aggregate(aggregate)
     selection = selection or DEFAULT_SELECTION
     chosen, cut = candidates(result.nodes, selection)
@@ -263,3 +272,33 @@ def cut_edges(edges: Sequence[EdgeScore], cut: EdgeCut | None = DEFAULT_EDGE_CUT
     chosen = {id(nonzero[i]) for i in keep}
     kept = tuple(e for e in edges if e.weight is None or id(e) in chosen)
     return EdgeCutOutcome(cut.rule, kept, len(nonzero) - len(keep), zero, len(unweighted))
+
+
+# -- edge-level circuits ----------------------------------------------------------------------------
+
+
+def finest_edges(edges: Sequence[EdgeScore]) -> list[int]:
+    """Indices of the finest weighted edges, strongest |weight| first: a head's q / k / v parts stand in for
+    their sum, every other edge is whole (ties broken by names, so every run orders them the same)."""
+    parts = {(e.source, e.target) for e in edges if e.channel}
+    idx = [i for i, e in enumerate(edges) if e.weight is not None and not math.isnan(e.weight)
+           and (e.channel or (e.source, e.target) not in parts)]
+    return sorted(idx, key=lambda i: (-abs(edges[i].weight), edges[i].source, edges[i].target, edges[i].channel))
+
+
+def select_edges(result: RunResult, rule: Selection, *, aggregate: str = "mean_abs") -> SelectionOutcome:
+    """The circuit as its best edges (`select edges top K | threshold X | cumulative F`, on |weight| of the finest
+    edges; zero-weight edges never count) and the nodes they touch (ranked order; `embed` and `logits` are always
+    in the graph). An edge that path patching measured (`verified`) below the cut is dropped, as a node is."""
+    _check_aggregate(aggregate)
+    order = [i for i in finest_edges(result.edges) if result.edges[i].weight != 0.0]
+    pool = [result.edges[i] for i in order]
+    chosen = sorted(_strongest(pool, EdgeCut(rule.kind, float(rule.value))))
+    cut = float(rule.value) if rule.kind == "threshold" else min((abs(pool[i].weight) for i in chosen), default=0.0)
+    kept, dropped = [], []
+    for i in chosen:
+        e = pool[i]
+        (dropped if e.verified is not None and abs(e.verified) < cut else kept).append((e.source, e.target, e.channel))
+    touched = {name for s, t, _ in kept for name in (s, t)}
+    nodes = tuple(n.name for n in ranked(result.nodes) if n.name in touched)
+    return SelectionOutcome(rule.kind, float(rule.value), cut, nodes, (), aggregate, True, tuple(kept), tuple(dropped))

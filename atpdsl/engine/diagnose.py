@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -206,10 +206,9 @@ def _subset_test(n: int, patcher: Patcher, s: Settings, names: Sequence[str], pr
 def bound_nodes(n: int, patcher: Patcher, settings: Settings, names: Sequence[str] | None = None,
                 progress: Progress | None = None) -> Finding:
     """The diagnostic's procedure over n changed nodes (see the module docstring)."""
-    if settings.quantity not in QUANTITIES:
-        raise ValueError(f"unknown quantity {settings.quantity!r} (known: {', '.join(QUANTITIES)})")
-    names = list(names) if names is not None else [str(i) for i in range(n)]
     s = settings
+    if s.quantity not in QUANTITIES:
+        raise ValueError(f"unknown quantity {s.quantity!r} (known: {', '.join(QUANTITIES)})")
     if s.samples < 4:
         raise ValueError(f"the diagnostic needs at least 4 samples, got {s.samples}")
     if not 0.0 < s.inclusion < 1.0:
@@ -218,12 +217,12 @@ def bound_nodes(n: int, patcher: Patcher, settings: Settings, names: Sequence[st
         raise ValueError(f"confidence must be strictly between 0 and 1, got {s.confidence}")
     if n == 0:
         return Finding("exhaustive", 0.0, {})
-    limit = settings.samples if settings.exhaustive_up_to is None else settings.exhaustive_up_to
-    if settings.budget is not None:
-        limit = min(limit, settings.budget)
+    limit = s.samples if s.exhaustive_up_to is None else s.exhaustive_up_to
+    if s.budget is not None:
+        limit = min(limit, s.budget)
     if n <= limit:
-        return _exhaustive(n, patcher, settings, progress)
-    return _subset_test(n, patcher, settings, names, progress)
+        return _exhaustive(n, patcher, s, progress)
+    return _subset_test(n, patcher, s, list(names) if names is not None else [str(i) for i in range(n)], progress)
 
 
 # ----------------------------------------------------------------------------------------------- the engine
@@ -318,8 +317,6 @@ def _suspects(finding: Finding, names: Sequence[str], quantity: str, keep: int) 
 
 def _summary(finding: Finding, bound: FalseNegativeBound, names: Sequence[str]) -> dict:
     """The JSON-able details behind the sentence (extras["diagnosis"])."""
-    from dataclasses import asdict
-
     lim = finding.limits
     out = {"status": bound.status, "quantity": bound.quantity, "tested": bound.nodes_tested - bound.unchanged,
            "unchanged": bound.unchanged, "exact_patches": bound.exact_patches,

@@ -16,6 +16,7 @@ import torch
 from atpdsl.errors import EngineError
 from atpdsl.names import NodeId, NodeKind
 from atpdsl.engine.data import pair_sum
+from atpdsl.engine.edge_fixes import apply_fixes
 from atpdsl.engine.edge_sites import EdgeSites
 from atpdsl.engine.edge_targets import PassTargets, Places
 from atpdsl.engine.edges import (
@@ -177,7 +178,7 @@ def _place_links(pl: _Plan, targets: PassTargets) -> torch.Tensor:
 
 
 def _batch_scores(loaded: Loaded, pl: _Plan, passes: list[PassTargets], deltas: dict, d_emb: torch.Tensor,
-                  blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  blocks: bool, fixes: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row scores [rows, U, T] (and reader-block products [rows, U, R]) for one batch."""
     W, own = source_writes(loaded, pl.src, deltas, d_emb, passes[0], pl.cache)  # [rows, U, S, d]
     n_rows, U, T = d_emb.shape[0], len(pl.src.nodes), len(pl.rows)
@@ -191,6 +192,8 @@ def _batch_scores(loaded: Loaded, pl: _Plan, passes: list[PassTargets], deltas: 
     for i, j in pl.qkv_links:
         grad = sum(_qkv_grad(p, pl.src.nodes[i], pl.rows[j]) for p in passes) / len(passes)
         out[:, i, j] = (own[i] * grad).sum((1, 2)).double()
+    if any(fixes) and len(passes) == 1:
+        apply_fixes(pl, passes[0], W, out, *fixes)
     reader_products = None
     if blocks:
         G = sum(p.reads.G for p in passes) / len(passes)  # [R, rows, S, d]
@@ -203,9 +206,11 @@ def _batch_scores(loaded: Loaded, pl: _Plan, passes: list[PassTargets], deltas: 
 
 
 def matrix_from_reads(loaded: Loaded, sites: EdgeSites, nodes: Sequence[NodeId], reads: Iterable, positions,
-                      *, keep_pairs: bool = False, check: bool = True) -> EdgeMatrix:
+                      *, keep_pairs: bool = False, check: bool = True, fixes: tuple[bool, bool] = (False, False)
+                      ) -> EdgeMatrix:
     """The EdgeMatrix of `embed` and `nodes` (sources) against `nodes` and `logits` (targets) from kept reads
-    (atpdsl.engine.edge_reads.EdgeReads, one per batch)."""
+    (atpdsl.engine.edge_reads.EdgeReads, one per batch); `fixes` = (QK fix, norm fix) for the edges
+    (atpdsl.engine.edge_fixes; plain gradient passes only)."""
     from atpdsl.engine.rotary import rotary_function
 
     src = sources_of(loaded, nodes, positions)
@@ -219,7 +224,7 @@ def matrix_from_reads(loaded: Loaded, sites: EdgeSites, nodes: Sequence[NodeId],
         passes = [PassTargets(loaded, sites, p, r.batch, names, r.tables, rotate, check=check and k == 0)
                   for p in r.passes]
         steps = max(steps, len(r.passes) if r.ig else 0)
-        scores, reader_products = _batch_scores(loaded, pl, passes, r.deltas, r.d_emb, keep_pairs)
+        scores, reader_products = _batch_scores(loaded, pl, passes, r.deltas, r.d_emb, keep_pairs, fixes)
         per_pair = pair_sum(r.batch, scores).cpu()
         total += per_pair.sum(0)
         n_pairs += per_pair.shape[0]

@@ -125,7 +125,7 @@ def edges_step(state: RunState, step: Step, work: BatchWork | None = None) -> No
         if not nodes:
             return
         m = matrix_from_reads(state.ctx.loaded, state.parts["edge_reads"], nodes, state.kept.get(KEPT, ()),
-                              state.ctx.table.positions)
+                              state.ctx.table.positions, fixes=edge_fixes(state.plan.method))
         state.edges = tuple(weighted_edges(m))
         if m.ig_steps:
             state.extras["edge_ig_steps"] = m.ig_steps
@@ -135,10 +135,16 @@ def edges_step(state: RunState, step: Step, work: BatchWork | None = None) -> No
             kept.close()
 
 
+def edge_fixes(method) -> tuple[bool, bool]:
+    """(QK fix, norm fix) for the edges: what `method atp* { ... }` switches on."""
+    return (method.name == "atp*" and method.qk_fix, method.name == "atp*" and method.norm_fix)
+
+
 def edge_matrix(plan: Plan, nodes: Sequence[NodeId], *, loaded: Loaded | None = None, ig_steps: int = 0,
                 keep_pairs: bool = True, progress: Callable[[str, int, int], None] | None = None) -> EdgeMatrix:
     """The EdgeMatrix of `embed` and `nodes` on a plan's pairs, on its own (a corrupt forward and a clean forward +
-    backward per batch over just these nodes' sites, plus `ig_steps` integration steps): for tests and studies."""
+    backward per batch over just these nodes' sites, plus `ig_steps` integration steps; the QK and norm fixes
+    when the plan's method switches them on): for tests and studies."""
     from atpdsl.engine.context import Accumulator
     from atpdsl.engine.edge_ig import integration_passes
 
@@ -156,4 +162,5 @@ def edge_matrix(plan: Plan, nodes: Sequence[NodeId], *, loaded: Loaded | None = 
         reads.append(take_reads(ctx, sites, work))
         if progress:
             progress("edges", i + 1, len(ctx.batches))
-    return matrix_from_reads(loaded, sites, nodes, reads, ctx.table.positions, keep_pairs=keep_pairs)
+    return matrix_from_reads(loaded, sites, nodes, reads, ctx.table.positions, keep_pairs=keep_pairs,
+                             fixes=edge_fixes(plan.method))

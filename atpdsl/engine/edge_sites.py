@@ -145,24 +145,25 @@ def branch_gradients(loaded: Loaded, sites: EdgeSites, acts: dict, grads: dict) 
 
 @dataclass(slots=True)
 class PassReads:
-    """One gradient pass: reader branch gradients G and norm inputs X [R, b, S, d], attention and projection
-    values (`values`, by site key) and gradients (`grads`, by site key)."""
+    """One gradient pass: reader branch gradients G, norm inputs X and norm output gradients H [R, b, S, d],
+    attention and projection values (`values`, by site key) and gradients (`grads`, by site key)."""
 
     G: torch.Tensor
     X: torch.Tensor
+    H: torch.Tensor
     values: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
 
     def to_record(self) -> dict[str, Any]:
-        return {"G": self.G, "X": self.X, "values": self.values, "grads": self.grads}
+        return {"G": self.G, "X": self.X, "H": self.H, "values": self.values, "grads": self.grads}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "PassReads":
-        return cls(record["G"], record["X"], record["values"], record["grads"])
+        return cls(record["G"], record["X"], record["H"], record["values"], record["grads"])
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.G, self.X, *self.values.values(), *self.grads.values()]
+        tensors = [self.G, self.X, self.H, *self.values.values(), *self.grads.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -170,7 +171,7 @@ def pass_reads(loaded: Loaded, sites: EdgeSites, acts: dict, grads: dict) -> Pas
     """The reads of one gradient pass from its site values and gradients."""
     values, kept = {}, {}
     for a in sites.attn.values():
-        for key in {a.q, a.v, a.pattern}:
+        for key in {a.q, a.k, a.v, a.pattern}:
             values[key] = acts[key].detach()
         for key in {a.q, a.k, a.v, a.z}:
             kept[key] = grads[key].detach()
@@ -179,4 +180,5 @@ def pass_reads(loaded: Loaded, sites: EdgeSites, acts: dict, grads: dict) -> Pas
             kept[key] = grads[key].detach()
     G = branch_gradients(loaded, sites, acts, grads)
     X = torch.stack([_f(acts[k].detach()) for k in sites.in_keys])
-    return PassReads(G, X, values, kept)
+    H = torch.stack([_f(grads[k].detach()) for k in sites.out_keys])
+    return PassReads(G, X, H, values, kept)

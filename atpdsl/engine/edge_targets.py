@@ -16,7 +16,7 @@ tests/engine/test_edges_targets.py checks.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,7 @@ class PassTargets(Places):
         self._summed: dict[tuple[int, str], torch.Tensor] = {}
         self._mats: dict[tuple[str, int, int], torch.Tensor] = {}
         self._norms: dict[int, object] = {}
+        self._placed: dict[tuple[int, str, int, int | str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------- attention side
     def split(self, layer: int) -> AttnSplit:
@@ -152,11 +153,24 @@ class PassTargets(Places):
         if position is None or channel == "q":
             share = self._summed_share(layer, channel)
             return [Piece(layer, channel, unit(h), self.only_at(share[:, h], position)) for h in heads]
-        split = self.split(layer)
-        idx = torch.tensor(list(heads), device=share_device(self.reads))
-        rows = self.rows_at(position).unsqueeze(1).expand(-1, len(heads))
-        got = split.keys_at(idx, rows) if channel == "k" else split.values_at(idx, rows)
-        return [Piece(layer, channel, unit(h), got[:, i]) for i, h in enumerate(heads)]
+        missing = [h for h in heads if (layer, channel, h, position) not in self._placed]
+        if missing:
+            self.prefetch([(layer, channel, h, position) for h in missing])
+        return [Piece(layer, channel, unit(h), self._placed[(layer, channel, h, position)]) for h in heads]
+
+    def prefetch(self, wanted: Iterable[tuple[int, str, int, int | str]]) -> None:
+        """Compute the per-query key / value shares of many (layer, channel, head, position) at once."""
+        groups: dict[tuple[int, str], list[tuple[int, int | str]]] = {}
+        for layer, channel, head, position in wanted:
+            if channel in ("k", "v") and position is not None and (layer, channel, head, position) not in self._placed:
+                groups.setdefault((layer, channel), []).append((head, position))
+        for (layer, channel), items in groups.items():
+            split = self.split(layer)
+            idx = torch.tensor([h for h, _ in items], device=share_device(self.reads))
+            rows = torch.stack([self.rows_at(p) for _, p in items], dim=1)
+            got = split.keys_at(idx, rows) if channel == "k" else split.values_at(idx, rows)
+            for i, (h, p) in enumerate(items):
+                self._placed[(layer, channel, h, p)] = got[:, i]
 
     def node_piece(self, node: NodeId) -> Piece:
         """A query, key or value node's own input: the gradient at its columns (at its position when per position)."""
@@ -214,10 +228,16 @@ class PassTargets(Places):
             g = G[reader_index(self.sites.blocks, node)]
         return self.only_at(g, node.position)
 
-    def residual(self, rows: Sequence[TargetRow]) -> torch.Tensor:
-        """[len(rows), b, S, d]: each row's gradient in the residual stream at its block's input."""
-        out: list[torch.Tensor | None] = [None] * len(rows)
+    def seeds(self, rows: Sequence[TargetRow]) -> tuple[dict[int, list[tuple[int, torch.Tensor]]], list[int]]:
+        """Each row's gradient at its block norm's output, grouped by reader ({reader: [(row index, [rows, S, d])]}),
+        and the rows a block gradient covers instead (attn, mlp, logits, resid; neurons without known rows)."""
         seeds: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        blocks: list[int] = []
+        heads = range(self.loaded.geom.n_heads)
+        self.prefetch([(r.node.layer, r.channel, r.node.index, r.node.position) for r in rows
+                       if r.node.kind is NodeKind.HEAD] +
+                      [(r.node.layer, c, h, r.node.position) for r in rows if r.node.kind is NodeKind.ATTN
+                       for c in ("k", "v") for h in heads])
         neurons: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             node = row.node
@@ -229,10 +249,18 @@ class PassTargets(Places):
                 y = sum(p.grad @ self._matrix(p).to(p.grad.dtype) for p in pieces)
                 seeds.setdefault(reader_index(self.sites.blocks, node), []).append((i, y))
             else:
-                out[i] = self._block(row)
+                blocks.append(i)
         for layer, idx in neurons.items():
             ys = self._neuron_inputs(layer, [rows[i].node for i in idx])
             seeds.setdefault(2 * layer + 1, []).extend(zip(idx, ys))
+        return seeds, blocks
+
+    def residual(self, rows: Sequence[TargetRow]) -> torch.Tensor:
+        """[len(rows), b, S, d]: each row's gradient in the residual stream at its block's input."""
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        seeds, blocks = self.seeds(rows)
+        for i in blocks:
+            out[i] = self._block(rows[i])
         for r, items in seeds.items():
             back = self._norm_back(r, torch.stack([y for _, y in items]))
             for j, (i, _) in enumerate(items):

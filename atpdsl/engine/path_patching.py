@@ -25,18 +25,18 @@ import torch
 
 from atpdsl.errors import EngineError
 from atpdsl.names import NodeId, NodeKind
-from atpdsl.engine.context import Context, merge_sites
+from atpdsl.engine.context import Context, merge_sites, metric_reads
 from atpdsl.engine.edge_attention import head_outputs, per_head, rotate_queries, visible
 from atpdsl.engine.edge_products import source_writes, sources_of
 from atpdsl.engine.edge_sites import add_edge_sites
 from atpdsl.engine.edge_targets import CHANNEL_KIND, Places
 from atpdsl.engine.edges import QKV, TargetRow, reader_index
-from atpdsl.engine.exact import BatchRefs, batch_refs, chunk_rows
-from atpdsl.engine.metrics import metric_rows
+from atpdsl.engine.exact import BatchRefs, batch_refs, chunk_rows, inputs_of
+from atpdsl.engine.metrics import metric_values
 from atpdsl.engine.state import ExtraSites
 from atpdsl.engine.trace import TraceSite, run_trace
 
-__all__ = ["PathEdge", "path_patch", "Z_TOLERANCE"]
+__all__ = ["PathEdge", "path_patch", "verify_edges_step", "Z_TOLERANCE"]
 
 Z_TOLERANCE = 1e-3
 """Largest relative gap (first batch) between a head's output recomputed from its clean q, k, v and the model's
@@ -255,13 +255,12 @@ def path_patch(ctx: Context, edges: Sequence[PathEdge], *, progress: Callable[[i
 
 def _run_patches(ctx: Context, batch, refs: BatchRefs, patches: list[_Patch | None], spec, eval_: bool,
                  reads: Sequence[TraceSite]) -> torch.Tensor:
-    """[b, K]: each patch in its own copy of the clean batch, many copies per forward."""
-    b = batch.size
-    out = torch.full((b, len(patches)), float("nan"), dtype=torch.float64)
+    """[pairs, K]: each patch in its own copy of the clean batch, many copies per forward."""
+    b = batch.n_rows
+    out = torch.full((batch.size, len(patches)), float("nan"), dtype=torch.float64)
     live = [j for j, p in enumerate(patches) if p is not None]
     per_fwd = max(1, chunk_rows(ctx, batch) // b)
-    pos = batch.eval_pos if eval_ else batch.metric_pos
-    answers = batch.eval_answers if eval_ else batch.answers
+    metric = metric_reads(batch, eval_)
     by_key = {s.key: s for s in reads}
     for lo in range(0, len(live), per_fwd):
         chunk = live[lo: lo + per_fwd]
@@ -278,9 +277,39 @@ def _run_patches(ctx: Context, batch, refs: BatchRefs, patches: list[_Patch | No
             sites.append(by_key[key])
             fns[key] = (lambda m, v: (lambda x: torch.where(m, v.to(x.dtype), x)))(mask, value)
         sites.sort(key=lambda s: s.order)
-        inputs = {name: t.repeat(k, 1) for name, t in batch.clean.items()}
         with torch.no_grad():
-            res = run_trace(ctx.model, inputs, sites, patches=fns, last_pos=pos.repeat(k), keep=False)
-        rows = metric_rows(spec, res.last, answers.repeat(k, 1), refs.clean_logprobs.repeat(k, 1))
-        out[:, chunk] = (rows.double().view(k, b) - refs.clean_rows.double().view(1, b)).T.cpu()
+            res = run_trace(ctx.model, inputs_of(batch, k), sites, patches=fns, last_pos=metric.repeat(k).pos,
+                            keep=False)
+        values = metric_values(spec, res.last, metric.repeat(k), refs.clean_logprobs.repeat(k, 1))
+        pairs = refs.clean_rows.shape[0]
+        out[:, chunk] = (values.double().view(k, pairs) - refs.clean_rows.double().view(1, pairs)).T.cpu()
     return out
+
+
+def verify_edges_step(state, step, work=None) -> None:
+    """Path-patch the `top` strongest edges (their finest parts: a head's q / k / v parts, every other whole edge,
+    and the whole edge into each head one of whose parts is checked) and record the effects on the edges."""
+    from atpdsl.circuit.select import finest_edges
+    from atpdsl.names import parse_node
+
+    edges = list(state.edges)
+    picked = finest_edges(edges)[: int(step.param("top"))]
+    heads = {(edges[i].source, edges[i].target) for i in picked if edges[i].channel}
+    picked += [i for i, e in enumerate(edges) if not e.channel and (e.source, e.target) in heads]
+    if not picked:
+        return
+    todo = [PathEdge(parse_node(edges[i].source), TargetRow(parse_node(edges[i].target), edges[i].channel))
+            for i in picked]
+
+    def tick(done: int, total: int) -> None:
+        state.report("verify edges", done, total)
+
+    effects = path_patch(state.ctx, todo, progress=tick).mean(0)
+    skipped = []
+    for i, value in zip(picked, effects.tolist()):
+        if value != value:  # NaN: this kind of edge is not path-patched
+            skipped.append(f"{edges[i].source}->{edges[i].target}")
+            continue
+        edges[i] = replace(edges[i], verified=float(value))
+    state.edges = tuple(edges)
+    state.extras["edge_verification"] = {"checked": len(picked) - len(skipped), "not_path_patched": skipped}

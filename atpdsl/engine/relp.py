@@ -24,7 +24,8 @@ forward value bit for bit and change only the graph the backward pass sees. A ru
 output, e.g. GPT-2's neurons at `mlp.act`, gets its coefficient as usual), and what flows on to the input is
 s'(x)^T g, the rule's coefficient. The AH-rule is an attention function (registered with transformers'
 AttentionInterface) that calls the model's own eager attention with detached queries and keys. Hooks act only
-while gradients are enabled, so corrupt runs and exact patching inside the context are plain forwards.
+inside a forward of the whole model with gradients enabled, so corrupt runs and exact patching inside the
+context are plain forwards, and a norm called on its own keeps its plain backward.
 
 Wiring (for `method relp`): run the engine's ordinary AtP pass with the clean forward + backward inside the
 context, e.g. `state.parts["gradient_rule"] = lambda: relp_context(loaded)` (atp.clean_forward_backward enters
@@ -46,8 +47,15 @@ from torch import nn
 from atpdsl.engine.load import Loaded
 from atpdsl.errors import EngineError
 
-__all__ = ["RelpRules", "PAPER_RULES", "ALL_RULES", "RELP_ATTENTION", "relp_context", "check_relp_supported",
-           "SUPPORTED_ARCHS"]
+__all__ = [
+    "ALL_RULES",
+    "PAPER_RULES",
+    "RELP_ATTENTION",
+    "SUPPORTED_ARCHS",
+    "RelpRules",
+    "check_relp_supported",
+    "relp_context",
+]
 
 RELP_ATTENTION = "atpdsl_relp_constant_pattern"  # attention implementation name of the AH-rule
 
@@ -117,7 +125,7 @@ def _norm_surrogate(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> to
         return y * module.weight if module.weight is not None else y
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
-        eps = getattr(module, "eps")
+        eps = module.eps
     inv_sigma = torch.rsqrt(h.detach().pow(2).mean(-1, keepdim=True) + eps)
     return module.weight * (h * inv_sigma).to(x.dtype)
 
@@ -149,7 +157,29 @@ def _activation_surrogate(scale: float) -> Surrogate:
 
 
 # ------------------------------------------------------------------------------------------------ hooks
-def _install_surrogate(module: nn.Module, surrogate: Surrogate, path: str) -> list[Any]:
+class _WholeForward:
+    """Rules act only inside a forward of the whole model with gradients on: a norm or activation module called
+    on its own (e.g. an edge computation's closed-form check) keeps its plain backward."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    @property
+    def on(self) -> bool:
+        return self.depth > 0 and torch.is_grad_enabled()
+
+    def install(self, model: nn.Module) -> list[Any]:
+        def enter(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.depth += 1
+
+        def leave(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            self.depth -= 1
+
+        return [model.register_forward_pre_hook(enter, with_kwargs=True),
+                model.register_forward_hook(leave, with_kwargs=True, always_call=True)]
+
+
+def _install_surrogate(module: nn.Module, surrogate: Surrogate, path: str, inside: _WholeForward) -> list[Any]:
     """Run `module` on a graph-detached copy of its input and add the rule's surrogate term to its output.
 
     Value: `out` (bit for bit). Gradient: whatever arrives at `out` (a node read there keeps it), and from there
@@ -157,7 +187,7 @@ def _install_surrogate(module: nn.Module, surrogate: Surrogate, path: str) -> li
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def pre(mod: nn.Module, args: tuple) -> tuple | None:
-        if not torch.is_grad_enabled():
+        if not inside.on:
             return None
         if not args or not isinstance(args[0], torch.Tensor):
             raise EngineError(f"method relp: {path} was called without a positional tensor input; its rule "
@@ -179,11 +209,11 @@ def _install_surrogate(module: nn.Module, surrogate: Surrogate, path: str) -> li
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
-def _install_scale(module: nn.Module, factor: float) -> list[Any]:
+def _install_scale(module: nn.Module, factor: float, inside: _WholeForward) -> list[Any]:
     """Scale the coefficient through `module` by `factor`: out * f + out.detach() * (1 - f), value unchanged."""
 
     def post(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not torch.is_grad_enabled() or not out.requires_grad:
+        if not inside.on or not out.requires_grad:
             return None
         return out * factor + out.detach() * (1.0 - factor)
 
@@ -195,6 +225,8 @@ def _install_rules(loaded: Loaded, rules: RelpRules, handles: list[Any]) -> None
     (so that the caller removes all of them even when one fails)."""
     arch, hf, n_layers = loaded.arch, loaded.hf, loaded.geom.n_layers
     parts = SUPPORTED_ARCHS[arch.name]
+    inside = _WholeForward()
+    handles += inside.install(hf)
     seen: set[int] = set()
 
     def once(path: str) -> nn.Module | None:
@@ -210,18 +242,18 @@ def _install_rules(loaded: Loaded, rules: RelpRules, handles: list[Any]) -> None
             module = once(path)
             if module is not None and not isinstance(module, nn.Identity):  # an identity "norm" is linear already
                 _check_norm(module, path)
-                handles += _install_surrogate(module, _norm_surrogate, path)
+                handles += _install_surrogate(module, _norm_surrogate, path, inside)
     half = 0.5 if parts.up is not None and rules.gate else 1.0
     for i in range(n_layers):
         act = once(parts.act.format(layer=i))
         if act is not None and rules.activation:
-            handles += _install_surrogate(act, _activation_surrogate(half), parts.act.format(layer=i))
+            handles += _install_surrogate(act, _activation_surrogate(half), parts.act.format(layer=i), inside)
         elif act is not None and half != 1.0:
-            handles += _install_scale(act, half)
+            handles += _install_scale(act, half, inside)
         if half != 1.0:
             up = once(parts.up.format(layer=i))
             if up is not None:
-                handles += _install_scale(up, 0.5)
+                handles += _install_scale(up, 0.5, inside)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -271,3 +303,7 @@ def relp_context(loaded: Loaded, rules: RelpRules = PAPER_RULES) -> Iterator[Rel
             handle.remove()
         if switched:
             hf.set_attn_implementation(previous)
+
+
+relp_rules = relp_context
+"""The name atpdsl/engine/run.py imports for `method relp` (state.parts["gradient_rule"])."""

@@ -27,7 +27,9 @@ def complete_plan(plan: Plan, loaded: Loaded) -> Plan:
     model's config (a hub id offline: the depth, and with it GradDrop's terms, were only estimated) is lowered
     again with the real sizes. A plan whose steps do not say what its settings ask for (changed with
     `dataclasses.replace` instead of `atpdsl.lowering.replan`) is refused: the plan must be the program."""
-    expected = steps_for(plan, loaded.geom, edges_allowed(loaded.arch, loaded.config, plan.method.name))
+    edges_ok = bool(dict(plan.extras).get("edges_allowed", True)) and edges_allowed(loaded.arch, loaded.config,
+                                                                                    plan.method.name)
+    expected = steps_for(plan, loaded.geom, edges_ok)
     if not plan.steps or plan.geometry is None:
         return replace(plan, steps=expected, geometry=loaded.geom)
     if plan.geometry != loaded.geom:

@@ -266,6 +266,14 @@ class Builder:
         kind, value, settings = children
         return n.Verify(self._ident(kind), value, settings or (), self._span(meta))
 
+    def select_edges(self, meta, children):
+        target, kind, value, settings = children
+        return n.SelectEdges(self._ident(target), self._ident(kind), value, settings or (), self._span(meta))
+
+    def verify_edges(self, meta, children):
+        target, kind, value = children
+        return n.VerifyEdges(self._ident(target), self._ident(kind), value, self._span(meta))
+
     def diagnose(self, meta, children):
         target, settings = children
         return n.Diagnose(self._ident(target), settings or (), self._span(meta))

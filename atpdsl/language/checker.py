@@ -14,6 +14,7 @@ from typing import Any
 
 from atpdsl.language import syntax as n
 from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote, warning
+from atpdsl.language.edge_check import check_edges
 from atpdsl.language.export_check import check_exports
 from atpdsl.language.metric_check import check_metric, metric_fields
 from atpdsl.language.model_check import ModelInfo, resolve_model
@@ -299,6 +300,7 @@ class _Checker:
                                  self.model.arch if self.model else None))
         self.check_method()
         self.check_numbers()
+        self.add(check_edges(self.spec, self.model))
         self.add(check_exports(self.spec.of(n.Export), self.base_dir, self.out_dir))
         self.check_required()
         self.check_tokens(metric_errors)

@@ -9,6 +9,7 @@ from typing import Any
 from atpdsl.language import syntax as n
 from atpdsl.language.checker import CheckResult, check, group_indices
 from atpdsl.language.diagnostics import render_concise
+from atpdsl.language.edge_check import edge_settings
 from atpdsl.language.export_check import export_path
 from atpdsl.outputs.formats import format_of
 from atpdsl.language.metric_check import metric_spec
@@ -197,6 +198,7 @@ def build_plan(result: CheckResult) -> Plan:
     extras = _extras(result, batch, n_layers, nodes)
     edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name)
     extras.append(("edges_allowed", edges_ok))
+    edge_plan = edge_settings(spec)
     text = spec.source.text
     return Plan(
         spec_file=spec.source.path or spec.source.name,
@@ -217,11 +219,12 @@ def build_plan(result: CheckResult) -> Plan:
         write_per_pair=bool(spec.of(n.Keep)) or aggregate == "per_pair",
         steps=lower_steps(method, groups, n_layers=n_layers, nodes=nodes, verification=verification,
                           diagnosis=diagnosis, metric_kind=metric.kind, eval_metric=eval_metric is not None,
-                          edges_ok=edges_ok),
+                          edges_ok=edges_ok, edge_settings=edge_plan),
         sites=sites,
         extras=tuple(extras),
         geometry=geom,
         warnings=tuple(render_concise([d]) for d in result.warnings),
+        edges=edge_plan,
     )
 
 

@@ -12,7 +12,7 @@ __all__ = [
     "TemplateText", "TemplateSlot", "TemplateCorrupt", "TemplateCount", "TemplateSeed", "TemplateItem", "Template",
     "ArgLiteral", "ArgField", "ArgCall", "Arg", "Call", "Metric",
     "Range", "Group", "Nodes", "Method", "Aggregate", "Keep", "Batch", "Seed", "Select", "Verify",
-    "Diagnose", "Export", "Statement", "Spec",
+    "SelectEdges", "VerifyEdges", "Diagnose", "Export", "Statement", "Spec",
 ]
 
 
@@ -340,6 +340,29 @@ class Verify:
 
 
 @dataclass(frozen=True, slots=True)
+class SelectEdges:
+    """`select edges top K | threshold X | cumulative F [{ ig_steps N }]`: `target` is the word after `select`."""
+
+    keyword: ClassVar[str] = "select edges"
+    target: Ident
+    kind: Ident
+    value: Num
+    settings: tuple[Setting, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyEdges:
+    """`verify edges top K`: `target` is the word after `verify`."""
+
+    keyword: ClassVar[str] = "verify edges"
+    target: Ident
+    kind: Ident
+    value: Num
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class Diagnose:
     """`diagnose false_negatives { samples N  confidence P  inclusion p }`."""
 
@@ -360,7 +383,7 @@ class Export:
 
 Statement = Union[
     Model, Pair, PairsFrom, Template, Metric, Nodes, Method, Aggregate, Keep, Batch, Seed, Select, Verify,
-    Diagnose, Export,
+    SelectEdges, VerifyEdges, Diagnose, Export,
 ]
 
 

@@ -40,7 +40,7 @@ SCORE_COLUMNS: tuple[str, ...] = (
 node, else the ranking score; see atpdsl.circuit.select.VALUE_DEFINITIONS); `decision` is `kept`,
 `dropped_verified` (a candidate whose measured magnitude missed the cut) or `not_selected`."""
 
-EDGE_COLUMNS: tuple[str, ...] = ("source", "target", "weight", "in_circuit", "verified_weight")
+EDGE_COLUMNS: tuple[str, ...] = ("source", "target", "weight", "in_circuit", "verified_weight", "channel")
 PAIR_COLUMNS: tuple[str, ...] = ("node", "pair", "estimate", "verified_effect", "score")
 """Per-pair rows: `score` is that pair's ranking magnitude (|estimate| for AtP, GradDrop's for AtP*)."""
 
@@ -203,6 +203,7 @@ def edges_table(result: RunResult, in_circuit: Iterable[tuple[str, str]] = ()) -
             "weight": None if e.weight is None else float(e.weight),
             "in_circuit": (e.source, e.target) in members,
             "verified_weight": None if e.verified is None else float(e.verified),
+            "channel": e.channel or None,
         }
         for e in result.edges
     ]

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
 import torch_reference as R
 
-__all__ = ["Rules", "forward_logits", "relp_pair", "PairRelp"]
+__all__ = ["PairRelp", "Rules", "forward_logits", "relp_pair"]
 
 
 @dataclass(frozen=True)

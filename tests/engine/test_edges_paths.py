@@ -67,3 +67,32 @@ def test_path_patching_of_key_and_query_sources_equals_brute_force():
 def test_path_patching_equals_brute_force_across_positions(name):
     worst, biggest = _check(name, tm.TINY_PAIRS[1:], PLACED, batch=2)
     assert biggest > 1e-3 and worst < 2e-5, (worst, biggest)
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_qk_and_norm_fixed_edges_into_the_last_layer_are_exact(per_position):
+    """Parallel GPT-NeoX, two layers: after a layer-1 head only the final norm reads its write, and the metric is
+    linear in the logits, so with the QK fix (exact softmax) and the norm fix (exact norms) an edge into a
+    layer-1 head's query, key or value, and into `logits`, equals its path patch; the plain scores do not."""
+    from atpdsl.engine.edge_reads import edge_matrix
+    from atpdsl.lowering import replan
+    from atpdsl.plan import MethodSpec
+
+    loaded = wrap_model(tm.make_neox(), tm.make_tokenizer())
+    at = "@11" if per_position else ""
+    names = ["L0.H1" + at, "L0.H2" + at, "L0.mlp" + at, "L1.H0" + at, "L1.H3" + at]
+    groups = (NodeGroup("heads", per_position=per_position),)
+    fixed = MethodSpec("atp*", qk_fix=True, norm_fix=True)
+    plan = complete_plan(make_plan("tiny", tm.TINY_PAIRS[1:], groups, batch=2, method_spec=fixed), loaded)
+    nodes = [parse_node(n) for n in names]
+    m = edge_matrix(plan, nodes, loaded=loaded)
+    plain = edge_matrix(replan(plan, method=MethodSpec("atp")), nodes, loaded=loaded)
+    todo = [(i, j) for i, s in enumerate(m.sources) for j, r in enumerate(m.rows)
+            if m.linked[i, j] and (r.node.layer == 1 or r.node.name == "logits")]
+    edges = [PathEdge(m.sources[i], m.rows[j]) for i, j in todo]
+    measured = path_patch(make_context(plan, loaded), edges)  # [pairs, K]
+    got = torch.stack([m.per_pair[:, i, j] for i, j in todo], 1)
+    first = torch.stack([plain.per_pair[:, i, j] for i, j in todo], 1)
+    assert len(todo) >= 12
+    assert float((got - measured).abs().max()) < 2e-5
+    assert float((first - measured).abs().max()) > 1e-3  # the first-order scores miss what the fixes catch

@@ -159,9 +159,12 @@ class EdgeReference:
         ref.patches.setdefault((m, site), []).append(move)
 
     def _forward(self, source: NodeId | None, target: NodeId | None, channel: str | None,
-                 eps: torch.Tensor | None = None) -> torch.Tensor:
+                 eps: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
         ids = torch.cat([self.clean, self.clean])
         hooks = []
+        if alpha:  # both rows' input embeddings moved a fraction alpha toward the corrupt ones (integrated gradients)
+            move = alpha * (self.vals["corrupt"]["embed"] - self.vals["clean"]["embed"])
+            hooks.append(self.model.get_input_embeddings().register_forward_hook(lambda m, a, o: o + move))
         with tr._installed(self.model) as ref:
             if source is not None and source.kind in (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE):
                 self._node_source(ref, source, eps)  # row 1 has the node moved toward its corrupt value
@@ -190,11 +193,11 @@ class EdgeReference:
                 ref.record = None
         return self.metric(logits[:1], self.pair)
 
-    def score(self, source: str, target: str, channel: str = "") -> float:
-        """dM/de at 0: the edge's first-order score."""
+    def score(self, source: str, target: str, channel: str = "", alpha: float = 0.0) -> float:
+        """dM/de at 0: the edge's first-order score (at inputs moved a fraction alpha toward the corrupt ones)."""
         eps = torch.zeros((), dtype=self.vals["clean"]["embed"].dtype, requires_grad=True)
         with torch.enable_grad():
-            m = self._forward(parse_node(source), parse_node(target), channel, eps)
+            m = self._forward(parse_node(source), parse_node(target), channel, eps, alpha)
             (g,) = torch.autograd.grad(m, eps, allow_unused=True)
         return 0.0 if g is None else float(g)
 

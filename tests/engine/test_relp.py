@@ -4,20 +4,30 @@ and the model has no biases, RelP = AtP where every rule is exact, unchanged for
 clear refusal of unsupported architectures."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import relp_reference as RR
 import torch
+import torch_reference as R
+from engine_support import (
+    STORIES,
+    NodeGroup,
+    make_plan,
+    per_pair,
+    stories_pairs,
+    tiny_folder,
+    tm,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM
-
-from engine_support import STORIES, NodeGroup, make_plan, per_pair, stories_pairs, tiny_folder, tm
-import relp_reference as RR  # noqa: I001  (tests/ is on sys.path once engine_support is imported)
-import torch_reference as R
 
 from atpdsl.engine import execute
 from atpdsl.engine.load import load_model, wrap_model
 from atpdsl.engine.relp import ALL_RULES, PAPER_RULES, RelpRules, relp_context
 from atpdsl.errors import EngineError
 from atpdsl.names import NodeKind, parse_node
+from atpdsl.plan import MethodSpec
 
 KIND = {NodeKind.HEAD: "heads", NodeKind.QUERY: "queries", NodeKind.KEY: "keys", NodeKind.VALUE: "values",
         NodeKind.NEURON: "neurons", NodeKind.ATTN: "attn", NodeKind.MLP: "mlp", NodeKind.RESID: "resid"}
@@ -76,19 +86,69 @@ def tiny(name: str, root: str):
     return model, wrap_model(AutoModelForCausalLM.from_pretrained(folder), tok), tok, folder
 
 
-@pytest.mark.parametrize("rules", list(RULE_SETS), ids=list(RULE_SETS))
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gpt2", "neox", "neox_seq"])
-def test_engine_relp_equals_reference(name, rules, tmp_path_factory):
-    """Every node kind, summed and per position, on a left-padded batch: engine under relp_context = reference."""
+def test_method_relp_equals_reference(name, tmp_path_factory):
+    """`method relp` through the engine (every node kind, summed and per position, a left-padded batch of two)
+    equals the explicit-forward reference with the paper's rules."""
     torch.set_num_threads(1)
     model, loaded, tok, folder = tiny(name, str(tmp_path_factory.getbasetemp()))
     pairs = tm.TINY_PAIRS[1:]
-    plan = make_plan(folder, pairs, EVERY_NODE, batch=2, write_per_pair=True)
-    with relp_context(loaded, RULE_SETS[rules]):
-        ours = per_pair(execute(plan, loaded=loaded))
+    plan = make_plan(folder, pairs, EVERY_NODE, method="relp", batch=2, write_per_pair=True)
+    ours = per_pair(execute(plan, loaded=loaded))
     assert len(ours) > 100 and "L1.resid@11" in ours
-    refs = [RR.relp_pair(model, tok, p, ref_rules(RULE_SETS[rules])) for p in pairs]
+    refs = [RR.relp_pair(model, tok, p, ref_rules(PAPER_RULES)) for p in pairs]
     assert worst_vs_reference(ours, refs) <= 1e-5
+
+
+def hook_estimates(loaded, pair: dict, rules: RelpRules) -> dict[tuple[str, int], torch.Tensor]:
+    """(kind, layer) -> [T, units] estimates from relp_context on the plain Hugging Face model: sites read with
+    torch hooks at the architecture's node sites (atpdsl.arch templates), no nnsight, no engine."""
+    hf, geom = loaded.hf, loaded.geom
+    ids = {which: i for which, i in zip(("clean", "corrupt"), R.encode_pair(loaded.tokenizer, pair))}
+    a, b = R.first_token(loaded.tokenizer, pair["answer"]), R.first_token(loaded.tokenizer, pair["wrong"])
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    handles = [hf.get_input_embeddings().register_forward_hook(lambda m, a_, out: out.detach().requires_grad_(True))]
+    for kind in KIND.values():
+        t = loaded.arch.template(kind)
+        for layer in range(geom.n_layers):
+            module, key = hf.get_submodule(t.path(layer)), (kind, layer)
+            if t.attr == "input":
+                handles.append(module.register_forward_pre_hook(lambda m, args, k=key: seen.__setitem__(k, args[0])))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, k=key: seen.__setitem__(k, out[0] if isinstance(out, tuple) else out)))
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids["corrupt"], use_cache=False)
+        corrupt = {k: v.detach() for k, v in seen.items()}
+        with relp_context(loaded, rules):
+            logits = hf(input_ids=ids["clean"], use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    keys = list(seen)
+    grads = torch.autograd.grad(logits[0, -1, a] - logits[0, -1, b], [seen[k] for k in keys], allow_unused=True)
+    out = {}
+    for key, g in zip(keys, grads):
+        prod = (corrupt[key] - seen[key].detach()) * (torch.zeros_like(corrupt[key]) if g is None else g)
+        lay = loaded.arch.template(key[0]).resolve(geom)
+        out[key] = torch.stack([prod[0, :, lo:hi].sum(-1) for lo, hi in map(lay.columns, range(lay.count))], -1)
+    return out
+
+
+@pytest.mark.parametrize("rules", list(RULE_SETS), ids=list(RULE_SETS))
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gpt2", "neox", "neox_seq"])
+def test_relp_rules_equal_reference(name, rules, tmp_path_factory):
+    """Each rule alone, the paper's three, all four and none: relp_context on the model = the reference, at every
+    node of every kind and position."""
+    torch.set_num_threads(1)
+    model, loaded, tok, _ = tiny(name, str(tmp_path_factory.getbasetemp()))
+    for pair in tm.TINY_PAIRS[1:]:
+        ours = hook_estimates(loaded, pair, RULE_SETS[rules])
+        ref = RR.relp_pair(model, tok, pair, ref_rules(RULE_SETS[rules]))
+        assert len(ours) == len(KIND) * loaded.geom.n_layers
+        worst = max(float((v.double() - ref.per_position[kind][layer]).abs().max()) for (kind, layer), v in ours.items())
+        assert worst <= 1e-5, (pair["clean"], worst)
 
 
 def test_rules_change_the_estimates(tmp_path_factory):
@@ -104,21 +164,23 @@ def test_rules_change_the_estimates(tmp_path_factory):
 
 
 def test_stories_relp_equals_reference():
-    """stories260K (real Llama, GQA), 4 pronoun pairs of different lengths in one padded batch."""
+    """stories260K (real Llama, GQA), 4 pronoun pairs of different lengths in one padded batch: `method relp`
+    through the engine, and all four rules through relp_context on the model, against the reference."""
     torch.set_num_threads(1)
     model, tok = R.load_model(STORIES)
     pairs = stories_pairs(4)
     nodes = tuple(NodeGroup(k) for k in KIND.values()) + (NodeGroup("heads", per_position=True),
                                                           NodeGroup("neurons", (0, 0), per_position=True))
-    plan = make_plan(STORIES, pairs, nodes, batch=4, write_per_pair=True)
+    plan = make_plan(STORIES, pairs, nodes, method="relp", batch=4, write_per_pair=True)
     loaded = load_model(plan.model)
-    for rules in (PAPER_RULES, ALL_RULES):
-        with relp_context(loaded, rules):
-            ours = per_pair(execute(plan, loaded=loaded))
-        refs = [RR.relp_pair(model, tok, p, ref_rules(rules)) for p in pairs]
-        scale = max(abs(v) for vals in ours.values() for v in vals)
-        assert scale > 1.0
-        assert worst_vs_reference(ours, refs) <= 2e-5  # |estimates| up to ~6.6: float32 rounding
+    ours = per_pair(execute(plan, loaded=loaded))
+    refs = [RR.relp_pair(model, tok, p, ref_rules(PAPER_RULES)) for p in pairs]
+    assert max(abs(v) for vals in ours.values() for v in vals) > 1.0
+    assert worst_vs_reference(ours, refs) <= 2e-5  # |estimates| up to ~6.6: float32 rounding
+    for pair in pairs[:2]:
+        hooks = hook_estimates(loaded, pair, ALL_RULES)
+        ref = RR.relp_pair(model, tok, pair, ref_rules(ALL_RULES))
+        assert max(float((v.double() - ref.per_position[k][layer]).abs().max()) for (k, layer), v in hooks.items()) <= 2e-5
 
 
 def relevance_per_cut(loaded, pair: dict, rules: RelpRules) -> tuple[float, list[float]]:
@@ -190,8 +252,7 @@ def test_relp_equals_atp_where_every_rule_is_exact():
     loaded = wrap_model(exact_rules_gpt2(), tm.make_tokenizer())
     plan = make_plan("tiny-gpt2", tm.TINY_PAIRS[1:], EVERY_NODE, batch=2, write_per_pair=True)
     atp = per_pair(execute(plan, loaded=loaded))
-    with relp_context(loaded, PAPER_RULES):
-        relp = per_pair(execute(plan, loaded=loaded))
+    relp = per_pair(execute(replace(plan, method=MethodSpec("relp")), loaded=loaded))
     assert max(abs(a - b) for k in atp for a, b in zip(atp[k], relp[k])) <= 1e-6
     assert max(abs(v) for vals in atp.values() for v in vals) > 0.1
     from transformers.activations import ACT2FN
@@ -200,8 +261,7 @@ def test_relp_equals_atp_where_every_rule_is_exact():
         block.mlp.act = ACT2FN["gelu_new"]
     loaded = wrap_model(loaded.hf, tm.make_tokenizer())
     atp = per_pair(execute(plan, loaded=loaded))
-    with relp_context(loaded, PAPER_RULES):
-        relp = per_pair(execute(plan, loaded=loaded))
+    relp = per_pair(execute(replace(plan, method=MethodSpec("relp")), loaded=loaded))
     assert max(abs(a - b) for k in atp for a, b in zip(atp[k], relp[k])) > 1e-2
 
 
@@ -225,14 +285,26 @@ def test_values_unchanged_and_model_restored(name, tmp_path_factory):
     assert loaded.hf.config._attn_implementation == "eager"
     plan = make_plan(folder, tm.TINY_PAIRS[1:], (NodeGroup("heads"), NodeGroup("neurons")), write_per_pair=True)
     first = per_pair(execute(plan, loaded=loaded))
-    with relp_context(loaded, ALL_RULES):
-        execute(plan, loaded=loaded)
+    execute(replace(plan, method=MethodSpec("relp")), loaded=loaded)
     assert per_pair(execute(plan, loaded=loaded)) == first
 
 
 def test_unsupported_architecture_is_refused(tmp_path_factory):
     loaded = wrap_model(tm.make_gemma(), tm.make_tokenizer())
-    with pytest.raises(EngineError, match="not implemented for Gemma"):
-        with relp_context(loaded):
-            pass
+    with pytest.raises(EngineError, match="not implemented for Gemma"), relp_context(loaded):
+        pass
     assert not loaded.hf.model.layers[0].input_layernorm._forward_hooks
+
+
+def test_rules_act_only_inside_a_whole_model_forward(tmp_path_factory):
+    """A norm called on its own inside the context keeps its plain backward (edge computations rely on it); the
+    same norm inside a model forward gets the LN-rule."""
+    _, loaded, _, _ = tiny("llama", str(tmp_path_factory.getbasetemp()))
+    norm = loaded.hf.model.norm
+    x = torch.randn(1, 3, loaded.geom.hidden, requires_grad=True)
+    (plain,) = torch.autograd.grad(norm(x).sum(), x)
+    with relp_context(loaded, PAPER_RULES):
+        (alone,) = torch.autograd.grad(norm(x).sum(), x)
+    assert torch.equal(plain, alone)
+    rstd = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    assert not torch.allclose(plain, norm.weight.detach() * rstd, atol=1e-4)  # the LN-rule would give this

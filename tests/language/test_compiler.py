@@ -53,14 +53,16 @@ def test_pronoun_spec_plan(shared_dir):
         8, 0, "top", 20, 30)
     assert [e.format for e in plan.exports] == ["csv", "graphml", "json"]
     assert plan.exports[0].path == str(shared_dir.resolve() / "specs" / "out" / "pronoun.csv")
-    # no query/key nodes: no QK-fix step; graddrop: term l recomputes layers < l, 2 x (0+1+2+3+4)/5 = 4 in all
+    # no query/key nodes: no QK-fix step; graddrop: term l recomputes layers < l, (0+1+2+3+4)/5 = 2 backwards in all
+    # (without the prompts' token lengths the plan costs steps at their large-model limits: a backward with frozen
+    # parameters is about one forward)
     assert [s.name for s in plan.steps] == [
         "corrupt forward", "clean forward + backward", "graddrop L0", "graddrop L1", "graddrop L2", "graddrop L3",
         "graddrop L4", "edge reads", "rank", "verify", "edges"]
     assert [s.scope for s in plan.steps] == ["batch"] * 8 + ["run"] * 3
     costs = {s.name: s.cost for s in plan.steps}
-    assert (costs["corrupt forward"], costs["clean forward + backward"], costs["verify"]) == (1, 3, 32)
-    assert sum(s.cost for s in plan.steps if s.kind == "graddrop_term") == pytest.approx(4)
+    assert (costs["corrupt forward"], costs["clean forward + backward"], costs["verify"]) == (1, 2, 32)
+    assert sum(s.cost for s in plan.steps if s.kind == "graddrop_term") == pytest.approx(2)
     assert [s.param("layer") for s in plan.steps if s.kind == "graddrop_term"] == [0, 1, 2, 3, 4]
     assert plan.sites[:2] == ("model.layers.0.self_attn.o_proj.input", "model.layers.0.mlp.down_proj.input")
     assert dict(plan.extras)["node_count"] == 5 * 8 + 5 * 172
@@ -119,7 +121,7 @@ def test_norm_fix_is_off_unless_asked_and_costed_when_on():
     with_drop = plan_of("nodes { neurons } method atp* { norm_fix on }")
     # + each GradDrop term l redoes the writes of layers m < l against the 2 (l - m) norms up to its cut:
     # 2 + 6 + 12 = 20 more pairs -> 0.5 x 36 / 4
-    norm_in_terms = sum(s.cost for s in with_drop.steps if s.kind == "graddrop_term") - 2.0 * (0 + 1 + 2 + 3) / 4
+    norm_in_terms = sum(s.cost for s in with_drop.steps if s.kind == "graddrop_term") - 1.0 * (0 + 1 + 2 + 3) / 4
     assert dict((s.name, s.cost) for s in with_drop.steps)["norm fix"] + norm_in_terms == pytest.approx(4.5)
     only_qk = plan_of("nodes { queries keys } method atp* { norm_fix on }")
     assert "norm fix" in [s.name for s in only_qk.steps]  # with the QK fix their heads' output change is the write
@@ -144,7 +146,7 @@ def test_hub_model_plan_has_no_sites_and_estimates_depth():
                         "nodes { heads layers 0..5 } method atp*\n")
     assert plan.sites == () and plan.model.source == "EleutherAI/pythia-70m"
     terms = [s for s in plan.steps if s.kind == "graddrop_term"]
-    assert len(terms) == 6 and sum(s.cost for s in terms) == 5  # 6 layers from the node groups: 2 x 15 / 6
+    assert len(terms) == 6 and sum(s.cost for s in terms) == 2.5  # 6 layers from the node groups: 15 / 6
     assert all("estimated from the node groups" in s.description for s in terms)
 
 

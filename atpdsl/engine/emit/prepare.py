@@ -84,9 +84,6 @@ def _refuse_metric(spec: MetricSpec | None, what: str) -> None:
 
     if spec is None:
         return
-    if any(a.sequence for a in spec.args):
-        raise EngineError(f"emit python: the {what} reads whole answers (`sequence(...)`), which needs one model row "
-                          f"per answer; the emitted program runs one row per pair: run this spec with atpdsl")
     impl = METRICS[spec.kind].impl if spec.kind in METRICS else ""
     if not impl.startswith("atpdsl.engine.metrics:"):
         raise EngineError(f"emit python: the {what} {spec.kind!r} is implemented outside atpdsl.engine.metrics "
