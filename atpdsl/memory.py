@@ -48,11 +48,13 @@ KEPT_LIMIT = 1 << 30
 PATCH_DEFAULT = 1 << 30
 """Bytes patched forwards may use when no budget is known (the engine's default before the memory plan)."""
 
-STREAMING_KINDS = frozenset({"corrupt_forward", "clean_backward", "rank", "verify", "verify_adaptive", "diagnose"})
-"""Step kinds that read nothing of a batch but its estimates: with only these, the clean backward reduces each
-site to its estimates as the gradient reaches it and keeps no site values or gradients (atpdsl.engine.atp)."""
+STREAMING_KINDS = frozenset({"corrupt_forward", "clean_backward", "edge_reads"})
+"""Batch steps that read no node site's clean value or gradient after the clean backward (the edges keep only the
+node sites' differences): with only these (and any run-scope steps), the clean backward reduces each node site to
+its estimates as the gradient reaches it (atpdsl.engine.atp) instead of holding every site's value and gradient."""
 
-PATTERN_FREE_KINDS = STREAMING_KINDS | frozenset({"clean_forward", "exact_patch", "graddrop_term"})
+PATTERN_FREE_KINDS = frozenset({"corrupt_forward", "clean_backward", "clean_forward", "exact_patch", "graddrop_term",
+                                "rank", "verify", "verify_adaptive", "diagnose"})
 """Step kinds that never read the attention pattern: with only these, the model may use fused (sdpa) attention."""
 
 
@@ -174,8 +176,10 @@ def reads_pattern(kinds: Sequence[str] | frozenset[str]) -> bool:
 
 
 def streams(kinds: Sequence[str] | frozenset[str]) -> bool:
-    """Whether the clean backward may reduce each site to its estimates at once (no later step reads it)."""
-    return set(kinds) <= STREAMING_KINDS
+    """Whether the clean backward may reduce each site to its estimates at once (no later batch step reads it)."""
+    from atpdsl.lowering import STEP_KINDS
+
+    return all(k in STREAMING_KINDS or (k in STEP_KINDS and STEP_KINDS[k].scope == "run") for k in kinds)
 
 
 def patch_rows(m: ModelSizes, shape: RunShape, seq: int, budget: int | None, rows: int) -> int:
@@ -243,7 +247,8 @@ def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int],
     parts = _parts(m, shape, batch, seq)
     resident = parts["weights"][0] + parts["node records"][0] + parts.get("edge reads", (0, ""))[0]
     if "patching" in parts:
-        room = None if budget is None else max(0, int(budget / RESERVE) - resident)
+        room = None if budget is None else min(max(0, int(budget / RESERVE) - resident),
+                                               max(PATCH_DEFAULT, budget // 8))
         rows = patch_rows(m, shape, seq, room, batch * shape.rows_per_pair)
         e = ELEMENT_BYTES.get(shape.dtype, 4)
         per_row = seq * (forward_transient_per_token(m, shape.dtype, shape.attention, seq) + m.vocab * e)

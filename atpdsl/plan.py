@@ -47,9 +47,12 @@ class ModelRef:
     revision: str | None = None
     dtype: str = "float32"  # float32 | float16 | bfloat16 | float64
     device: str = "cpu"
-    attention: str = "eager"
+    attention: str = "eager"  # eager | sdpa | auto (eager only where a step reads the pattern)
     where: SourceRef | None = None
     trust_remote_code: bool = False  # only ever True from the CLI flag --trust-remote-code
+    memory: int | None = None  # budget in bytes per device (`memory "80GB"`); None: the device's own
+    remote: bool = False  # run on NDIF (atpdsl.engine.remote)
+    offload: str | None = None  # folder for weights beyond the budget (device auto, accelerate)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ __all__ = [
     "DTYPES", "ATTENTIONS", "SWITCHES", "GRADDROP_MODES",
     "MethodInfo", "METHODS", "AGGREGATES", "KEEP_OPTIONS",
     "SelectInfo", "SELECT_KINDS", "VERIFY_KINDS", "VERIFY_UNTIL", "VERIFY_SETTINGS", "VERIFY_BUDGET_DEFAULT",
-    "DIAGNOSE_TARGETS", "EDGE_TARGETS", "EDGE_SETTINGS", "MAX_COUNT",
+    "DIAGNOSE_TARGETS", "EDGE_SETTINGS", "MAX_COUNT",
     "FormatInfo", "EXPORT_FORMATS", "PAIR_FILE_TYPES",
     "BATCH", "SEED", "TEMPLATE_COUNT", "VERIFY_TOP", "LAST",
 ]
@@ -34,7 +34,8 @@ class StatementInfo:
 STATEMENTS: dict[str, StatementInfo] = {
     s.keyword: s
     for s in (
-        StatementInfo("model", False, 'model "hub-id-or-folder" [{ dtype … device … revision "…" attention … }]'
+        StatementInfo("model", False, 'model "hub-id-or-folder" [{ dtype … device … revision "…" attention … memory "…"'
+                      ' remote on|off offload "…" }]'
                       ' | model zoo "name"', "the model to analyse"),
         StatementInfo("pair", True, 'pair { clean "…" corrupt "…" answer "…" wrong "…" }', "one prompt pair"),
         StatementInfo("pairs", True, 'pairs from "file.jsonl|.csv" [{ field = "column" … }]', "pairs from a file"),
@@ -47,7 +48,8 @@ STATEMENTS: dict[str, StatementInfo] = {
                       " | exact | relp", "how to score"),
         StatementInfo("aggregate", False, "aggregate mean_abs|abs_mean|per_pair", "how pair scores combine"),
         StatementInfo("keep", False, "keep per_pair", "write each pair's estimates too"),
-        StatementInfo("batch", False, "batch N", "pairs per forward pass"),
+        StatementInfo("batch", False, "batch N | batch auto", "pairs per forward pass (auto: the most that fit the"
+                      " memory budget)"),
         StatementInfo("seed", False, "seed N", "random seed"),
         StatementInfo("select", False, "select top K | threshold X | cumulative F", "which nodes form the circuit"),
         StatementInfo("verify", False, "verify top K | verify until confident [{ budget B }]",
@@ -225,7 +227,7 @@ DTYPES: dict[str, str] = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float64": "float64", "fp64": "float64", "double": "float64",
 }
-ATTENTIONS = ("eager",)  # the QK fix and the exact patch both read the explicit attention pattern
+ATTENTIONS = ("auto", "eager", "sdpa")  # auto: eager where a step reads the pattern (QK fix, edges), else sdpa
 SWITCHES = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 GRADDROP_MODES = ("layer", "sublayer")
 
@@ -252,7 +254,12 @@ MODEL_SETTINGS: dict[str, SettingInfo] = {
         SettingInfo("dtype", "choice", "weights and activations dtype", "float32", tuple(DTYPES)),
         SettingInfo("device", "device", "cpu, cuda, cuda:N, mps or auto", "cpu"),
         SettingInfo("revision", "string", "hub revision (branch, tag or commit)", "none"),
-        SettingInfo("attention", "choice", "attention implementation", "eager", ATTENTIONS),
+        SettingInfo("attention", "choice", "attention implementation (auto: eager only where a step reads the"
+                    " pattern)", "auto", ATTENTIONS),
+        SettingInfo("memory", "string", 'memory budget per device, e.g. "80GB" (default: the device\'s own when'
+                    " known)", "the device's"),
+        SettingInfo("remote", "switch", "run on NDIF (nnsight's remote service; a hub id, NDIF_API_KEY)", "off"),
+        SettingInfo("offload", "string", "folder for weights beyond the memory budget (device auto)", "none"),
     )
 }
 
@@ -340,7 +347,6 @@ VERIFY_SETTINGS: dict[str, SettingInfo] = {
     )
 }
 DIAGNOSE_TARGETS: dict[str, str] = {"false_negatives": "bound the effect of unverified nodes (AtP* section 6)"}
-EDGE_TARGETS: dict[str, str] = {"edges": "the attributed edges between the candidate nodes"}
 EDGE_SETTINGS: dict[str, SettingInfo] = {
     s.key: s
     for s in (

@@ -150,7 +150,8 @@ def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -
 def top_nodes(truth: M.Truth, scores: list[M.Score], markdown: bool, count: int = 5) -> str:
     """The `count` nodes with the largest mean |exact effect|: mean exact effect and each method's mean estimate."""
     means = {n: sum(v) / len(v) for n, v in truth.per_pair.items()}
-    best = sorted(truth.dataset, key=lambda n: -truth.dataset[n])[:count]
+    dataset = truth.dataset
+    best = sorted(dataset, key=lambda n: -dataset[n])[:count]
     head = ["node", "exact"] + [s.method for s in scores]
     rows = [[n, f"{means[n]:+.3f}"] + [f"{s.means[n]:+.3f}" for s in scores] for n in best]
     if markdown:

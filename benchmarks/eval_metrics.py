@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass
 
@@ -74,8 +75,9 @@ class Truth:
     kinds: dict[str, str]  # node name -> kind
     n_pairs: int
 
-    @property
+    @functools.cached_property
     def dataset(self) -> dict[str, float]:
+        """Node name -> mean |exact effect| over pairs (computed once)."""
         return {n: statistics.fmean(abs(v) for v in vals) for n, vals in self.per_pair.items()}
 
     def pair(self, p: int) -> dict[str, float]:

@@ -310,8 +310,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except AtpError as error:
         _error(err, str(error), output_format)
         return 1
-    except Exception as error:  # noqa: BLE001 - e.g. a plotting error: say which file, no traceback
-        _error(err, f"export {path} failed: {type(error).__name__}: {error}", output_format)
+    except OSError as error:  # the file system refused: say which file (anything else is a bug: exit 3)
+        _error(err, f"export {path} failed: {error.strerror or error}", output_format)
         return 1
     if not getattr(args, "quiet", False):
         for p in written:

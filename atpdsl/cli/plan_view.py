@@ -158,6 +158,31 @@ def _sites_and_exports(plan: Plan, console: Console) -> None:
         console.print(exports)
 
 
+def _memory(plan: Plan, console: Console) -> None:
+    """The memory plan (atpdsl.memory): each part of the peak on one device, the budget and the batch that fits."""
+    from atpdsl.memory import format_bytes
+
+    mem = dict(plan.extras).get("memory")
+    if not mem:
+        console.print("memory: unknown until the model's config.json can be read")
+        return
+    budget = format_bytes(mem["budget"]) if mem["budget"] else "unknown"
+    each = f" (each of {mem['devices']} devices)" if mem.get("devices", 1) > 1 else ""
+    table = Table(title=f"memory per device{each}: device {mem['device']}, budget {budget} ({mem['budget_source']}),"
+                        f" attention {mem['attention']}", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False,
+                  show_footer=True)
+    table.add_column("part", footer="peak")
+    table.add_column("size", justify="right", footer=format_bytes(mem["peak"]))
+    fit = mem.get("largest_batch")
+    fits = "" if fit is None else (f"; largest batch that fits: {fit}" if fit else "; no batch fits")
+    table.add_column("what", footer=f"in the {mem['phase']}; batch {mem['batch']}, {mem['tokens']} positions{fits}")
+    for name, size, what in mem["parts"]:
+        table.add_row(name, format_bytes(size), what)
+    console.print(table)
+    for note in mem.get("notes", ()):
+        console.print(f"note: {note}")
+
+
 def print_plan(plan: Plan, console: Console) -> None:
     """Print a plan as readable tables: what is scored, how, in which steps, and what it costs."""
     extras = dict(plan.extras)
@@ -169,6 +194,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     if "node_count" in extras:
         console.print(f"{extras['node_count']} nodes (per-position groups count once per token position)")
     console.print(_steps(plan, batches))
+    _memory(plan, console)
     _sites_and_exports(plan, console)
 
 

@@ -34,6 +34,8 @@ class PhaseInfo:
 
 PHASES: dict[str, PhaseInfo] = {
     "load": PhaseInfo("loading the model", "steps"),
+    "resumed": PhaseInfo("resumed from the run's checkpoint", "batches"),
+    "score": PhaseInfo("scoring (forward, backward, corrections, GradDrop terms)", "steps"),
     "forward": PhaseInfo("forward passes", "batches"),
     "backward": PhaseInfo("backward passes", "batches"),
     "qk_fix": PhaseInfo("QK fix", "batches"),
@@ -100,9 +102,11 @@ class _Lines:
         now = self.clock()
         state = self.phases.setdefault(phase, _PhaseClock(start))
         end = total > 0 and done >= total
+        resumed = state.ended and not end  # e.g. adaptive verification adds nodes after a round: news
         first_unit = done >= 1 and not state.first_unit_shown
-        due = state.last_line is None or first_unit or now - state.last_line >= self.every or end
-        if not due or state.ended:
+        due = (state.last_line is None or first_unit or resumed or now - state.last_line >= self.every
+               or (end and not state.ended))
+        if not due or (end and state.ended):  # an end is said once
             return
         state.last_line, state.ended = now, end
         state.first_unit_shown = state.first_unit_shown or done >= 1

@@ -93,7 +93,7 @@ def _split_rows(masks: np.ndarray, lim: NodeLimits, splits: int, rng) -> list[tu
 
 
 def split_check(masks: np.ndarray, y: np.ndarray, lim: NodeLimits, patch: PatchSubsets, splits: int,
-                quantity: str, seed: int) -> tuple[np.ndarray, float]:
+                quantity: str, seed: int) -> tuple[np.ndarray, float | None]:
     """Cut sampled subsets into halves A, B and patch both: gaps |f(S) - f(A) - f(B)| [m] in the bounded quantity,
     and their sum over the sum of |f(S)| (the halves patched: 2 m subsets)."""
     rows = _split_rows(masks, lim, splits, np.random.default_rng([seed, 1]))
@@ -108,5 +108,5 @@ def split_check(masks: np.ndarray, y: np.ndarray, lim: NodeLimits, patch: PatchS
     whole = y[[j for j, _ in rows]]
     gaps = magnitudes((whole - parts[0::2] - parts[1::2]).T, quantity)
     size = magnitudes(whole.T, quantity)
-    share = float(gaps.sum() / size.sum()) if size.sum() > 0 else (0.0 if gaps.sum() == 0 else np.inf)
+    share = float(gaps.sum() / size.sum()) if size.sum() > 0 else None  # None: the subsets changed nothing
     return gaps, share

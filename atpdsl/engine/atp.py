@@ -20,7 +20,9 @@ from atpdsl.engine.node_table import block_estimates, unit_values
 from atpdsl.engine.finite import check_rows, check_values
 from atpdsl.engine.site_check import check_trace
 from atpdsl.engine.state import BatchWork, RunState
-from atpdsl.engine.trace import Backward, TraceSite, run_trace
+from atpdsl.engine import trace
+from atpdsl.engine.trace import Backward, TraceSite, run_streamed, run_trace
+from atpdsl.memory import streams
 
 __all__ = ["MAIN", "trace_sites", "corrupt_forward", "clean_forward_backward", "site_delta", "site_estimates",
            "atp_estimates"]
@@ -51,33 +53,80 @@ def corrupt_forward(state: RunState, step: Step, work: BatchWork) -> None:
 
 
 def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None:
-    """Run the clean prompts keeping the graph, one backward from the metric, then the AtP estimates."""
+    """Run the clean prompts keeping the graph, one backward from the metric, then the AtP estimates (reduced site
+    by site as the backward passes when no later batch step reads the node sites: `_streamed`)."""
     ctx, batch = state.ctx, work.batch
     rule = state.parts.get("gradient_rule")  # a context manager changing how gradients flow (RelP), or None
+    kinds = {s.kind for s in state.steps}  # streamed only inside a plan that says what else reads the batch
+    stream = (step is not None and "clean_backward" in kinds and streams(kinds) and not state.keep_graph
+              and not trace.REMOTE and trace.FAST_BACKWARD)
     with (rule() if rule is not None else contextlib.nullcontext()):
-        work.clean = run_trace(ctx.model, batch.clean, trace_sites(state), embed=ctx.embed,
-                               metric=ctx.metric_fn(batch), last_pos=batch.reads.pos,
-                               backwards=[Backward(MAIN, retain_graph=state.keep_graph)],
-                               keep_graph=state.keep_graph)
+        if stream:
+            _streamed(state, work)
+        else:
+            work.clean = run_trace(ctx.model, batch.clean, trace_sites(state), embed=ctx.embed,
+                                   metric=ctx.metric_fn(batch), last_pos=batch.reads.pos,
+                                   backwards=[Backward(MAIN, retain_graph=state.keep_graph)],
+                                   keep_graph=state.keep_graph)
     work.clean_rows = work.clean.metric
     work.corrupt_rows = metric_values(ctx.plan.metric, work.corrupt.last, batch.reads.corrupt())
     keys = [s.key for s in trace_sites(state)]
-    check_values(ctx, batch, work.clean.acts, keys, "clean run")
+    if not stream:
+        check_values(ctx, batch, work.clean.acts, keys, "clean run")
     check_rows(ctx, batch, work.clean_rows, "the metric on the clean prompt")
     check_rows(ctx, batch, work.corrupt_rows, "the metric on the corrupt prompt")
-    check_values(ctx, batch, work.clean.grads[MAIN], keys[::-1], "backward pass")
-    work.est = atp_estimates(ctx, work)
+    if not stream:
+        check_values(ctx, batch, work.clean.grads[MAIN], keys[::-1], "backward pass")
+        work.est = atp_estimates(ctx, work)
 
 
-def site_delta(ctx: Context, work: BatchWork, key: str) -> torch.Tensor:
-    """corrupt - clean at one site on the clean positions (float32), zero where a position has no node value."""
-    batch = work.batch
-    delta = align(work.corrupt.acts[key], batch).float() - work.clean.acts[key].float()
+def _streamed(state: RunState, work: BatchWork) -> None:
+    """The clean forward + backward with each node site reduced to its estimates as soon as its value and gradient
+    are known: the value becomes corrupt - clean at once (the corrupt value is dropped), the gradient meets it in a
+    hook as the backward passes, so the batch never holds every site's value and gradient (atpdsl.memory). Sites a
+    step reads (the edges' extra sites) are kept as usual; the node sites' differences too when the edges keep
+    them. Same numbers as `atp_estimates` on the kept tensors: the same operations on the same tensors."""
+    ctx, batch = state.ctx, work.batch
+    index = {site.name: si for si, site in enumerate(ctx.table.sites)}
+    keep = frozenset(state.extra.sites) | frozenset(state.extra.shared) if state.extra is not None else frozenset()
+    est = torch.zeros((batch.n_rows, ctx.table.size), dtype=torch.float32, device=batch.real.device)
+    edges = any(s.kind == "edge_reads" for s in state.steps)
+    deltas = work.cache.setdefault("deltas", {}) if edges else None  # the edges keep them
+    pending: dict[str, torch.Tensor] = {}
+
+    def on_value(key: str, value: torch.Tensor) -> None:
+        if key in index:
+            corrupt = work.corrupt.acts[key] if key in keep else work.corrupt.acts.pop(key)
+            pending[key] = _delta(align(corrupt, batch), value, batch)
+            if deltas is not None:
+                deltas[key] = pending[key]
+
+    def on_grad(key: str, grad: torch.Tensor) -> None:  # in backward order: the first bad gradient is named
+        check_values(ctx, batch, {key: grad}, [key], "backward pass")
+        if key in index:
+            site_estimates(ctx, work, index[key], pending.pop(key), grad, est)
+
+    def check_forward(held: dict[str, torch.Tensor]) -> None:  # every value the forward made, in forward order
+        check_values(ctx, batch, {**pending, **held}, [s.key for s in trace_sites(state)], "clean run")
+
+    work.clean = run_streamed(ctx.model, batch.clean, trace_sites(state), embed=ctx.embed,
+                              metric=ctx.metric_fn(batch), last_pos=batch.reads.pos, on_value=on_value,
+                              on_grad=on_grad, keep=keep, before_backward=check_forward, block=MAIN)
+    work.est = est
+
+
+def _delta(corrupt_aligned: torch.Tensor, clean: torch.Tensor, batch) -> torch.Tensor:
+    delta = corrupt_aligned.float() - clean.float()
     # Positions without a node value (left padding, unaligned slot tokens) get delta = 0: no estimate there
     # (`where`, not a product: a padded position's value may be NaN, and 0 * NaN is NaN).
     if batch.cmap is None and bool(batch.real.all()):
         return delta
     return torch.where(batch.real.unsqueeze(-1), delta, 0.0)
+
+
+def site_delta(ctx: Context, work: BatchWork, key: str) -> torch.Tensor:
+    """corrupt - clean at one site on the clean positions (float32), zero where a position has no node value."""
+    return _delta(align(work.corrupt.acts[key], work.batch), work.clean.acts[key], work.batch)
 
 
 def site_estimates(ctx: Context, work: BatchWork, si: int, delta: torch.Tensor, grad: torch.Tensor,

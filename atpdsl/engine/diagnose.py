@@ -329,7 +329,8 @@ def _summary(finding: Finding, bound: FalseNegativeBound, names: Sequence[str]) 
         out["untestable"] = int((~lim.testable).sum())
         out["largest_subsample_estimate"] = {"node": names[top[0]], "effect": float(effect[top[0]])}
         out["largest_subset_estimates"] = [
-            {"node": names[i], "estimate": float(effect[i]), "se": float(np.nan_to_num(lim.se[i], nan=-1.0)),
+            {"node": names[i], "estimate": float(effect[i]),
+             "se": float(lim.se[i]) if np.isfinite(lim.se[i]) else None,
              "limit": float(lim.limits[i]) if np.isfinite(lim.limits[i]) else None} for i in top]
         out["split_gaps"] = [float(g) for g in (finding.split_gaps if finding.split_gaps is not None else [])]
     return out

@@ -17,11 +17,14 @@ import contextlib
 
 from atpdsl.plan import Step
 from atpdsl.engine.atp import MAIN, site_delta, trace_sites
-from atpdsl.engine.edge_sites import EdgeSites, PassReads, pass_reads
+from atpdsl.engine.edge_sites import KEPT, EdgeSites, PassReads, pass_reads
 from atpdsl.engine.state import BatchWork, RunState
 from atpdsl.engine.trace import Backward, run_trace
 
-__all__ = ["ig_points", "integration_passes", "edge_ig_step"]
+__all__ = ["IG_CACHE", "ig_points", "integration_passes", "edge_ig_step"]
+
+IG_CACHE = "edge_ig"
+"""BatchWork.cache key under which the integration steps' passes wait for the `edge_reads` step."""
 
 
 def ig_points(steps: int) -> list[float]:
@@ -50,7 +53,11 @@ def integration_passes(state: RunState, sites: EdgeSites, work: BatchWork, steps
 
 
 def edge_ig_step(state: RunState, step: Step, work: BatchWork) -> None:
-    """Run the batch's integration steps; the `edge_reads` step keeps them in place of the clean pass."""
-    from atpdsl.engine.edge_reads import IG_CACHE
-
-    work.cache[IG_CACHE] = integration_passes(state, state.parts["edge_reads"], work, int(step.param("steps")))
+    """Run the batch's integration steps; the edges use them in place of the clean pass (the kept reads' passes
+    are replaced when the `edge_reads` step ran first, else that step takes them from the batch's cache)."""
+    passes = integration_passes(state, state.parts["edge_reads"], work, int(step.param("steps")))
+    reads = work.kept.get(KEPT)
+    if reads is None:
+        work.cache[IG_CACHE] = passes
+    else:
+        reads.passes, reads.ig = passes, True

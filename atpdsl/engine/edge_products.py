@@ -24,7 +24,7 @@ from atpdsl.engine.edges import (
     write_matrix, write_point,
 )
 from atpdsl.engine.load import Loaded
-from atpdsl.engine.node_table import build_table, unit_columns
+from atpdsl.engine.node_table import build_table
 
 __all__ = ["Sources", "sources_of", "source_writes", "matrix_from_reads"]
 
@@ -86,32 +86,48 @@ def _block_writes(loaded: Loaded, site, bl, units: list[int], d: torch.Tensor, c
     return torch.einsum("rsnw,nwd->rnsd", sel, mats.to(d.dtype))
 
 
-def source_writes(loaded: Loaded, src: Sources, deltas: dict, d_emb: torch.Tensor, targets: Places, cache: dict
-            ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Residual writes [rows, U, S, d] (zero for q/k/v) and each q/k/v source's own columns' change [rows, S, dh]."""
+def source_writes(loaded: Loaded, src: Sources, deltas: dict, d_emb: torch.Tensor, targets: Places, cache: dict,
+                  live: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Residual writes [rows, U, S, d] (zero for q/k/v; only at the positions `live` when given) and each q/k/v
+    source's own columns' change [rows, S, dh] (every position)."""
     dtype = torch.promote_types(_f(d_emb).dtype, loaded.dtype)
-    W = torch.zeros((d_emb.shape[0], len(src.nodes), *d_emb.shape[1:]), dtype=dtype, device=d_emb.device)
-    W[:, 0] = d_emb
+    cut = (lambda x: x) if live is None else (lambda x: x[:, live])  # the positions kept
+    W = torch.zeros((d_emb.shape[0], len(src.nodes), *cut(d_emb).shape[1:]), dtype=dtype, device=d_emb.device)
+    W[:, 0] = cut(d_emb)
     own: dict[int, torch.Tensor] = {}
     where = {c: i + 1 for i, c in enumerate(src.cols)}
     for si, site in enumerate(src.table.sites):
-        d = deltas[site.name].to(dtype)
+        full = deltas[site.name].to(dtype)
+        d = cut(full)
         for bl in src.table.blocks_at(si):
             picked = [(where[c], bl.locate(c)[0]) for c in range(bl.first, bl.first + bl.size) if c in where]
             if not picked:
                 continue
             idx = [i for i, _ in picked]
-            mask = _position_mask(targets, [src.nodes[i] for i in idx], d.shape[:2]).to(dtype)
+            mask = None
+            if bl.per_position:
+                mask = _position_mask(targets, [src.nodes[i] for i in idx], full.shape[:2]).to(dtype).unsqueeze(-1)
             if bl.kind in ("queries", "keys", "values"):
-                for (i, unit), m in zip(picked, mask.unbind(1)):
-                    own[i] = d[..., slice(*bl.layout.columns(unit))] * m.unsqueeze(-1)
+                for n, (i, unit) in enumerate(picked):
+                    part = full[..., slice(*bl.layout.columns(unit))]
+                    own[i] = part if mask is None else part * mask[:, n]
                 continue
+            if mask is not None:
+                mask = mask[:, :, live] if live is not None else mask
             if bl.kind in ("heads", "neurons"):
                 write = _block_writes(loaded, site, bl, [u for _, u in picked], d, cache)
             else:  # attn, mlp, resid: the whole vector is the write
                 write = d.unsqueeze(1).expand(-1, len(idx), -1, -1)
-            W[:, idx] = write * mask.unsqueeze(-1)
+            W[:, idx] = write if mask is None else write * mask
     return W, own
+
+
+def _live_positions(deltas: dict, d_emb: torch.Tensor) -> torch.Tensor:
+    """Bool [S]: positions where the embedding or some node site changes between the prompts in some row."""
+    live = d_emb.ne(0).any(-1).any(0)
+    for d in deltas.values():
+        live |= d.ne(0).any(-1).any(0)
+    return live
 
 
 def _qkv_grad(targets: PassTargets, source: NodeId, row: TargetRow) -> torch.Tensor:
@@ -180,18 +196,20 @@ def _place_links(pl: _Plan, targets: PassTargets) -> torch.Tensor:
 def _batch_scores(loaded: Loaded, pl: _Plan, passes: list[PassTargets], deltas: dict, d_emb: torch.Tensor,
                   blocks: bool, fixes: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row scores [rows, U, T] (and reader-block products [rows, U, R]) for one batch."""
-    W, own = source_writes(loaded, pl.src, deltas, d_emb, passes[0], pl.cache)  # [rows, U, S, d]
+    live = _live_positions(deltas, d_emb)  # where some source's change is not 0: elsewhere every product is 0
+    W, own = source_writes(loaded, pl.src, deltas, d_emb, passes[0], pl.cache, live)  # [rows, U, S', d]
     n_rows, U, T = d_emb.shape[0], len(pl.src.nodes), len(pl.rows)
     out = torch.zeros((n_rows, U, T), dtype=torch.float64, device=d_emb.device)
-    live = W.ne(0).any(-1).any(1).any(0)  # positions where some source writes something: the rest add 0
-    flat = W[:, :, live].flatten(2)  # [rows, U, S'*d]
+    flat = W.flatten(2)  # [rows, U, S'*d]
     for first, cols in pl.groups:
-        G = sum(p.residual([pl.rows[j] for j in cols]) for p in passes) / len(passes)  # [t, rows, S, d]
-        g = G[:, :, live].flatten(2).permute(1, 2, 0).to(flat.dtype)  # [rows, S'*d, t]
+        G = sum(p.residual([pl.rows[j] for j in cols], live) for p in passes) / len(passes)  # [t, rows, S', d]
+        g = G.flatten(2).permute(1, 2, 0).to(flat.dtype)  # [rows, S'*d, t]
         out[:, :first, torch.tensor(cols)] = (flat[:, :first] @ g).double()
     for i, j in pl.qkv_links:
         grad = sum(_qkv_grad(p, pl.src.nodes[i], pl.rows[j]) for p in passes) / len(passes)
         out[:, i, j] = (own[i] * grad).sum((1, 2)).double()
+    if (any(fixes) and len(passes) == 1) or blocks:
+        W, _ = source_writes(loaded, pl.src, deltas, d_emb, passes[0], pl.cache)  # every position
     if any(fixes) and len(passes) == 1:
         apply_fixes(pl, passes[0], W, out, *fixes)
     reader_products = None
@@ -221,7 +239,8 @@ def matrix_from_reads(loaded: Loaded, sites: EdgeSites, nodes: Sequence[NodeId],
     place = torch.zeros_like(pl.order) if any(s.position is not None for s in src.nodes) else torch.ones_like(pl.order)
     pairs, blocks, n_pairs, steps = [], [], 0, 0
     for k, r in enumerate(reads):
-        passes = [PassTargets(loaded, sites, p, r.batch, names, r.tables, rotate, check=check and k == 0)
+        passes = [PassTargets(loaded, sites, p, r.batch, names, r.tables, rotate, check=check and k == 0,
+                              mats=pl.cache)
                   for p in r.passes]
         steps = max(steps, len(r.passes) if r.ig else 0)
         scores, reader_products = _batch_scores(loaded, pl, passes, r.deltas, r.d_emb, keep_pairs, fixes)

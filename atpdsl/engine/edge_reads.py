@@ -20,8 +20,9 @@ from atpdsl.plan import Plan, Step
 from atpdsl.engine.atp import MAIN, corrupt_forward, clean_forward_backward, site_delta
 from atpdsl.engine.context import make_context
 from atpdsl.engine.data import Batch
+from atpdsl.engine.edge_ig import IG_CACHE, integration_passes
 from atpdsl.engine.edge_products import matrix_from_reads
-from atpdsl.engine.edge_sites import EdgeSites, PassReads, add_edge_sites, pass_reads
+from atpdsl.engine.edge_sites import KEPT, EdgeSites, PassReads, add_edge_sites, pass_reads
 from atpdsl.engine.edges import EdgeMatrix, node_groups, weighted_edges
 from atpdsl.engine.load import Loaded, load_model
 from atpdsl.engine.state import BatchWork, ExtraSites, RunState
@@ -29,14 +30,8 @@ from atpdsl.engine.state import BatchWork, ExtraSites, RunState
 __all__ = ["EDGE_LIMIT", "KEPT", "EdgeReads", "prepare_edge_reads", "edge_reads_step", "edges_step", "edge_matrix",
            "candidate_nodes"]
 
-KEPT = "edge_reads"
-"""The name of the edges' per-batch reads among the run's kept items."""
-
 EDGE_LIMIT = 200
 """Edges are attributed among at most this many nodes."""
-
-IG_CACHE = "edge_ig"
-"""BatchWork.cache key under which the integrated-gradients step leaves its passes (atpdsl.engine.edge_ig)."""
 
 
 @dataclass(slots=True)
@@ -146,7 +141,6 @@ def edge_matrix(plan: Plan, nodes: Sequence[NodeId], *, loaded: Loaded | None = 
     backward per batch over just these nodes' sites, plus `ig_steps` integration steps; the QK and norm fixes
     when the plan's method switches them on): for tests and studies."""
     from atpdsl.engine.context import Accumulator
-    from atpdsl.engine.edge_ig import integration_passes
 
     loaded = loaded or load_model(plan.model)
     ctx = make_context(replace(plan, nodes=node_groups(nodes)), loaded)

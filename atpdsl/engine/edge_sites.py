@@ -19,8 +19,11 @@ from atpdsl.engine.edges import Reader, readers
 from atpdsl.engine.load import Loaded
 from atpdsl.engine.state import ExtraSites
 
-__all__ = ["NEURON_INPUTS", "AttnSites", "MlpSites", "EdgeSites", "PassReads", "add_edge_sites", "branch_gradients",
+__all__ = ["KEPT", "NEURON_INPUTS", "AttnSites", "MlpSites", "EdgeSites", "PassReads", "add_edge_sites", "branch_gradients",
            "pass_reads"]
+
+KEPT = "edge_reads"
+"""The name of the edges' per-batch reads among the run's kept items (BatchWork.kept, RunState.kept)."""
 
 NEURON_INPUTS: dict[str, tuple[str, ...]] = {
     "GPT-2": ("mlp.c_fc",),

@@ -91,7 +91,7 @@ class PassTargets(Places):
     """Target rows' gradients for one batch and gradient pass (computed on demand, cached per layer)."""
 
     def __init__(self, loaded: Loaded, sites: EdgeSites, reads: PassReads, batch: Batch,
-                 positions: Sequence[int | str], tables, rotate, check: bool = False) -> None:
+                 positions: Sequence[int | str], tables, rotate, check: bool = False, mats: dict | None = None) -> None:
         super().__init__(batch, positions)
         self.loaded, self.sites, self.reads = loaded, sites, reads
         self.tables, self.rotate, self.check = tables, rotate, check
@@ -100,7 +100,7 @@ class PassTargets(Places):
         self.rep = geom.group_size
         self._splits: dict[int, AttnSplit] = {}
         self._summed: dict[tuple[int, str], torch.Tensor] = {}
-        self._mats: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._mats: dict = {} if mats is None else mats  # projection rows, shareable across batches
         self._norms: dict[int, object] = {}
         self._placed: dict[tuple[int, str, int, int | str], torch.Tensor] = {}
 
@@ -200,9 +200,10 @@ class PassTargets(Places):
             got = self._mats[key] = read_matrix(self.loaded.hf.get_submodule(t.path(piece.layer)), cols)
         return got
 
-    def _neuron_inputs(self, layer: int, nodes: Sequence[NodeId]) -> torch.Tensor | None:
+    def _neuron_inputs(self, layer: int, nodes: Sequence[NodeId], live: torch.Tensor | None = None
+                       ) -> torch.Tensor | None:
         """[n, rows, S, d] at the MLP norm's output: each neuron's gradient through its own input rows (None when
-        the architecture's MLP input projections are not known)."""
+        the architecture's MLP input projections are not known); only at the positions `live` when given."""
         mlp = self.sites.mlp[layer]
         if not mlp.pieces:
             return None
@@ -213,10 +214,19 @@ class PassTargets(Places):
             g = g.to(torch.promote_types(g.dtype, torch.float32))
             for offset in range(0, g.shape[-1], width):
                 cols = units + offset
-                w = read_matrix(self.loaded.hf.get_submodule(module), cols).to(g.dtype)  # [n, d]
-                part = g[..., cols].permute(2, 0, 1).unsqueeze(-1) * w[:, None, None, :]
+                key = (module, offset, tuple(units.tolist()))
+                if key not in self._mats:
+                    self._mats[key] = read_matrix(self.loaded.hf.get_submodule(module), cols)
+                w = self._mats[key].to(g.dtype)  # [n, d]
+                picked = g[..., cols]  # [rows, S, n]
+                for i, node in enumerate(nodes):
+                    if node.position is not None:
+                        picked[..., i] = self.only_at(picked[..., i], node.position)
+                if live is not None:
+                    picked = picked[:, live]
+                part = picked.permute(2, 0, 1).unsqueeze(-1) * w[:, None, None, :]
                 total = part if total is None else total + part
-        return torch.stack([self.only_at(t, n.position) for t, n in zip(total, nodes)])
+        return total
 
     def _block(self, row: TargetRow) -> torch.Tensor:
         """[rows, S, d]: a row that takes block branch gradients (attn, mlp, logits, resid; neurons without rows)."""
@@ -228,9 +238,11 @@ class PassTargets(Places):
             g = G[reader_index(self.sites.blocks, node)]
         return self.only_at(g, node.position)
 
-    def seeds(self, rows: Sequence[TargetRow]) -> tuple[dict[int, list[tuple[int, torch.Tensor]]], list[int]]:
+    def seeds(self, rows: Sequence[TargetRow], live: torch.Tensor | None = None
+              ) -> tuple[dict[int, list[tuple[int, torch.Tensor]]], list[int]]:
         """Each row's gradient at its block norm's output, grouped by reader ({reader: [(row index, [rows, S, d])]}),
-        and the rows a block gradient covers instead (attn, mlp, logits, resid; neurons without known rows)."""
+        and the rows a block gradient covers instead (attn, mlp, logits, resid; neurons without known rows); only
+        at the positions `live` [S] when given."""
         seeds: dict[int, list[tuple[int, torch.Tensor]]] = {}
         blocks: list[int] = []
         heads = range(self.loaded.geom.n_heads)
@@ -239,38 +251,59 @@ class PassTargets(Places):
                       [(r.node.layer, c, h, r.node.position) for r in rows if r.node.kind is NodeKind.ATTN
                        for c in ("k", "v") for h in heads])
         neurons: dict[int, list[int]] = {}
+        summed: dict[tuple[int, str], list[int]] = {}
         for i, row in enumerate(rows):
             node = row.node
             if node.kind is NodeKind.NEURON and self.sites.mlp[node.layer].pieces:
                 neurons.setdefault(node.layer, []).append(i)
                 continue
+            if node.kind is NodeKind.HEAD and node.position is None:
+                summed.setdefault((node.layer, row.channel), []).append(i)
+                continue
             pieces = self.pieces(row)
             if pieces:
-                y = sum(p.grad @ self._matrix(p).to(p.grad.dtype) for p in pieces)
+                y = sum((p.grad if live is None else p.grad[:, live]) @ self._matrix(p).to(p.grad.dtype)
+                        for p in pieces)
                 seeds.setdefault(reader_index(self.sites.blocks, node), []).append((i, y))
             else:
                 blocks.append(i)
         for layer, idx in neurons.items():
-            ys = self._neuron_inputs(layer, [rows[i].node for i in idx])
+            ys = self._neuron_inputs(layer, [rows[i].node for i in idx], live)
             seeds.setdefault(2 * layer + 1, []).extend(zip(idx, ys))
+        for (layer, channel), idx in summed.items():
+            ys = self._summed_heads(layer, channel, [rows[i].node.index for i in idx], live)
+            seeds.setdefault(2 * layer, []).extend(zip(idx, ys))
         return seeds, blocks
 
-    def residual(self, rows: Sequence[TargetRow]) -> torch.Tensor:
-        """[len(rows), b, S, d]: each row's gradient in the residual stream at its block's input."""
+    def _summed_heads(self, layer: int, channel: str, heads: list[int], live: torch.Tensor | None) -> torch.Tensor:
+        """[n, rows, S, d] at the attention norm's output: summed heads' own `channel` inputs (one einsum)."""
+        share = self._summed_share(layer, channel)[:, heads]  # [rows, n, S, dh]
+        if live is not None:
+            share = share[:, :, live]
+        units = heads if channel == "q" else [h // self.rep for h in heads]
+        key = ("stack", channel, layer, tuple(units))
+        if key not in self._mats:
+            self._mats[key] = torch.stack([self._matrix(Piece(layer, channel, u, share)) for u in units])
+        return torch.einsum("rnsk,nkd->nrsd", share, self._mats[key].to(share.dtype))
+
+    def residual(self, rows: Sequence[TargetRow], live: torch.Tensor | None = None) -> torch.Tensor:
+        """[len(rows), b, S, d]: each row's gradient in the residual stream at its block's input (only at the
+        positions `live` [S] when given: the products elsewhere are 0)."""
         out: list[torch.Tensor | None] = [None] * len(rows)
-        seeds, blocks = self.seeds(rows)
+        seeds, blocks = self.seeds(rows, live)
         for i in blocks:
-            out[i] = self._block(rows[i])
+            g = self._block(rows[i])
+            out[i] = g if live is None else g[:, live]
         for r, items in seeds.items():
-            back = self._norm_back(r, torch.stack([y for _, y in items]))
+            back = self._norm_back(r, torch.stack([y for _, y in items]), live)
             for j, (i, _) in enumerate(items):
                 out[i] = back[j]
         return torch.stack(out) if out else self.reads.G[:0]
 
-    def _norm_back(self, reader: int, seeds: torch.Tensor) -> torch.Tensor:
+    def _norm_back(self, reader: int, seeds: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """Gradients at a norm's output [T, rows, S, d] pulled back through the norm at its clean input: the closed
         form of atpdsl.engine.normfix.norm_map (checked against autograd on the first batch), else autograd."""
-        x = self.reads.X[reader]
+        x = self.reads.X[reader] if live is None else self.reads.X[reader][:, live]
         module = self.loaded.hf.get_submodule(self.sites.blocks[reader].module)
         norm = self._norms.get(reader, False)
         if norm is False:
@@ -282,10 +315,11 @@ class PassTargets(Places):
         if norm is None:
             return _autograd_back(module, x, seeds, self.loaded.dtype)
         c = norm.center(x.to(seeds.dtype))
-        scale = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + norm.eps)
-        u = seeds * norm.gain.to(seeds.device)
-        v = scale * u - scale.pow(3) * c * (c * u).sum(-1, keepdim=True) / x.shape[-1]
-        got = norm.center(v)
+        scale = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + norm.eps)  # [rows, S, 1]
+        gain = norm.gain.to(seeds.device, seeds.dtype)
+        # J^T y = P(s (g*y) - s^3 c (c . (g*y)) / d), P the centering (identity for RMSNorm): 3 passes over y
+        dots = (seeds * (gain * c)).sum(-1, keepdim=True)
+        got = norm.center(seeds * (gain * scale) - dots * (scale.pow(3) * c / x.shape[-1]))
         if self.check:
             want = _autograd_back(module, x, seeds[:1], self.loaded.dtype)
             gap = float((want - got[:1]).abs().max()) / max(float(want.abs().max()), 1e-12)

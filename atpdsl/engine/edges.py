@@ -271,23 +271,31 @@ class EdgeMatrix:
 def weighted_edges(m: EdgeMatrix) -> list[EdgeScore]:
     """EdgeScores of every existing edge: into a head its q / k / v parts (from a residual-writing source) and
     their sum, into any other target one whole edge."""
+    targets: list[NodeId] = []
+    column = []  # row -> its target's index
+    for row in m.rows:
+        if not targets or targets[-1] != row.node:
+            targets.append(row.node)
+        column.append(len(targets) - 1)
+    pick = torch.zeros((len(m.rows), len(targets)), dtype=torch.float64)
+    pick[torch.arange(len(m.rows)), torch.tensor(column)] = 1.0
+    whole = ((m.mean * m.linked) @ pick).tolist()  # [U, targets]: the sum of each target's rows
+    exists = (m.linked.double() @ pick > 0).tolist()
     mean, linked_ = m.mean.tolist(), m.linked.tolist()
-    groups: list[tuple[str, bool, list[tuple[int, str]]]] = []
-    for j, row in enumerate(m.rows):
-        if groups and groups[-1][0] == row.node.name:
-            groups[-1][2].append((j, row.channel))
-        else:
-            groups.append((row.node.name, row.node.kind is NodeKind.HEAD, [(j, row.channel)]))
+    parts = [[j for j, c in enumerate(column) if c == t] if targets[t].kind is NodeKind.HEAD else []
+             for t in range(len(targets))]
+    names = [t.name for t in targets]
+    channels = [r.channel for r in m.rows]
     out: list[EdgeScore] = []
     add = out.append
     for si, s in enumerate(m.sources):
-        weights, links, name, parts = mean[si], linked_[si], s.name, s.kind not in QKV
-        for target, head, cols in groups:
-            live = [(j, c) for j, c in cols if links[j]]
-            if not live:
+        name, split, weights, links, sums = s.name, s.kind not in QKV, mean[si], linked_[si], whole[si]
+        for t, there in enumerate(exists[si]):
+            if not there:
                 continue
-            if head and parts:
-                for j, c in live:
-                    add(EdgeScore(name, target, weights[j], None, c))
-            add(EdgeScore(name, target, sum(weights[j] for j, _ in live)))
+            if split:
+                for j in parts[t]:
+                    if links[j]:
+                        add(EdgeScore(name, names[t], weights[j], None, channels[j]))
+            add(EdgeScore(name, names[t], sums[t]))
     return out

@@ -21,6 +21,9 @@ from atpdsl.arch import Arch, Geometry, arch_for_config, geometry
 from atpdsl.errors import ModelError
 from atpdsl.plan import ModelRef
 from atpdsl.engine.data import where_text
+from atpdsl.engine.placement import (
+    attention_for, dispatched, input_device, load_options, named_weights, readable_weights,
+)
 
 __all__ = ["Loaded", "load_model", "wrap_model", "DTYPES", "check_config_sizes", "check_finite_weights"]
 
@@ -240,7 +243,7 @@ def _check_loading_info(ref: ModelRef, location: str, info: Mapping[str, Any]) -
 
 def check_finite_weights(hf: Any, origin: str) -> None:
     """ModelError naming the first parameter that holds a NaN or an infinity (every result would be meaningless)."""
-    for name, param in hf.named_parameters():
+    for name, param in named_weights(hf):  # offloaded weights too, read one at a time (engine.placement)
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
             nans = int(torch.isnan(param).sum())
             infs = int(torch.isinf(param).sum())
@@ -269,7 +272,7 @@ def _load_weights(ref: ModelRef, location: str, local: bool, kw: dict[str, Any],
     from transformers import AutoModelForCausalLM
 
     try:
-        hf, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="eager",
+        hf, info = AutoModelForCausalLM.from_pretrained(location, **load_options(ref, dtype),
                                                         output_loading_info=True, ignore_mismatched_sizes=True, **kw)
     except _LOAD_ERRORS as err:
         if isinstance(err, OSError) and not local:
@@ -318,27 +321,30 @@ def load_model(ref: ModelRef, *, trust_remote_code: bool | None = None) -> Loade
     with _quiet_transformers():
         hf = _load_weights(ref, location, local, kw, dtype)
         tok = _load_tokenizer(ref, location, local, kw)
-    return wrap_model(hf, tok, device=device, location=location, revision=ref.revision, config=cfg)
+    return wrap_model(hf, tok, device=None if dispatched(hf) else device, location=location, revision=ref.revision,
+                      config=cfg, attention=attention_for(ref))
 
 
 def wrap_model(hf, tokenizer, *, device: torch.device | str | None = None, location: str = "<in memory>",
-               revision: str | None = None, config: dict[str, Any] | None = None) -> Loaded:
+               revision: str | None = None, config: dict[str, Any] | None = None, attention: str = "eager") -> Loaded:
     """Prepare a transformers causal LM for the engine (also for tests and benchmarks on in-memory models).
 
-    Forces eager attention (save_pretrained does not keep it and the QK fix reads the pattern), eval mode
-    (no dropout) and frozen parameters (the engine makes the embedding output require grad instead).
+    Sets the attention implementation (eager unless told: save_pretrained does not keep it and the QK fix reads
+    the pattern), eval mode (no dropout) and frozen parameters (the engine makes the embedding output require grad
+    instead). A model accelerate placed over devices stays where it is; inputs go to its first device.
     """
     import nnsight
 
     cfg = config if config is not None else hf.config.to_dict()
     arch = arch_for_config(cfg)
     geom = geometry(cfg)
-    hf.set_attn_implementation("eager")
+    hf.set_attn_implementation(attention)  # eager unless the plan reads no pattern (engine.placement)
+    readable_weights(hf)  # accelerate's disk offload: weights read outside a forward are loaded on demand
     hf.eval()
     hf.requires_grad_(False)
     if device is not None:
         hf.to(device)
-    dev = next(hf.parameters()).device
+    dev = input_device(hf)
     dtype = next(hf.parameters()).dtype
     pad = tokenizer.pad_token_id
     if pad is None:

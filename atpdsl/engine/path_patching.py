@@ -18,6 +18,7 @@ module is not known are not path-patched (NaN).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -275,7 +276,7 @@ def _run_patches(ctx: Context, batch, refs: BatchRefs, patches: list[_Patch | No
                     value[copy * b:(copy + 1) * b] = patches[j].value.to(value.dtype)
                     mask[copy * b:(copy + 1) * b] = patches[j].mask
             sites.append(by_key[key])
-            fns[key] = (lambda m, v: (lambda x: torch.where(m, v.to(x.dtype), x)))(mask, value)
+            fns[key] = _replacer(mask, value)
         sites.sort(key=lambda s: s.order)
         with torch.no_grad():
             res = run_trace(ctx.model, inputs_of(batch, k), sites, patches=fns, last_pos=metric.repeat(k).pos,
@@ -284,6 +285,14 @@ def _run_patches(ctx: Context, batch, refs: BatchRefs, patches: list[_Patch | No
         pairs = refs.clean_rows.shape[0]
         out[:, chunk] = (values.double().view(k, pairs) - refs.clean_rows.double().view(1, pairs)).T.cpu()
     return out
+
+
+def _replacer(mask: torch.Tensor, value: torch.Tensor):
+    """A patch function: `value` where `mask` is True, the run's own value elsewhere."""
+    def patch(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, value.to(x.dtype), x)
+
+    return patch
 
 
 def verify_edges_step(state, step, work=None) -> None:
@@ -307,7 +316,7 @@ def verify_edges_step(state, step, work=None) -> None:
     effects = path_patch(state.ctx, todo, progress=tick).mean(0)
     skipped = []
     for i, value in zip(picked, effects.tolist()):
-        if value != value:  # NaN: this kind of edge is not path-patched
+        if math.isnan(value):  # this kind of edge is not path-patched
             skipped.append(f"{edges[i].source}->{edges[i].target}")
             continue
         edges[i] = replace(edges[i], verified=float(value))

@@ -61,6 +61,7 @@ def provenance(plan: Plan, loaded: Loaded) -> tuple[tuple[str, str | int | float
         ("architecture", loaded.arch.name),
         ("dtype", plan.model.dtype),
         ("device", str(loaded.device)),
+        ("threads", torch.get_num_threads()),
         ("seed", plan.seed),
         ("trust_remote_code", bool(plan.model.trust_remote_code)),
         ("atpdsl", __version__),

@@ -108,12 +108,14 @@ class ExtraSites:
     def __init__(self, have: set[str]):
         self.have = have
         self.sites: dict[str, TraceSite] = {}
+        self.shared: set[str] = set()  # node sites a step asked for too (their values and gradients are kept)
 
     def add(self, key: str, module: str, attr: str, order: tuple[int, int], item: int | None = None,
             grad: bool = True) -> str:
         """Add a site unless the plan or an earlier step has it (then only ask for its gradient too, if `grad`);
         returns its key."""
         if key in self.have:
+            self.shared.add(key)
             return key
         old = self.sites.get(key)
         if old is None:

@@ -23,13 +23,18 @@ import torch
 
 from atpdsl.engine.metrics import pick
 
-__all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "resolve", "FAST_BACKWARD"]
+__all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "run_streamed", "resolve", "FAST_BACKWARD", "REMOTE"]
 
 # Plain backward blocks (no gradient edits) over module sites take the fast path: nnsight's cache records the
 # sites during the one clean trace and torch.autograd.grad runs right after it (nnsight.md section 4, fix B),
 # instead of one request per site inside `with metric.backward()`; ~3 ms per batch less on stories260K.
 # Blocks that edit gradients (GradDrop) and `.source` sites always run inside the trace.
 FAST_BACKWARD = True
+
+REMOTE: bool | str = False
+"""Where traces run: False here, "local" through nnsight's remote path simulated here (serialised, user modules
+hidden), True on NDIF. Set for one run by atpdsl.engine.remote; remote traces take the general path (`_requested`):
+the backward runs inside the trace, since tensors come back from the server without their graph."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,10 @@ def run_trace(
     everywhere: values, gradients and `live` (views spliced into the forward as the module's value).
     """
     patches = patches or {}
+    if REMOTE:
+        if keep_graph:
+            raise ValueError("keep_graph needs the graph here: not with remote traces")
+        return _requested(model, inputs, sites, embed, patches, metric, last_pos, backwards, keep)
     if keep_graph:
         if not backwards or metric is None or patches or any(s.source for s in sites) or any(b.zero for b in backwards):
             raise ValueError("keep_graph needs a metric, plain backward blocks, module sites and no patches")
@@ -161,7 +170,7 @@ def _requested(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
     rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
     points, units = _hook_points(sites)
     grad_keys = {s.key for s in sites if s.grad}
-    with model.trace(dict(inputs), use_cache=False):
+    with model.trace(dict(inputs), use_cache=False, remote=REMOTE):
         if backwards and embed is not None:
             model.get(embed).output.requires_grad_(True)
         acts = nnsight.save({})
@@ -333,3 +342,60 @@ def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[
     acts, grads = _unflatten(sites, {s.key: v.detach() for s, v in zip(sites, values)}, grads, rows)
     live = {s.key: shaped.get(s.point, v) for s, v in zip(sites, values)} if keep_graph else {}
     return TraceOut(acts=acts, grads=grads, metric=out[0].detach(), last=out[1], backward_s=backward_s, live=live)
+
+
+def _stream_point(group: list[TraceSite], value, rows: torch.Tensor, keep: frozenset[str], held: dict, grads: dict,
+                  on_value: Callable, on_grad: Callable) -> None:
+    """Inside a trace: hand one hook point's sites to `on_value` and hook their tensors' gradients (one hook per
+    tensor; the hook sees the whole gradient once the backward has added up every use of the tensor)."""
+    hooked: dict[int, list[TraceSite]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for s in group:
+        v = value[s.item] if s.item is not None else value
+        shaped = _as_bsw(s, v, rows).detach()
+        if s.key in keep:
+            held[s.key] = shaped
+        on_value(s.key, shaped)
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            hooked.setdefault(id(v), []).append(s)
+            tensors[id(v)] = v
+    for tid, members in hooked.items():
+        def hook(g: torch.Tensor, members: list[TraceSite] = members) -> None:
+            for s in members:
+                shaped = _as_bsw(s, g, rows)
+                if s.key in keep and s.grad:
+                    grads[s.key] = shaped
+                on_grad(s.key, shaped)
+
+        tensors[tid].register_hook(hook)
+
+
+def run_streamed(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite], *, embed: str,
+                 metric: Callable[[torch.Tensor], torch.Tensor], last_pos: torch.Tensor | None,
+                 on_value: Callable[[str, torch.Tensor], None], on_grad: Callable[[str, torch.Tensor], None],
+                 keep: frozenset[str] = frozenset(), before_backward: Callable[[dict], None] | None = None,
+                 block: str = "main") -> TraceOut:
+    """One forward + backward from the metric that hands each site's value to `on_value` as the forward makes it
+    and its gradient to `on_grad` as the backward reaches it, so that no caller holds every site's value and
+    gradient at once (the memory of a run then stays near one forward + backward: atpdsl.memory). Sites in
+    `keep` also come back as `run_trace` returns them (values, and gradients in block `block`). Flat sites are
+    seen as [b, S, W]. `before_backward(kept values)` runs between the two (the value checks)."""
+    rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
+    points, _ = _hook_points(sites)
+    held: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    out: list = [None, None, None]  # metric rows (graph attached), logits at last_pos, embedding output
+    with model.trace(dict(inputs), use_cache=False):
+        out[2] = model.get(embed).output.requires_grad_(True)
+        for point, group in points:
+            _stream_point(group, resolve(model, *point), rows, keep, held, grads, on_value, on_grad)
+        logits = model.output.logits
+        out[0] = metric(logits)
+        if last_pos is not None:
+            out[1] = pick(logits, last_pos).detach()
+    if before_backward is not None:
+        before_backward(held)
+    t0 = time.perf_counter()
+    torch.autograd.grad(out[0].sum(), [out[2]])  # the hooks do the work; the embedding's gradient is dropped
+    backward_s = time.perf_counter() - t0
+    return TraceOut(acts=held, grads={block: grads}, metric=out[0].detach(), last=out[1], backward_s=backward_s)

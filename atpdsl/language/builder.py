@@ -253,6 +253,9 @@ class Builder:
     def batch(self, meta, children):
         return n.Batch(children[0], self._span(meta))
 
+    def batch_word(self, meta, children):
+        return self._ident(children[0])
+
     def seed(self, meta, children):
         return n.Seed(children[0], self._span(meta))
 

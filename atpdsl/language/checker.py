@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from atpdsl.language import syntax as n
+from atpdsl.language.checker_memory import model_setting_problems
 from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote, warning
 from atpdsl.language.edge_check import check_edges
 from atpdsl.language.export_check import check_exports
@@ -128,6 +129,7 @@ class _Checker:
         model, diags = resolve_model(stmt, self.base_dir, values.get("revision"))
         self.model = model
         self.add(diags)
+        self.add(model_setting_problems(stmt, values, model))
 
     def seed_value(self) -> int:
         stmt = self.first(n.Seed)
@@ -220,7 +222,11 @@ class _Checker:
 
     def check_numbers(self) -> None:
         for stmt in self.spec.of(n.Batch)[:1]:
-            if not BATCH.accepts(stmt.value.value):
+            if isinstance(stmt.value, n.Ident):
+                if stmt.value.name != "auto":
+                    self.add(error("E106", f"`batch` must be a positive integer or `auto`, got {quote(stmt.value.name)}",
+                                   stmt.value.span))
+            elif not BATCH.accepts(stmt.value.value):
                 self.add(error("E106", f"`batch` must be {BATCH.describe(stmt.value.value)}, got {stmt.value.shown}", stmt.value.span))
         for stmt in self.spec.of(n.Seed)[:1]:
             if not SEED.accepts(stmt.value.value):

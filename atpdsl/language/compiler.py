@@ -20,6 +20,8 @@ from atpdsl.plan import (
     SourceRef, Verification,
 )
 from atpdsl.lowering import edges_allowed, lower_steps, node_count
+from atpdsl.language.checker_memory import with_memory_plan
+from atpdsl.memory import parse_size
 from atpdsl.registry import DIAGNOSE_SETTINGS, DTYPES, SWITCHES, VERIFY_BUDGET_DEFAULT
 
 __all__ = [
@@ -89,8 +91,11 @@ def _model(result: CheckResult, stmt: n.Model) -> ModelRef:
         revision=values.get("revision"),
         dtype=DTYPES[values.get("dtype", "float32")],
         device=values.get("device", "cpu"),
-        attention=values.get("attention", "eager"),
+        attention=values.get("attention", "auto"),
         where=_where(stmt.span),
+        memory=parse_size(values["memory"]) if "memory" in values else None,
+        remote=SWITCHES.get(str(values.get("remote", "off")), False),
+        offload=values.get("offload"),
     )
 
 
@@ -180,7 +185,7 @@ def build_plan(result: CheckResult) -> Plan:
     aggregate = aggregate_stmt.value.name if aggregate_stmt else "mean_abs"
     method = _method(first(n.Method), aggregate)
     groups = _groups(first(n.Nodes))
-    batch_stmt, seed_stmt = first(n.Batch), first(n.Seed)
+    batch_stmt, seed_stmt, edge_plan = first(n.Batch), first(n.Seed), edge_settings(spec)
     select_stmt, verify_stmt, diagnose_stmt = first(n.Select), first(n.Verify), first(n.Diagnose)
     selection = Selection(select_stmt.kind.name, select_stmt.value.value) if select_stmt else None
     verification = _verification(verify_stmt, selection)
@@ -194,13 +199,13 @@ def build_plan(result: CheckResult) -> Plan:
     sites: tuple[str, ...] = ()
     if info is not None and info.arch is not None and geom is not None:
         sites = tuple(info.arch.sites(groups, geom.n_layers))
-    batch = int(batch_stmt.value.value) if batch_stmt else 8
+    batch_auto = batch_stmt is not None and isinstance(batch_stmt.value, n.Ident)
+    batch = int(batch_stmt.value.value) if batch_stmt and not batch_auto else 8
     extras = _extras(result, batch, n_layers, nodes)
     edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name)
     extras.append(("edges_allowed", edges_ok))
-    edge_plan = edge_settings(spec)
     text = spec.source.text
-    return Plan(
+    plan = Plan(
         spec_file=spec.source.path or spec.source.name,
         spec_text=text,
         spec_hash=hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -222,10 +227,10 @@ def build_plan(result: CheckResult) -> Plan:
                           edges_ok=edges_ok, edge_settings=edge_plan),
         sites=sites,
         extras=tuple(extras),
-        geometry=geom,
+        geometry=geom, edges=edge_plan,
         warnings=tuple(render_concise([d]) for d in result.warnings),
-        edges=edge_plan,
     )
+    return with_memory_plan(result, plan, batch_auto)
 
 
 def compile_text(text: str, *, filename: str = "<string>", base_dir: str | Path = ".",

@@ -1,5 +1,5 @@
 """Check the edge statements: `select edges top K | threshold X | cumulative F [{ ig_steps N }]` and
-`verify edges top K` (E807 for their shape, E808 when the run computes no edges to select or verify), and turn
+`verify edges top K` (E807 for an unknown rule, E808 when the run computes no edges to select or verify), and turn
 them into the plan's EdgeSettings."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, erro
 from atpdsl.language.model_check import ModelInfo
 from atpdsl.language.settings_check import check_settings
 from atpdsl.plan import EdgeSettings, Selection
-from atpdsl.registry import EDGE_SETTINGS, EDGE_TARGETS, SELECT_KINDS, VERIFY_TOP
+from atpdsl.registry import EDGE_SETTINGS, SELECT_KINDS, VERIFY_TOP
 
 __all__ = ["check_edges", "edge_settings", "EDGE_METHODS"]
 
@@ -16,19 +16,8 @@ EDGE_METHODS = ("atp", "atp*", "relp")
 """The methods whose runs attribute edges (they read gradients); `exact` patches nodes only."""
 
 
-def _target(stmt: n.SelectEdges | n.VerifyEdges) -> list[Diagnostic]:
-    word = stmt.target.name
-    if word in EDGE_TARGETS:
-        return []
-    guess = did_you_mean(word, list(EDGE_TARGETS))
-    hint = f"did you mean {quote(guess)}?" if guess else f"e.g. `{stmt.keyword} top 20`"
-    head = stmt.keyword.split()[0]
-    return [error("E807", f"`{head}` takes a rule (`top`, `threshold`, `cumulative`) or `edges` and a rule, got "
-                          f"{quote(word)}", stmt.target.span, hint)]
-
-
 def _select(stmt: n.SelectEdges) -> list[Diagnostic]:
-    out = _target(stmt)
+    out: list[Diagnostic] = []
     info = SELECT_KINDS.get(stmt.kind.name)
     if info is None:
         guess = did_you_mean(stmt.kind.name, list(SELECT_KINDS))
@@ -42,7 +31,7 @@ def _select(stmt: n.SelectEdges) -> list[Diagnostic]:
 
 
 def _verify(stmt: n.VerifyEdges) -> list[Diagnostic]:
-    out = _target(stmt)
+    out: list[Diagnostic] = []
     if stmt.kind.name != "top":
         out.append(error("E807", f"`verify edges` takes `top K`, got {quote(stmt.kind.name)}", stmt.kind.span,
                          "e.g. `verify edges top 20`"))

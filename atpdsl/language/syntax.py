@@ -302,10 +302,10 @@ class Keep:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """`batch N`."""
+    """`batch N` or `batch auto` (an Ident)."""
 
     keyword: ClassVar[str] = "batch"
-    value: Num
+    value: Num | Ident
     span: Span
 
 

@@ -153,7 +153,7 @@ def document(res: "Result") -> dict[str, Any]:
         },
         "edges": {"columns": list(EDGE_COLUMNS), "rows": edges_table(result, res.graph.edges).rows},
         "resolved_tokens": result.extras.get("resolved_tokens"),
-        "warnings": result.extras.get("warnings") or [],
+        "warnings": result.extras.get("warnings"),
         "extras": {k: v for k, v in result.extras.items() if k not in _TOP_LEVEL_EXTRAS},
         "plan": plan_dict,
         "graph": nx.node_link_data(res.graph, edges="edges"),
@@ -205,6 +205,8 @@ def read_document(path: str | Path | IO[str]) -> dict[str, Any]:
         text = read_text(path)
     except OSError as error:
         raise DataError(f"cannot read result file {name!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{name}: not UTF-8 text (byte {error.start})") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as error:
@@ -226,9 +228,33 @@ def _tuple_or_none(values: Any) -> tuple[float, ...] | None:
     return None if values is None else tuple(float(v) for v in values)
 
 
+def _number(row: dict[str, Any], key: str, optional: bool = False) -> float | None:
+    """A row's numeric field (bool and text are not numbers); ValueError naming the field otherwise."""
+    value = row.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"field {key!r} of node {row.get('node')!r} is {value!r}, not a number")
+    return value
+
+
 def _run_result(doc: dict[str, Any], name: str) -> RunResult:
+    """The engine's numbers from a checked document; DataError naming the file for anything malformed."""
+    try:
+        return _run_result_unchecked(doc, name)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        what = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise DataError(f"{name}: malformed atpdsl result ({what})") from None
+
+
+def _run_result_unchecked(doc: dict[str, Any], name: str) -> RunResult:
     nodes = []
-    for row in doc["scores"]["rows"]:
+    rows = doc["scores"]["rows"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("scores.rows must be a list of objects")
+    for row in rows:
         try:
             node = parse_node(row["node"])
         except NodeNameError as error:
@@ -236,10 +262,10 @@ def _run_result(doc: dict[str, Any], name: str) -> RunResult:
         nodes.append(
             NodeScore(
                 node=node,
-                estimate=row["estimate"],
-                score=row["score"],
-                method=row["method"],
-                rank=row["rank"],
+                estimate=_number(row, "estimate", optional=True),
+                score=_number(row, "score"),
+                method=str(row["method"]),
+                rank=int(_number(row, "rank")),
                 per_pair=_tuple_or_none(row.get("per_pair")),
                 verified_effect=row.get("verified_effect"),
                 verified_per_pair=_tuple_or_none(row.get("verified_per_pair")),
@@ -247,8 +273,11 @@ def _run_result(doc: dict[str, Any], name: str) -> RunResult:
                 per_pair_score=_tuple_or_none(row.get("per_pair_score")),
             )
         )
-    edges = tuple(EdgeScore(e["source"], e["target"], e.get("weight"), e.get("verified_weight"),
-                            e.get("channel") or "") for e in doc.get("edges", {}).get("rows", []))
+    edge_rows = doc.get("edges", {}).get("rows", [])
+    if not isinstance(edge_rows, list) or not all(isinstance(e, dict) for e in edge_rows):
+        raise ValueError("edges.rows must be a list of objects")
+    edges = tuple(EdgeScore(str(e["source"]), str(e["target"]), e.get("weight"), e.get("verified_weight"),
+                            e.get("channel") or "") for e in edge_rows)
     fn = doc.get("false_negatives")
     bound = None
     if fn is not None:
@@ -294,9 +323,20 @@ def _aggregate(doc: dict[str, Any]) -> str:
 
 
 def load_result(path: str | Path | IO[str]) -> Result:
-    """A whole Result from a JSON result (plan rebuilt when its shape still matches)."""
+    """A whole Result from a JSON result (plan rebuilt when its shape still matches); DataError naming the file
+    when it is not a well-formed atpdsl result."""
     doc = read_document(path)
     name = getattr(path, "name", str(path))
+    try:
+        return _load(doc, name)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, nx.NetworkXError) as error:
+        what = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise DataError(f"{name}: malformed atpdsl result ({what})") from None
+
+
+def _load(doc: dict[str, Any], name: str) -> Result:
     run_result = _run_result(doc, name)
     sel = doc["selection"]
     outcome = SelectionOutcome(

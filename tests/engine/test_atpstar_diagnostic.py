@@ -12,6 +12,9 @@ only when no other copy is drawn. The node matters alone and hides in subsets.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +110,7 @@ def test_suspects_are_measured_exactly_and_set_the_bound(planted):
         assert s.effect == pytest.approx(exact[s.node], abs=1e-5)
     column = next(c for c in run.measured if ctx.table.nodes[c].name == PLANTED)
     assert float(run.measured[column].mean()) == pytest.approx(exact[PLANTED], abs=1e-5)
+    json.dumps([run.summary, dataclasses.asdict(b)], allow_nan=False)  # standard JSON for the outputs
 
 
 def test_bound_is_tight_once_the_planted_node_is_verified(planted):

@@ -74,7 +74,7 @@ def test_query_key_value_sources_and_targets_equal_plain_pytorch(name, unit):
     and a value feed their own head (a summed head: through every query); as targets, their input is their own
     projection columns."""
     names = [f"L0.{unit}1.k@8", "L0.H1.q@11", f"L1.{unit}0.v", "L0.H2@11", "L0.H3@11", "L0.H1@11", "L1.H0", "L1.H1"]
-    worst, biggest, checked, m = _compare(_loaded(name), tm.TINY_PAIRS[1:], names, batch=2)
+    worst, biggest, _, m = _compare(_loaded(name), tm.TINY_PAIRS[1:], names, batch=2)
     qkv = sum(1 for i, s in enumerate(m.sources) if s.kind in QKV for j in range(len(m.rows)) if m.linked[i, j])
     assert qkv >= (4 if unit == "G" else 3) and biggest > 1e-3 and worst < 1e-5, (worst, biggest, qkv)
 

@@ -20,6 +20,7 @@ import torch
 from engine_support import STORIES, NodeGroup, make_plan, stories_pairs, tiny_folder, tm
 
 from atpdsl.engine import emit_python, execute
+from atpdsl.language.compiler import compile_text
 from atpdsl.plan import Diagnosis, MethodSpec, MetricArg, MetricSpec, Verification
 
 TOLERANCE = 1e-6
@@ -100,40 +101,79 @@ def assert_reproduces(got: dict, result) -> float:
 NODES = (NodeGroup("heads"), NodeGroup("queries"), NodeGroup("keys"), NodeGroup("values"),
          NodeGroup("neurons", (1, 1), (3, 7, 11)), NodeGroup("attn"), NodeGroup("mlp"), NodeGroup("resid", (0, 0)))
 SUBLAYER = MethodSpec("atp*", qk_fix=True, graddrop=True, graddrop_mode="sublayer", norm_fix=True)
-KL = MetricSpec("kl")
+# whole answers (teacher-forced, one model row per answer) from words of the tiny vocabulary
+SEQUENCE_PAIRS = [dict(p, answer=a, wrong=w) for p, (a, w) in
+                  zip(tm.TINY_PAIRS, [("john gave", "mary gave"), ("mat and", "park and"), ("was a", "is a")])]
+SEQUENCE = MetricSpec("logit_diff", (MetricArg("answer", sequence=True), MetricArg("wrong", sequence=True)))
 CASES = {
-    # name: (architecture, method, verify top, eval metric, diagnose)
-    "llama-atp": ("llama", MethodSpec("atp"), 4, None, True),
-    "llama-atpstar-layer": ("llama", MethodSpec("atp*", qk_fix=True, graddrop=True), None, None, False),
-    "llama-atpstar-sublayer-norm": ("llama", SUBLAYER, 4, KL, False),
-    "llama-exact": ("llama", MethodSpec("exact"), 3, None, False),
-    "gpt2-atpstar-sublayer-norm": ("gpt2", SUBLAYER, 3, None, False),
-    "gpt2-exact-eval": ("gpt2", MethodSpec("exact"), 3, MetricSpec("prob", (MetricArg("answer"),)), False),
-    "neox-atpstar-sublayer-norm": ("neox", SUBLAYER, None, None, False),
-    "neox-atpstar-layer": ("neox", MethodSpec("atp*", qk_fix=True, graddrop=True, norm_fix=True), 2, None, False),
+    # name: (architecture, make_plan arguments)
+    "llama-atp": ("llama", dict(verification=Verification(4), diagnosis=Diagnosis(samples=8))),
+    "llama-atpstar-layer": ("llama", dict(method_spec=MethodSpec("atp*", qk_fix=True, graddrop=True))),
+    "llama-atpstar-sublayer-norm": ("llama", dict(method_spec=SUBLAYER, verification=Verification(4),
+                                                  eval_metric=MetricSpec("kl"))),
+    "llama-exact": ("llama", dict(method_spec=MethodSpec("exact"), verification=Verification(3))),
+    "llama-sequence-metric": ("llama", dict(method_spec=SUBLAYER, metric=SEQUENCE, pairs=SEQUENCE_PAIRS,
+                                            verification=Verification(2))),
+    "gpt2-atpstar-sublayer-norm": ("gpt2", dict(method_spec=SUBLAYER, verification=Verification(3))),
+    "gpt2-exact-eval": ("gpt2", dict(method_spec=MethodSpec("exact"), verification=Verification(3),
+                                     eval_metric=MetricSpec("prob", (MetricArg("answer"),)))),
+    "gpt2-graddrop-abs-mean": ("gpt2", dict(method_spec=MethodSpec("atp*", graddrop=True, aggregate="abs_mean"))),
+    "neox-atpstar-sublayer-norm": ("neox", dict(method_spec=SUBLAYER)),
+    "neox-atpstar-layer-per-pair": ("neox", dict(method_spec=MethodSpec("atp*", qk_fix=True, graddrop=True,
+                                                                        norm_fix=True, aggregate="per_pair"),
+                                                 verification=Verification(2))),
 }
+
+TEMPLATE = """model {model}
+template {{
+    text    "when {{a}} and mary went to the store mary gave a bottle to"
+    slot    a ["john", "tom"]
+    corrupt a ["the big dog"]
+    answer  "mary"
+    wrong   "john"
+    count   2
+}}
+metric logit_diff(answer, wrong) at last
+nodes {{
+    heads layers 1 per position
+    keys layers 1 per position
+    mlp
+}}
+method atp* {{ qk_fix on  graddrop per sublayer  norm_fix on }}
+batch 1
+verify top 4
+"""
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Every tiny case: its plan, execute()'s result and the emitted program's output."""
+    """Every tiny case (and a template whose slot values differ in length between clean and corrupt, compiled from
+    a spec): its plan, its program and the program's output."""
     root = tmp_path_factory.mktemp("emit")
-    plans, programs = {}, {}
-    for name, (arch, method, top, eval_metric, diagnose) in CASES.items():
-        plan = make_plan(tiny_folder(arch, str(root)), tm.TINY_PAIRS, NODES, method_spec=method, batch=2,
-                         verification=Verification(top) if top else None, eval_metric=eval_metric,
-                         diagnosis=Diagnosis(samples=8) if diagnose else None)
-        plans[name] = plan
-        programs[name] = emit_python(plan)
+    plans = {}
+    for name, (arch, kw) in CASES.items():
+        kw = dict(kw)
+        plans[name] = make_plan(tiny_folder(arch, str(root)), kw.pop("pairs", tm.TINY_PAIRS), NODES, batch=2, **kw)
+    plans["llama-template-slots"] = compile_text(TEMPLATE.format(model=json.dumps(str(tiny_folder("llama", str(root))))),
+                                                 base_dir=root)
+    programs = {name: emit_python(plan) for name, plan in plans.items()}
     ran = run_programs(root, programs)
-    return {name: (plans[name], programs[name], ran[name]) for name in CASES}
+    return {name: (plans[name], programs[name], ran[name]) for name in plans}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, "llama-template-slots"])
 def test_emitted_program_reproduces_execute_on_tiny_models(tiny_runs, case):
     plan, _, got = tiny_runs[case]
     worst = assert_reproduces(got, execute(plan))
     print(f"{case}: {len(got['nodes'])} nodes, max |program - execute()| {worst:.1e}")
+
+
+def test_template_slots_of_different_lengths_are_aligned(tiny_runs):
+    """The template case is what it claims: clean and corrupt prompts of different lengths, per-position nodes
+    named by slot."""
+    plan, _, got = tiny_runs["llama-template-slots"]
+    assert all(len(p.clean.split()) != len(p.corrupt.split()) for p in plan.pairs)
+    assert "L1.H0@a" in got["nodes"]
 
 
 def test_the_corrections_change_the_numbers(tiny_runs):

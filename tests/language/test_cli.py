@@ -380,3 +380,20 @@ def test_terminal_bars_show_phases_in_the_order_they_start():
     assert order == sorted(order)
     for count in ("2/2 batches", "5/5 terms", "12/12 nodes", "200/200 samples"):
         assert count in text
+
+
+def test_a_phase_that_grows_after_its_end_goes_on_reporting():
+    """Adaptive verification adds nodes after a round ends: the new total is reported, the repeated end is not."""
+    import io
+
+    from rich.console import Console
+
+    from atpdsl.cli.progress import ProgressBars
+
+    clock, stream = _Clock(), io.StringIO()
+    with ProgressBars(Console(file=stream, width=200), clock=clock) as bars:
+        for done, total in ((0, 2), (1, 2), (2, 2), (2, 2), (3, 5), (5, 5)):
+            clock.now += 1.0
+            bars("verify", done, total)
+    counts = [line.split(": ")[1].split(",")[0] for line in stream.getvalue().splitlines()]
+    assert counts == ["0/2 nodes", "1/2 nodes", "2/2 nodes", "3/5 nodes", "5/5 nodes"]

@@ -85,8 +85,13 @@ def _text(mod: _Module, node: ast.stmt, omit: set[str]) -> str:
         nxt = mod.tree.body[index + 1]
         if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
             last = nxt.end_lineno or last
-    cut = [_span(c) for c in getattr(node, "body", []) if isinstance(node, ast.ClassDef)
-           and isinstance(c, ast.FunctionDef) and f"{node.name}.{c.name}" in omit]
+    cut = []
+    for child in node.body if isinstance(node, ast.ClassDef) else ():
+        if isinstance(child, ast.FunctionDef) and f"{node.name}.{child.name}" in omit:
+            a, b = _span(child)
+            while b < last and not mod.lines[b].strip():  # and the blank lines after it
+                b += 1
+            cut.append((a, b))
     return "\n".join(mod.lines[i - 1] for i in range(first, last + 1) if not any(a <= i <= b for a, b in cut))
 
 

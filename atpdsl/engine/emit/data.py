@@ -32,9 +32,12 @@ def _layout(layout: Layout) -> list[int]:
     return [layout.count, layout.width, layout.start, layout.stride, layout.offset]
 
 
-def _units(units: tuple[int, ...]):
-    return IntRange(units[0], units[-1] + 1) if len(units) > 8 and list(units) == list(
-        range(units[0], units[-1] + 1)) else list(units)
+def _ints(values) -> list[int] | IntRange:
+    """A list of ints, written as a range when it is a long run of consecutive numbers."""
+    values = list(values)
+    if len(values) > 8 and values == list(range(values[0], values[0] + len(values))):
+        return IntRange(values[0], values[0] + len(values))
+    return values
 
 
 def _metric(spec: MetricSpec | None) -> dict | None:
@@ -51,7 +54,7 @@ def _pairs(prep: Prepared) -> list[dict]:
     for p, text in zip(prep.state.ctx.pairs, prep.plan.pairs):
         out.append({
             "origin": p.origin, "clean_text": text.clean, "corrupt_text": text.corrupt, "clean": list(p.clean),
-            "corrupt": list(p.corrupt), "cmap": list(p.cmap), "metric_pos": p.metric_pos,
+            "corrupt": list(p.corrupt), "cmap": _ints(p.cmap), "metric_pos": p.metric_pos,
             "corrupt_metric_pos": p.corrupt_metric_pos, "eval_pos": p.eval_pos, "corrupt_eval_pos": p.corrupt_eval_pos,
             "answers": list(p.answers), "eval_answers": list(p.eval_answers),
             "slot_last": [[n, t] for n, t in p.slot_last], "tails": [list(t) for t in p.tails],
@@ -72,7 +75,7 @@ def _blocks(prep: Prepared) -> list[dict]:
         grouped = b.kind in ("keys", "values") and geom.grouped
         template = NodeId(site.layer, NodeKind(b.kind), None if whole else _SENTINEL, None, grouped).name
         template = template.replace(str(_SENTINEL), "{unit}")
-        out.append({"site": b.site, "kind": b.kind, "layout": _layout(b.layout), "units": _units(b.units),
+        out.append({"site": b.site, "kind": b.kind, "layout": _layout(b.layout), "units": _ints(b.units),
                     "per_position": b.per_position, "first": b.first, "n_positions": b.n_positions, "name": template})
         for u in b.units:
             base = template.replace("{unit}", str(u))

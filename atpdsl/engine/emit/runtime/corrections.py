@@ -81,7 +81,7 @@ class TracedGradDrop(GradDrop):
         data = ctx.data["graddrop"]
         zero = frozenset(data["cut_writes"][self.terms.index(term)])
         wanted = set(below)
-        units = [u for u in data["grad_units"] if u[0] in zero or wanted & set(u)]
+        units = [u for u in data["grad_units"] if (zero | wanted) & set(u)]
         _, grads, _, _ = forward_backward(ctx.model, batch.clean, data["reads"], ctx.data["embed"],
                                           metric_fn(ctx, batch), batch.reads.pos, units, zero)
         return {k: grads.get(k) for k in below}, cut

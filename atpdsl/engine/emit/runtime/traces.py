@@ -64,7 +64,7 @@ def forward_backward(model, inputs: dict, reads: list, embed: str, metric, last_
         with values.sum().backward():
             for unit in grad_units:
                 head = unit[0]
-                if head in zero:
+                if zero.intersection(unit):
                     acts[head].grad = torch.zeros_like(acts[head].grad)
                 else:
                     grad = acts[head].grad
