@@ -85,6 +85,8 @@ def edges_allowed(arch, config, method: str) -> bool:
     """Whether the architecture record (atpdsl.arch) lets this model have edges with this method."""
     if arch is None or config is None:
         return True
+    if config.get("_atpdsl_remote"):  # NDIF: the edges read weights outside a trace (atpdsl.engine.remote)
+        return False
     from atpdsl.arch import support_problems
 
     return not support_problems(arch, config, method, features=("edges",))

@@ -175,15 +175,17 @@ def induction() -> None:
             for m in mats.values():
                 est = [float(m.mean[a, b]) for a, b in cand]
                 cells.append(f"{est[top]:+.3f} ({_rank_of(est, top)})")
-            name = f"{ref.sources[i].name} -> {ref.rows[j].channel}"
+            name = f"{ref.sources[i].name} ({ref.rows[j].channel or 'whole'})"
             print(f"| {head} | {name} | {measured[top]:+.3f} | " + " | ".join(cells) + " |")
-            for k, (a, b) in enumerate(cand):
-                if ref.sources[a].name.startswith("L0.H0@") and ref.rows[b].channel == "k" and abs(measured[k]) > 1e-3:
-                    prev_rows.append((head, ref.sources[a].name, measured[k],
-                                      [float(m.mean[a, b]) for m in mats.values()]))
-        print(f"previous-token head (L0.H0) -> induction head key, measured | {' | '.join(mats)}:")
-        for head, src, meas, ests in prev_rows or [("-", "none above 1e-3", 0.0, [])]:
-            print(f"  {src} -> {head}.k: {meas:+.3f} | " + " | ".join(f"{e:+.3f}" for e in ests))
+            prev = [k for k, (a, b) in enumerate(cand)
+                    if ref.sources[a].name.startswith("L0.H0@") and ref.rows[b].channel == "k"]
+            k = max(prev, key=lambda x: abs(measured[x]))
+            a, b = cand[k]
+            prev_rows.append((head, ref.sources[a].name, measured[k], [float(m.mean[a, b]) for m in mats.values()]))
+        print(f"\nstrongest previous-token head (L0.H0) edge into each induction head's key: measured | "
+              f"{' | '.join(mats)}")
+        for head, src, meas, ests in prev_rows:
+            print(f"  {src} -> {head} (k): {meas:+.3f} | " + " | ".join(f"{e:+.3f}" for e in ests))
 
 
 # ----------------------------------------------------------------------------------------------------- quality

@@ -8,12 +8,14 @@ SmolLM2-135M IOI and induction pairs, 270 heads + 30 MLP outputs summed over pos
 engine's `method exact` on every node of every pair. RelP runs as `method atp` inside `relp_context`, so this
 script does not depend on how `method relp` is wired into the engine.
 
-Run: .venv/bin/python benchmarks/eval_methods.py [--quick] [--threads 1] [--markdown benchmarks/eval_table.md]
-     [--tasks stories,ioi,induction] [--stories-pairs 20] [--smollm2-pairs 10]
+Run: .venv/bin/python benchmarks/eval_methods.py [--quick] [--threads 1] [--ablation] [--markdown PATH]
+     [--json PATH] [--tasks stories,ioi,induction] [--methods AtP,RelP,...] [--stories-pairs 20]
+     [--smollm2-pairs 10]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -76,7 +78,7 @@ def run_truth(plan, loaded) -> tuple[M.Truth, float, object]:
     return truth, time.perf_counter() - t0, res
 
 
-def run_method(name: str, plan, loaded, truth: M.Truth, kinds: frozenset[str]) -> M.Score:
+def run_method(name: str, plan, loaded, truth: M.Truth) -> M.Score:
     spec, rules = METHODS[name]
     t0 = time.perf_counter()
     if rules is None:
@@ -85,7 +87,7 @@ def run_method(name: str, plan, loaded, truth: M.Truth, kinds: frozenset[str]) -
         with relp_context(loaded, rules):
             res = execute(replace(plan, method=spec), loaded=loaded)
     seconds = time.perf_counter() - t0
-    return M.score(name, res, truth, M.method_cost(spec, loaded.geom.n_layers, kinds), seconds)
+    return M.score(name, res, truth, M.method_cost(spec, plan.nodes, loaded.geom.n_layers), seconds)
 
 
 def evaluate(task: T.TaskSpec, loaded, methods: list[str]) -> tuple[list[M.Score], dict]:
@@ -100,7 +102,7 @@ def evaluate(task: T.TaskSpec, loaded, methods: list[str]) -> tuple[list[M.Score
     scores, failed = [], []
     for name in methods:
         try:
-            scores.append(run_method(name, plan, loaded, truth, frozenset(task.kinds)))
+            scores.append(run_method(name, plan, loaded, truth))
         except AtpError as err:  # reported in the table, not a crash: the other methods still count
             failed.append(f"{name}: {type(err).__name__}: {err}")
             log(f"[{task.name}] {name} failed: {err}")
@@ -119,7 +121,8 @@ def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -
     head = (["method", "cost"] + [f"r {k}" for k in kinds] + ["r all", "r all, top 10 verified",
             "worst rank/pair mean [min-max]", "x less/pair", "worst rank agg.", "x less agg."])
     rows = []
-    base = next((s.seconds for s in scores if s.method == "AtP"), None)
+    atp = next((s for s in scores if s.method == "AtP"), None)
+    base = atp.seconds if atp is not None else None
     if not markdown and base:
         head.insert(2, "timed")
     for s in scores:
@@ -129,7 +132,7 @@ def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -
             f"{s.pair_less:.1f}",
             str(s.dataset_worst), f"{s.dataset_less:.1f}"]
         if not markdown and base:
-            row.insert(2, f"{M.RELP_COST * s.seconds / base:.1f}")
+            row.insert(2, f"{atp.cost * s.seconds / base:.1f}")
         rows.append(row)
     title = (f"{task.name} ({task.about}): {info['nodes']} nodes, {info['pairs']} pairs, mean metric clean "
              f"{info['clean']:+.2f} / corrupt {info['corrupt']:+.2f}; exhaustive = {scores[0].exhaustive} "
@@ -142,7 +145,7 @@ def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = [title, "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths))]
     if base:
-        lines.insert(1, "  (timed: 4 x the method's wall time / AtP's in this run, a noisy stand-in for its cost)")
+        lines.insert(1, "  (timed: AtP's cost x the method's wall time / AtP's in this run, a noisy stand-in for its cost)")
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows] + ["  " + n for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -191,6 +194,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--ablation", action="store_true", help="also run RelP's rules one (or two) at a time")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
+    ap.add_argument("--json", type=Path, default=None, help="also write every measured number as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.tasks.split(",")
@@ -205,13 +209,18 @@ def main() -> None:
             sys.exit(f"SmolLM2 is not built at {T.SMOLLM2} (see ../shared/models/smollm2/build.py)")
         load(T.SMOLLM2, models)
     t_start = time.perf_counter()
-    text, md = [], []
+    text, md, raw = [], [], []
     for task in tasks_for(names, stories_pairs, smollm2_pairs, models):
         scores, info = evaluate(task, load(task.model, models), methods)
         text.append(table(task, scores, info, markdown=False) + top_nodes(info["truth"], scores, False))
         md.append(table(task, scores, info, markdown=True) + "\n" + top_nodes(info["truth"], scores, True))
         print(text[-1], flush=True)
+        raw.append({"task": task.name, "model": str(task.model), "pairs": list(task.pairs), "kinds": list(task.kinds),
+                    **{k: v for k, v in info.items() if k != "truth"}, "scores": [s.to_json() for s in scores]})
     log(f"total {time.perf_counter() - t_start:.0f} s with {args.threads} thread(s)")
+    if args.json is not None:
+        args.json.write_text(json.dumps(raw, indent=1))
+        log(f"wrote {args.json}")
     if args.markdown is not None:
         args.markdown.write_text("\n".join(md))
         log(f"wrote {args.markdown}")

@@ -8,48 +8,35 @@
   dataset score (mean over pairs of the ranking magnitude).
 - Pearson after `verify top 10`: the same over all kinds once the method's 10 best-ranked nodes (dataset
   ranking) carry their exact effects, as atpdsl reports verified nodes; costs 10 exact patches per pair more.
-- Cost of verified recall (Kramar et al. 2024's figure of merit), in forward-equivalents per pair: the method's
-  own cost (atpdsl.costs: corrupt forward 1, clean forward 1, backward 2, the QK fix, GradDrop's terms, the
-  norm fix) plus one exact patch per node walking down its ranking until the true top 10 are verified,
-  against exhaustive patching (2 + one forward per node).
+- Cost of verified recall (Kramar et al. 2024's figure of merit), in forward-equivalents of a batch: the
+  method's own attribution steps as atpdsl's plan counts them (corrupt forward, clean forward + backward, QK
+  fix, norm fix, GradDrop terms) plus one exact patch per node walking down its ranking until the true top 10
+  are verified, against exhaustive patching (2 + one forward per node).
 """
 from __future__ import annotations
 
 import functools
 import statistics
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 
-from atpdsl import costs
-from atpdsl.plan import MethodSpec
+from atpdsl.lowering import lower_steps
+from atpdsl.plan import MethodSpec, NodeGroup
 
 TOP = 10
-RELP_COST = costs.FORWARD * 2 + costs.BACKWARD  # two forwards, one backward (the paper's count), as AtP
 
 
-QK_KINDS = frozenset({"queries", "keys"})
-NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
+ATTRIBUTION_STEPS = frozenset({"corrupt_forward", "clean_backward", "qk_fix", "norm_fix", "graddrop_term"})
 
 
-def method_cost(spec: MethodSpec, n_layers: int, kinds: frozenset[str]) -> float:
-    """Forward-equivalents per batch of a method as atpdsl's plan counts them (atpdsl/lowering.py's steps from
-    atpdsl.costs): the QK fix only in layers with query or key nodes, the norm fix only when some node kind is
-    norm-fixed. RelP counts as plain AtP (two forwards, one backward)."""
-    cost = RELP_COST
-    qk = spec.qk_fix and bool(kinds & QK_KINDS)
-    if qk:
-        cost += costs.QK_FIX_PER_LAYER * n_layers
-    norm = spec.norm_fix and bool(kinds & (NORM_FIX_KINDS | (QK_KINDS if spec.qk_fix else frozenset())))
-    if norm:
-        cost += costs.norm_fix_cost(n_layers)
-    sides = ("layer",) if spec.graddrop_mode == "layer" else ("attn", "mlp")
-    terms = [(layer, side) for layer in range(n_layers) for side in sides] if spec.graddrop else []
-    for layer, side in terms:
-        cost += costs.graddrop_term_cost(layer, side, n_layers)
-        cost += costs.QK_FIX_PER_LAYER * layer if qk else 0.0
-        cost += costs.norm_fix_term_cost(layer, side, n_layers) if norm else 0.0
-    return cost
+def method_cost(spec: MethodSpec, groups: Sequence[NodeGroup], n_layers: int) -> float:
+    """Forward-equivalents per batch of a method's attribution steps as atpdsl's plan counts them
+    (atpdsl.lowering.lower_steps with the large-model limits of atpdsl.costs: no per-operation overheads).
+    RelP runs as `method atp` inside relp_context here and costs what AtP costs (two forwards, one backward)."""
+    steps = lower_steps(spec, groups, n_layers=n_layers, nodes=None, verification=None, diagnosis=None)
+    return sum(s.cost for s in steps if s.kind in ATTRIBUTION_STEPS)
 
 
 def pearson(a: list[float], b: list[float]) -> float:
@@ -106,6 +93,12 @@ class Score:
     @property
     def dataset_less(self) -> float:
         return self.exhaustive / (self.cost + self.dataset_worst)
+
+    def to_json(self) -> dict:
+        """Everything measured, without the per-node means (for --json)."""
+        out = asdict(self)
+        del out["means"]
+        return out
 
 
 def score(method: str, result, truth: Truth, cost: float, seconds: float) -> Score:

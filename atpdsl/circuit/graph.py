@@ -221,6 +221,7 @@ def graph_attributes(result: RunResult, outcome: SelectionOutcome, plan: Plan | 
         "selection_value_definition": outcome.value_definition,
         "n_selected": len(outcome.selected),
         "dropped_verified": ",".join(d.node for d in outcome.dropped),
+        "added_verified": ",".join(outcome.added),
         "edge_rule": "attribution" if result.edges else "residual",
     }
     if result.edges:

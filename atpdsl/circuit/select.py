@@ -70,7 +70,9 @@ class SelectionOutcome:
 
     `cut` is the |score| a node needed to be selected (X for `threshold X`, the smallest selected
     |score| for `top K` and `cumulative F`); verified nodes must also reach it with their measured
-    effect, else they are listed in `dropped` and left out of `selected`.
+    effect, else they are listed in `dropped` and left out of `selected`. A verified node the estimates
+    left out but whose measured effect reaches the cut joins the circuit and is listed in `added`:
+    exact patching outranks the estimate both ways.
     """
 
     kind: str
@@ -79,6 +81,7 @@ class SelectionOutcome:
     selected: tuple[str, ...]
     dropped: tuple[DroppedNode, ...] = ()
     aggregate: str = "mean_abs"
+    added: tuple[str, ...] = ()  # verified nodes below the estimates' cut whose measured effect reaches it
     of_edges: bool = False  # `select edges ...`: kind / value / cut are the edge rule's (on |edge weight|)
     edges: tuple[tuple[str, str, str], ...] = ()  # the circuit's edges (source, target, channel), when of_edges
     dropped_edges: tuple[tuple[str, str, str], ...] = ()  # path patching measured them below the cut
@@ -174,12 +177,13 @@ def select(
     result: RunResult, selection: Selection | None = None, *, aggregate: str = "mean_abs",
     edges: Selection | None = None,
 ) -> SelectionOutcome:
-    """Apply a selection rule to a run, then drop verified nodes whose measured effect misses the cut.
+    """Apply a selection rule to a run, then let exact patching correct it both ways.
 
     A node that was verified stays only if its measured magnitude (see `verified_magnitude`) is at
-    least the cut the estimates had to reach: exact patching outranks the estimate it checks.
-    Nodes are never added on the strength of verification alone. With an edge rule (`select edges ...`)
-    the circuit is the best edges instead, and the nodes they touch (`select_edges`).
+    least the cut the estimates had to reach; a verified node the estimates missed joins when its
+    measured magnitude reaches that cut (`added`): exact patching outranks the estimate it checks.
+    With an edge rule (`select edges ...`) the circuit is the best edges instead, and the nodes they
+    touch (`select_edges`).
     """
     if edges is not None:
         return select_edges(result, edges, aggregate=aggregate)
@@ -194,7 +198,11 @@ def select(
             dropped.append(DroppedNode(node.name, measured, cut))
         else:
             kept.append(node.name)
-    return SelectionOutcome(selection.kind, float(selection.value), cut, tuple(kept), tuple(dropped), aggregate)
+    names = {n.name for n in chosen}
+    added = [n.name for n in ranked(result.nodes) if n.name not in names and chosen
+             and (verified_magnitude(n, aggregate) or 0.0) >= cut > 0.0]
+    return SelectionOutcome(selection.kind, float(selection.value), cut, tuple(kept + added), tuple(dropped),
+                            aggregate, added=tuple(added))
 
 
 # -- edges -----------------------------------------------------------------------------------------

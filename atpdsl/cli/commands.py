@@ -97,6 +97,11 @@ def print_summary(res: "Result", console: "Console") -> None:
     if sel.dropped:
         names = ", ".join(f"{d.node} (measured {d.verified:.3g})" for d in sel.dropped)
         console.print(f"dropped after verification (below the cut {sel.cut:.3g}): {escape(names)}", highlight=False, soft_wrap=True)
+    if sel.added:
+        by = result.by_name()
+        names = ", ".join(f"{n} (measured {by[n].verified_effect:+.3g}, estimate {by[n].estimate:+.3g})" for n in sel.added)
+        console.print(f"added after verification (measured effect reaches the cut {sel.cut:.3g}, the estimate did "
+                      f"not): {escape(names)}", highlight=False, soft_wrap=True)
     positions = result.extras.get("positions") if isinstance(result.extras, dict) else None
     if positions and positions.get("mode") == "end":
         console.print("[yellow]note[/]: the prompts differ in length, so per-position nodes count from the end "
@@ -110,15 +115,13 @@ def print_summary(res: "Result", console: "Console") -> None:
                       f"{ver['cut']:.3g} ({escape(str(ver['rule']))}) with their measured effect"
                       + (f", at rank(s) {ranks}" if ranks else ""), highlight=False, soft_wrap=True)
     if result.false_negatives is not None:
-        diag = result.extras.get("diagnosis") if isinstance(result.extras, dict) else None
-        note = ""
-        if diag and diag.get("untestable"):
-            note += f"; {diag['untestable']} node(s) fell in too few or too many subsets to test (raise `samples`)"
-        if diag and diag.get("largest_subsample_estimate"):
-            big = diag["largest_subsample_estimate"]
-            note += f"; largest subset-based estimate {big['node']} {big['effect']:+.3g}"
-        console.print(f"[bold]diagnostic[/]: {escape(result.false_negatives.sentence + note)}", highlight=False,
+        console.print(f"[bold]diagnostic[/]: {escape(result.false_negatives.sentence)}", highlight=False,
                       soft_wrap=True)
+    adaptive = (result.extras.get("diagnosis") or {}).get("adaptive") if isinstance(result.extras, dict) else None
+    if adaptive:
+        console.print(f"[bold]verify until confident[/]: stopped ({escape(str(adaptive.get('stop')))}) after "
+                      f"{adaptive.get('exact_patches')} exact patches in {len(adaptive.get('rounds', []))} round(s)",
+                      highlight=False, soft_wrap=True)
     _print_edges_and_exports(res, console)
 
 

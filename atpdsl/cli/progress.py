@@ -44,6 +44,8 @@ PHASES: dict[str, PhaseInfo] = {
     "edges": PhaseInfo("edges", "batches"),
     "verify": PhaseInfo("verifying (exact patching)", "nodes"),
     "diagnose": PhaseInfo("false-negative diagnostic", "samples"),
+    "suspects": PhaseInfo("diagnostic: suspects patched alone", "nodes"),
+    "additivity": PhaseInfo("diagnostic: additivity checks", "subsets"),
     "exact": PhaseInfo("exact patching", "nodes"),
     "exports": PhaseInfo("writing exports", "files"),
 }

@@ -15,7 +15,7 @@ the levels sum to less than alpha, and whichever round's bound is reported holds
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ def _verify(ctx: Context, columns: list[int], progress: Progress | None) -> dict
     """Exact effects of each column alone, per pair (the evaluation metric when the plan has one)."""
     if not columns:
         return {}
+
     def tick(done: int, total: int) -> None:
         if progress:
             progress("verify", done, total)
@@ -145,6 +146,4 @@ def adaptive_verify(ctx: Context, order: Sequence[int], *, cut_fn: CutFn, budget
 
 def _stated(bound: FalseNegativeBound, confidence: float) -> FalseNegativeBound:
     """A round's bound stated at the run's overall confidence (each round ran at a stricter level)."""
-    from dataclasses import replace
-
     return replace(bound, confidence=confidence)

@@ -21,6 +21,7 @@ from atpdsl.engine.finite import check_rows, check_values
 from atpdsl.engine.site_check import check_trace
 from atpdsl.engine.state import BatchWork, RunState
 from atpdsl.engine import trace
+from atpdsl.engine.placement import remote_of
 from atpdsl.engine.trace import Backward, TraceSite, run_streamed, run_trace
 from atpdsl.memory import streams
 
@@ -59,7 +60,7 @@ def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None
     rule = state.parts.get("gradient_rule")  # a context manager changing how gradients flow (RelP), or None
     kinds = {s.kind for s in state.steps}  # streamed only inside a plan that says what else reads the batch
     stream = (step is not None and "clean_backward" in kinds and streams(kinds) and not state.keep_graph
-              and not trace.REMOTE and trace.FAST_BACKWARD)
+              and rule is None and not remote_of(ctx.model) and trace.FAST_BACKWARD)
     with (rule() if rule is not None else contextlib.nullcontext()):
         if stream:
             _streamed(state, work)

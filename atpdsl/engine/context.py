@@ -28,6 +28,7 @@ class Context:
     table: NodeTable
     sites: list[TraceSite]  # node sites in forward order, keyed by Site.name
     timings: dict[str, float] = field(default_factory=dict)
+    memo: Callable | None = None  # memo(name, key, compute): a checkpoint's stored answers to patching calls
 
     @property
     def model(self):

@@ -26,6 +26,7 @@ API:
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -297,6 +298,25 @@ def engine_patcher(ctx: Context, columns: Sequence[int]) -> Patcher:
             rows.append(exact_effects(ctx, batch, chosen, refs, spec, eval_=eval_,
                                       progress=lambda d, base=bi * m: tick((base + d) // n_batches, m)))
         return torch.cat(rows).numpy() if rows else np.zeros((n_pairs, m))
+
+    return _memoized(ctx, columns, Patcher(subsets=subsets, alone=alone))
+
+
+def _memoized(ctx: Context, columns: Sequence[int], patcher: Patcher) -> Patcher:
+    """The patcher with every call's answer kept in the run's checkpoint (`ctx.memo`), so a resumed run gets the
+    same answers to the same questions without patching again."""
+    memo = ctx.memo
+    if memo is None:
+        return patcher
+    cols = tuple(int(c) for c in columns)
+
+    def subsets(masks: np.ndarray, tick: Tick) -> np.ndarray:
+        m = np.ascontiguousarray(np.asarray(masks, bool))
+        key = ("subsets", cols, m.shape, hashlib.sha256(m.tobytes()).hexdigest())
+        return memo("diagnose", key, lambda: patcher.subsets(masks, tick))
+
+    def alone(nodes: list[int], tick: Tick) -> np.ndarray:
+        return memo("diagnose", ("alone", cols, tuple(int(n) for n in nodes)), lambda: patcher.alone(nodes, tick))
 
     return Patcher(subsets=subsets, alone=alone)
 

@@ -43,10 +43,15 @@ def rotate_queries(rotate: Rotate | None, q: torch.Tensor, tables: tuple[torch.T
 
 def unrotate(rotate: Rotate | None, grad: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None
              ) -> torch.Tensor:
-    """A gradient at post-rotary keys [b, n, S, d] taken back to the key projection's output (the rotation's
-    transpose, by autograd through the model's own rotation, partial rotary included)."""
+    """A gradient at post-rotary keys [b, n, S, d] taken back to the key projection's output: the rotation's
+    transpose, which is the rotation by the opposite angles (the model's own rotation with the second table
+    negated) when that inverts it on this gradient, else autograd through the model's own rotation."""
     if rotate is None or tables is None:
         return grad
+    first, second = tables
+    back = rotate(grad, grad, first, -second)[0]
+    if torch.allclose(rotate(back, back, first, second)[0], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max())):
+        return back
     k = torch.zeros_like(grad, requires_grad=True)
     with torch.enable_grad():
         _, rotated = rotate(k.detach(), k, *tables)

@@ -78,7 +78,7 @@ def take_reads(ctx, sites: EdgeSites, work: BatchWork) -> EdgeReads:
 
 def prepare_edge_reads(state: RunState, step: Step) -> None:
     """Add every site the edges read to the sites both runs read."""
-    state.parts["edge_reads"] = add_edge_sites(state.ctx.loaded, state.extra)
+    state.parts["edge_reads"] = add_edge_sites(state.ctx.loaded, state.extra, state.ctx.table)
 
 
 def edge_reads_step(state: RunState, step: Step, work: BatchWork) -> None:
@@ -145,7 +145,7 @@ def edge_matrix(plan: Plan, nodes: Sequence[NodeId], *, loaded: Loaded | None = 
     loaded = loaded or load_model(plan.model)
     ctx = make_context(replace(plan, nodes=node_groups(nodes)), loaded)
     state = RunState(ctx, (), Accumulator(ctx.table.size, False), extra=ExtraSites({s.key for s in ctx.sites}))
-    sites = add_edge_sites(loaded, state.extra)
+    sites = add_edge_sites(loaded, state.extra, ctx.table)
     reads = []
     for i, batch in enumerate(ctx.batches):
         work = BatchWork(batch)

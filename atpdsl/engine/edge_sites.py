@@ -108,8 +108,10 @@ def _mlp_sites(loaded: Loaded, extra: ExtraSites, layer: int) -> MlpSites:
     return MlpSites(layer, tuple(pieces), tuple(modules))
 
 
-def add_edge_sites(loaded: Loaded, extra: ExtraSites) -> EdgeSites:
-    """Add every site the edges read to the run's extra sites (once each)."""
+def add_edge_sites(loaded: Loaded, extra: ExtraSites, table=None) -> EdgeSites:
+    """Add every site the edges read to the run's extra sites (once each): the attention reads only in the layers
+    where `table` (a NodeTable: the run's nodes, every possible target) has attention-side nodes, the MLP input
+    projections only where it has neurons (every layer without a table)."""
     blocks = readers(loaded)
     n_layers = loaded.geom.n_layers
     in_keys, out_keys = [], []
@@ -123,10 +125,26 @@ def add_edge_sites(loaded: Loaded, extra: ExtraSites) -> EdgeSites:
     if rotary is not None:
         sites.rotary = (extra.add(f"{rotary.module}.output.0", rotary.module, "output", (0, 0), 0, False),
                         extra.add(f"{rotary.module}.output.1", rotary.module, "output", (0, 1), 1, False))
+    attn, mlp = _target_layers(table, n_layers)
     for layer in range(n_layers):
-        sites.attn[layer] = _attn_sites(loaded, extra, layer)
-        sites.mlp[layer] = _mlp_sites(loaded, extra, layer)
+        if layer in attn:
+            sites.attn[layer] = _attn_sites(loaded, extra, layer)
+        sites.mlp[layer] = _mlp_sites(loaded, extra, layer) if layer in mlp else MlpSites(layer, (), ())
     return sites
+
+
+def _target_layers(table, n_layers: int) -> tuple[set[int], set[int]]:
+    """Layers with attention-side nodes, and layers with neurons (all of them without a table)."""
+    if table is None:
+        return set(range(n_layers)), set(range(n_layers))
+    attn, mlp = set(), set()
+    for b in table.blocks:
+        layer = table.sites[b.site].layer
+        if b.kind in ("heads", "queries", "keys", "values", "attn"):
+            attn.add(layer)
+        elif b.kind == "neurons":
+            mlp.add(layer)
+    return attn, mlp
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:

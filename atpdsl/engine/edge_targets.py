@@ -115,14 +115,14 @@ class PassTargets(Places):
             gz = per_head(grads[a.z], self.loaded.arch.template("heads").resolve(self.loaded.geom))
             got = self._splits[layer] = AttnSplit(vals[a.pattern], v, gz, q, a.scale, self.rotate, self.tables)
             if self.check:
-                self._check_split(layer, got)
+                self._check_split(layer)
         return got
 
-    def _check_split(self, layer: int, split: AttnSplit) -> None:
+    def _check_split(self, layer: int) -> None:
         """The heads' shares summed per KV group must equal the model's own gradient at the key and value
         projections (an attention variant the split does not model fails here, on the first batch)."""
-        for channel, share in (("k", split.keys()), ("v", split.values())):
-            model = self._node_grad(layer, channel)
+        for channel in ("k", "v"):
+            share, model = self._summed_share(layer, channel), self._node_grad(layer, channel)
             ours = share.unflatten(1, (-1, self.rep)).sum(2)
             gap = float((ours - model).abs().max()) / max(float(model.abs().max()), 1e-12)
             if not gap <= SPLIT_TOLERANCE:

@@ -1,10 +1,12 @@
 """Statistics of the false-negative diagnostic (atp-star.md section 6), in numpy: random subsets, Welch tests,
-per-node upper confidence limits and the test of a single-node measurement against its subset estimate.
+per-node upper confidence limits and the permutation test of a node's effect alone against its draws.
 
 Random-subset patching (Kramar et al. 2024, arXiv 2403.00745, section 6 / Algorithm 1 as summarised in
 atp-star.md): `samples` subsets of the tested nodes, each node in a subset independently with probability
 `inclusion`; y_j is the effect of patching subset j all at once. For node i, Ihat_i = mean(y | i in) -
-mean(y | i out), se_i^2 = s_in^2/N_in + s_out^2/N_out (Welch), dof by Welch-Satterthwaite.
+mean(y | i out), se_i^2 = s_in^2/N_in + s_out^2/N_out (Welch; the paper's test), dof by Welch-Satterthwaite.
+atpdsl uses the larger of that se and the pooled one (see `welch`): a group that missed a rare large effect by
+chance otherwise gets a near-zero variance and a far too small se.
 
 What Ihat_i estimates is the node's *average marginal effect* m_i = E_S[f(S + i) - f(S)] over random subsets S of
 the other nodes. It equals the node's effect alone, f({i}), only when effects add up inside a subset; with

@@ -21,6 +21,7 @@ from atpdsl.arch import Arch, Geometry, arch_for_config, geometry
 from atpdsl.errors import ModelError
 from atpdsl.plan import ModelRef
 from atpdsl.engine.data import where_text
+from atpdsl.engine.remote import open_remote
 from atpdsl.engine.placement import (
     attention_for, dispatched, input_device, load_options, named_weights, readable_weights,
 )
@@ -308,6 +309,10 @@ def _load_tokenizer(ref: ModelRef, location: str, local: bool, kw: dict[str, Any
 def load_model(ref: ModelRef, *, trust_remote_code: bool | None = None) -> Loaded:
     """Load `ref` with eager attention, eval mode, frozen parameters (ModelError on any failure)."""
     trust = bool(ref.trust_remote_code if trust_remote_code is None else trust_remote_code)
+    if ref.remote:  # NDIF: config and tokenizer here, weights and every trace on the server (engine.remote)
+        model, cfg = open_remote(ref)
+        return wrap_model(model._model, model.tokenizer, location=ref.source, revision=ref.revision, config=cfg,
+                          attention=attention_for(ref), nnsight_model=model)
     if ref.dtype not in DTYPES:
         raise ModelError(f"{where_text(ref.where)}unknown dtype {ref.dtype!r} (known: {', '.join(DTYPES)})")
     dtype = DTYPES[ref.dtype]
@@ -326,7 +331,8 @@ def load_model(ref: ModelRef, *, trust_remote_code: bool | None = None) -> Loade
 
 
 def wrap_model(hf, tokenizer, *, device: torch.device | str | None = None, location: str = "<in memory>",
-               revision: str | None = None, config: dict[str, Any] | None = None, attention: str = "eager") -> Loaded:
+               revision: str | None = None, config: dict[str, Any] | None = None, attention: str = "eager",
+               nnsight_model: Any = None) -> Loaded:
     """Prepare a transformers causal LM for the engine (also for tests and benchmarks on in-memory models).
 
     Sets the attention implementation (eager unless told: save_pretrained does not keep it and the QK fix reads
@@ -349,6 +355,6 @@ def wrap_model(hf, tokenizer, *, device: torch.device | str | None = None, locat
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    model = nnsight.TransformersModel(hf, tokenizer=tokenizer)
+    model = nnsight_model if nnsight_model is not None else nnsight.TransformersModel(hf, tokenizer=tokenizer)
     return Loaded(model=model, hf=hf, tokenizer=tokenizer, config=cfg, arch=arch, geom=geom, device=dev,
                   dtype=dtype, location=location, revision=revision, pad_id=int(pad))

@@ -10,6 +10,7 @@ does not, and is faster and smaller for a forward + backward (benchmarks/bench_s
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -20,13 +21,31 @@ from atpdsl.errors import AtpError, ModelError
 from atpdsl.memory import format_bytes
 from atpdsl.plan import ModelRef, Plan
 
-__all__ = ["MemoryPlanError", "attention_for", "load_options", "dispatched", "device_map_for", "check_fits",
+__all__ = ["MemoryPlanError", "set_remote", "remote_of", "attention_for", "load_options", "dispatched", "device_map_for", "check_fits",
            "memory_guard", "device_memory", "input_device",
            "offloaded", "readable_weights", "named_weights"]
 
 
 class MemoryPlanError(AtpError):
     """A run that does not fit its memory, before it starts or when the device runs out (exit 1, never a bug)."""
+
+
+_REMOTE: dict[int, tuple[weakref.ref, bool | str]] = {}
+
+
+def set_remote(model: Any, mode: bool | str) -> None:
+    """Run every trace of this nnsight model remotely: True on NDIF, "local" through nnsight's simulation of the
+    remote path here (atpdsl.engine.remote); False: here, as usual."""
+    if mode:
+        _REMOTE[id(model)] = (weakref.ref(model), mode)
+    else:
+        _REMOTE.pop(id(model), None)
+
+
+def remote_of(model: Any) -> bool | str:
+    """How this nnsight model's traces run (see `set_remote`)."""
+    entry = _REMOTE.get(id(model))
+    return entry[1] if entry is not None and entry[0]() is model else False
 
 
 def attention_for(ref: ModelRef) -> str:

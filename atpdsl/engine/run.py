@@ -72,6 +72,8 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
     ctx.timings["tokenize"] = time.perf_counter() - t0
     state = new_state(ctx, progress=progress)
     state.checkpoint = checkpoint
+    if checkpoint.enabled:
+        ctx.memo = checkpoint.memo
     resumed = state.checkpoint.saved_batches()
     if resumed and progress is not None:
         progress("resumed", min(resumed, len(ctx.batches)), len(ctx.batches))

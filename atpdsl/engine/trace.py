@@ -22,19 +22,16 @@ import nnsight
 import torch
 
 from atpdsl.engine.metrics import pick
+from atpdsl.engine.placement import remote_of
+from atpdsl.engine.remote import remote_errors
 
-__all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "run_streamed", "resolve", "FAST_BACKWARD", "REMOTE"]
+__all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "run_streamed", "resolve", "FAST_BACKWARD"]
 
 # Plain backward blocks (no gradient edits) over module sites take the fast path: nnsight's cache records the
 # sites during the one clean trace and torch.autograd.grad runs right after it (nnsight.md section 4, fix B),
 # instead of one request per site inside `with metric.backward()`; ~3 ms per batch less on stories260K.
 # Blocks that edit gradients (GradDrop) and `.source` sites always run inside the trace.
 FAST_BACKWARD = True
-
-REMOTE: bool | str = False
-"""Where traces run: False here, "local" through nnsight's remote path simulated here (serialised, user modules
-hidden), True on NDIF. Set for one run by atpdsl.engine.remote; remote traces take the general path (`_requested`):
-the backward runs inside the trace, since tensors come back from the server without their graph."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +143,11 @@ def run_trace(
     everywhere: values, gradients and `live` (views spliced into the forward as the module's value).
     """
     patches = patches or {}
-    if REMOTE:
+    if remote_of(model):  # the server's tensors come back without their graph: backward inside the trace
         if keep_graph:
             raise ValueError("keep_graph needs the graph here: not with remote traces")
-        return _requested(model, inputs, sites, embed, patches, metric, last_pos, backwards, keep)
+        with remote_errors(remote_of(model)):
+            return _requested(model, inputs, sites, embed, patches, metric, last_pos, backwards, keep)
     if keep_graph:
         if not backwards or metric is None or patches or any(s.source for s in sites) or any(b.zero for b in backwards):
             raise ValueError("keep_graph needs a metric, plain backward blocks, module sites and no patches")
@@ -170,7 +168,7 @@ def _requested(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
     rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
     points, units = _hook_points(sites)
     grad_keys = {s.key for s in sites if s.grad}
-    with model.trace(dict(inputs), use_cache=False, remote=REMOTE):
+    with model.trace(dict(inputs), use_cache=False, remote=remote_of(model)):
         if backwards and embed is not None:
             model.get(embed).output.requires_grad_(True)
         acts = nnsight.save({})
@@ -398,4 +396,7 @@ def run_streamed(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[Trac
     t0 = time.perf_counter()
     torch.autograd.grad(out[0].sum(), [out[2]])  # the hooks do the work; the embedding's gradient is dropped
     backward_s = time.perf_counter() - t0
+    for s in sites:  # a kept site the gradient never reached has gradient zero (as `allow_unused` gives)
+        if s.key in keep and s.grad and s.key not in grads:
+            grads[s.key] = torch.zeros_like(held[s.key])
     return TraceOut(acts=held, grads={block: grads}, metric=out[0].detach(), last=out[1], backward_s=backward_s)

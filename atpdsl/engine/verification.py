@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from atpdsl.circuit.scores import NodeScore
-from atpdsl.errors import EngineError
 from atpdsl.plan import Plan, Step
 from atpdsl.engine.context import Context
 from atpdsl.engine.exact import batch_refs, exact_effects
@@ -60,19 +59,52 @@ def verify_step(state: RunState, step: Step, work: BatchWork | None = None) -> N
     state.verified.update({c: effects[:, j] for j, c in enumerate(top)})
 
 
+def bounded_quantity(plan: Plan) -> str:
+    """What the diagnostic bounds: the same kind of number the selection compares with its cut (|mean effect|
+    under `aggregate abs_mean`, else the mean of |effect| per pair)."""
+    return "abs_mean" if plan.method.aggregate == "abs_mean" else "mean_abs"
+
+
+def _selection_cut(state: RunState):
+    """cut_fn(verified effects) -> the cut the plan's selection needs, with those effects measured."""
+    from atpdsl.circuit.select import DEFAULT_SELECTION, candidates
+    from atpdsl.engine.result import node_scores
+
+    selection = state.plan.selection or DEFAULT_SELECTION
+
+    def cut_fn(verified: dict[int, torch.Tensor]) -> float:
+        state.verified.update(verified)
+        return candidates(node_scores(state), selection)[1]
+
+    return cut_fn
+
+
 def verify_adaptive_step(state: RunState, step: Step, work: BatchWork | None = None) -> None:
     """Verify until the diagnostic's bound is below the selection cut or the budget of exact patches is spent."""
-    raise EngineError("`verify until confident` is not wired into the engine yet")
+    from atpdsl.engine.adaptive import adaptive_verify
+
+    plan = state.plan
+    out = adaptive_verify(state.ctx, state.order, cut_fn=_selection_cut(state), budget=int(step.param("budget")),
+                          first=int(step.param("first")), diagnosis=plan.diagnosis, seed=plan.seed,
+                          quantity=bounded_quantity(plan), progress=state.progress)
+    state.verified.update(out.verified)
+    summary = {**(out.diagnosis or {}), "adaptive": out.to_dict()}
+    if out.bound is not None:
+        state.diagnosis = (out.bound, summary)
+    else:
+        state.extras["adaptive_verification"] = out.to_dict()  # every node verified: no bound to state
 
 
 def diagnose_step(state: RunState, step: Step, work: BatchWork | None = None) -> None:
-    """Bound what the unverified nodes could still change (random subsets patched together)."""
-    d = state.plan.diagnosis
-    unverified = [c for c in state.order if c not in state.verified]
+    """Bound what the unverified nodes could still change (engine/diagnose.py: exhaustive, or random subsets with
+    suspects patched alone and additivity checks)."""
     from atpdsl.engine.diagnose import diagnose
 
+    d = state.plan.diagnosis
+    unverified = [c for c in state.order if c not in state.verified]
     state.diagnosis = diagnose(state.ctx, unverified, samples=d.samples, confidence=d.confidence,
-                               inclusion=d.inclusion, seed=state.plan.seed, progress=state.progress)
+                               inclusion=d.inclusion, seed=state.plan.seed, quantity=bounded_quantity(state.plan),
+                               progress=state.progress)
 
 
 def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:

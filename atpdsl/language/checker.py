@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from atpdsl.language import syntax as n
-from atpdsl.language.checker_memory import model_setting_problems
+from atpdsl.language.checker_memory import model_setting_problems, remote_method_problems
 from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote, warning
 from atpdsl.language.edge_check import check_edges
 from atpdsl.language.export_check import check_exports
@@ -130,6 +130,7 @@ class _Checker:
         self.model = model
         self.add(diags)
         self.add(model_setting_problems(stmt, values, model))
+        self.add(remote_method_problems(stmt, self.first(n.Method)))
 
     def seed_value(self) -> int:
         stmt = self.first(n.Seed)

@@ -17,7 +17,7 @@ from atpdsl.memory import (
     shape_for,
 )
 
-__all__ = ["model_setting_problems", "pair_lengths", "device_budget", "memory_summary", "MEMORY_CODE"]
+__all__ = ["model_setting_problems", "remote_method_problems", "pair_lengths", "device_budget", "memory_summary", "MEMORY_CODE"]
 
 MEMORY_CODE = "E901"
 """The diagnostic of a run whose memory estimate does not fit its budget."""
@@ -43,6 +43,28 @@ def model_setting_problems(stmt: n.Model, values: Mapping[str, Any], model: Any)
                                               " drop `remote on` to run the folder here"))
         if "offload" in values:
             out.append(error("E207", "`offload` is for local runs; NDIF places the model itself", spans["offload"]))
+    return out
+
+
+def remote_method_problems(model_stmt: n.Model | None, method_stmt: n.Method | None) -> list[Diagnostic]:
+    """`remote on` with an AtP* correction that needs the model here (atpdsl.engine.remote.NOT_REMOTE)."""
+    if model_stmt is None or method_stmt is None or method_stmt.full_name != "atp*":
+        return []
+    remote = next((s for s in model_stmt.settings if s.key.name == "remote"), None)
+    if remote is None or not (isinstance(remote.value, n.Word) and remote.value.text in ("on", "true", "yes")):
+        return []
+    why = {"graddrop": "GradDrop's terms take vector-Jacobian products on the clean graph kept between steps, "
+                       "which on NDIF stays on the server",
+           "norm_fix": "the norm fix reads the model's weights outside a trace; a remote model's weights are not here"}
+    values = {s.key.name: s for s in method_stmt.settings}
+    out = []
+    for key, reason in why.items():
+        setting = values.get(key)
+        off = setting is not None and isinstance(setting.value, n.Word) and setting.value.text in ("off", "false", "no")
+        if (key == "graddrop" and not off) or (key == "norm_fix" and setting is not None and not off):
+            span = setting.key.span if setting is not None else method_stmt.name.span
+            out.append(error("E207", f"`remote on` cannot run {key}: {reason}", span,
+                             f"write `{key} off` in the method block, or run the model here"))
     return out
 
 

@@ -203,6 +203,7 @@ def build_plan(result: CheckResult) -> Plan:
     batch = int(batch_stmt.value.value) if batch_stmt and not batch_auto else 8
     extras = _extras(result, batch, n_layers, nodes)
     edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name)
+    edges_ok = edges_ok and not _model(result, model_stmt).remote  # NDIF: no weights here for the edges
     extras.append(("edges_allowed", edges_ok))
     text = spec.source.text
     plan = Plan(

@@ -38,7 +38,8 @@ SCORE_COLUMNS: tuple[str, ...] = (
 
 `selection_value` is the number the selection cut is applied to (the measured magnitude for a verified
 node, else the ranking score; see atpdsl.circuit.select.VALUE_DEFINITIONS); `decision` is `kept`,
-`dropped_verified` (a candidate whose measured magnitude missed the cut) or `not_selected`."""
+`dropped_verified` (a candidate whose measured magnitude missed the cut), `added_verified` (left out by the
+estimates, but its measured magnitude reaches the cut) or `not_selected`."""
 
 EDGE_COLUMNS: tuple[str, ...] = ("source", "target", "weight", "in_circuit", "verified_weight", "channel")
 PAIR_COLUMNS: tuple[str, ...] = ("node", "pair", "estimate", "verified_effect", "score")
@@ -157,6 +158,7 @@ def _decisions(result: RunResult, selection: SelectionOutcome | Iterable[str]) -
     if isinstance(selection, SelectionOutcome):
         decision = {name: "kept" for name in selection.selected}
         decision.update({d.node: "dropped_verified" for d in selection.dropped})
+        decision.update({name: "added_verified" for name in getattr(selection, "added", ())})
         return decision, selection.aggregate
     aggregate = result.extras.get("aggregate", "mean_abs") if isinstance(result.extras, dict) else "mean_abs"
     return {name: "kept" for name in selection}, str(aggregate)
@@ -185,7 +187,7 @@ def scores_table(result: RunResult, selection: SelectionOutcome | Iterable[str] 
                 "method": score.method,
                 "rank": int(score.rank or order[score.name]),
                 "verified_effect": None if score.verified_effect is None else float(score.verified_effect),
-                "in_circuit": decision.get(score.name) == "kept",
+                "in_circuit": decision.get(score.name) in ("kept", "added_verified"),
                 "selection_value": float(selection_value(score, aggregate)),
                 "decision": decision.get(score.name, "not_selected"),
             }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from synthetic_circuits import ranked_result, score
@@ -128,7 +129,8 @@ def test_a_run_selects_and_verifies_edges_and_its_files_keep_them(tmp_path):
             "metric logit_diff(answer, wrong) at last\nnodes { heads per position }\nmethod atp\nbatch 16\n"
             "select edges top 6 { ig_steps 2 }\nverify edges top 4\n"
             'export "r.json"\nexport "r.csv"\nexport "r.graphml"\nexport "r.gexf"\n')
-    res = atpdsl.run(text=spec.replace("examples/", "/work/main/examples/"), out_dir=tmp_path)
+    root = Path(__file__).resolve().parents[2]
+    res = atpdsl.run(text=spec.replace('"examples/', f'"{root}/examples/'), out_dir=tmp_path)
     assert res.selection.of_edges and len(res.selection.edges) == 6
     assert res.result.extras["edge_ig_steps"] == 2
     verified = [e for e in res.result.edges if e.verified is not None]
@@ -154,7 +156,6 @@ def _validate(option: str, schema: str, document) -> None:
     import os
     import shutil
     import subprocess
-    from pathlib import Path
 
     tool = shutil.which("xmllint")
     if tool is None:

@@ -48,9 +48,9 @@ def _scalar(value: object) -> str:
     if value is None or isinstance(value, (bool, int, str)):
         return repr(value)
     if isinstance(value, float):
-        if math.isfinite(value):
-            return repr(value)
-        return f"float({repr(str(value))})"
+        if math.isnan(value):
+            return "float('nan')"
+        return repr(value) if math.isfinite(value) else ("-1e999" if value < 0 else "1e999")
     if isinstance(value, IntRange):
         return f"list(range({int(value.start)}, {int(value.stop)}))"
     raise TypeError(f"cannot embed a {type(value).__name__} in the emitted program")
