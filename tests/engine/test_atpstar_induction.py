@@ -97,5 +97,5 @@ def test_prev_corruption_the_diagnostic_flags_what_atp_star_missed(runs):
     assert by["L1.H0.k@6"].rank <= 2 and by["L1.H0.k@6"].verified_effect < -5  # the QK fix ranks the key high
     assert by["L1.H0.k@6"].estimate == pytest.approx(by["L1.H0.k@6"].verified_effect, abs=1e-3)  # + the norm fix
     fn = result.false_negatives  # the diagnostic names the missed head and bounds the rest by its exact effect
-    assert fn.suspects and fn.suspects[0].node in ("L0.H0", "L0.H0.v@5") and fn.suspects[0].effect < -15
-    assert fn.bound >= 15.16 and fn.status in ("exhaustive", "bounded")
+    assert fn.suspects and fn.suspects[0].node in ("L0.H0", "L0.H0.v@5") and fn.suspects[0].effect < -10
+    assert fn.bound >= fn.suspects[0].magnitude and fn.status in ("exhaustive", "bounded")  # never below it

@@ -127,7 +127,7 @@ CASES = {
 TEMPLATE = """model {model}
 template {{
     text    "when {{a}} and mary went to the store mary gave a bottle to"
-    slot    a ["john", "tom"]
+    slot    a ["john", "the cat"]
     corrupt a ["the big dog"]
     answer  "mary"
     wrong   "john"
