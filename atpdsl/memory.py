@@ -192,6 +192,14 @@ def patch_rows(m: ModelSizes, shape: RunShape, seq: int, budget: int | None, row
     return int(max(rows, min(1024, room // max(per_row, 1))))
 
 
+def _count(n: int) -> str:
+    """11.8B, 135M, 23.1k: a parameter count as model cards write it."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def _parts(m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, tuple[int, str]]:
     """Every part for one batch size: bytes and a short description."""
     e = ELEMENT_BYTES.get(shape.dtype, 4)
@@ -202,7 +210,7 @@ def _parts(m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, tu
     extra = sum(shape.extra_widths)
     stream = streams(shape.kinds)
     out: dict[str, tuple[int, str]] = {
-        "weights": (m.params * e, f"{m.params / 1e6:,.1f}M parameters in {shape.dtype}"),
+        "weights": (m.params * e, f"{_count(m.params)} parameters in {shape.dtype}"),
         "activations": (int(saved_per_token(m, shape.dtype, shape.attention, seq) * tokens),
                         f"kept for the backward: {rows} rows x {seq} positions, {shape.attention} attention"),
         "logits": (2 * tokens * m.vocab * e, f"logits and their gradient, vocabulary {m.vocab:,}"),

@@ -309,4 +309,5 @@ def select_edges(result: RunResult, rule: Selection, *, aggregate: str = "mean_a
         (dropped if e.verified is not None and abs(e.verified) < cut else kept).append((e.source, e.target, e.channel))
     touched = {name for s, t, _ in kept for name in (s, t)}
     nodes = tuple(n.name for n in ranked(result.nodes) if n.name in touched)
-    return SelectionOutcome(rule.kind, float(rule.value), cut, nodes, (), aggregate, True, tuple(kept), tuple(dropped))
+    return SelectionOutcome(rule.kind, float(rule.value), cut, nodes, aggregate=aggregate, of_edges=True,
+                            edges=tuple(kept), dropped_edges=tuple(dropped))

@@ -353,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _console(True).print("interrupted")
         return 130
+    except MemoryError as e:  # out of memory outside the engine's guard (atpdsl.engine.placement): not a bug
+        _report_atp_error(AtpError(f"out of memory: {e or 'MemoryError'}; lower `batch` or give the model a "
+                                   f"`memory \"...\"` budget and `batch auto`"), fmt)
+        return EXIT_ERRORS
     except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, reported without a wall of text
         _report_bug(e, bool(getattr(args, "debug", False)))
         return EXIT_INTERNAL

@@ -94,6 +94,15 @@ def print_summary(res: "Result", console: "Console") -> None:
     console.print(table)
     console.print(f"[dim]estimate: effect = metric(clean, node set to corrupt) - metric(clean); "
                   f"score: {_score_meaning(res)}[/]", highlight=False, soft_wrap=True)
+    _print_checks(res, console)
+    _print_edges_and_exports(res, console)
+
+
+def _print_checks(res: "Result", console: "Console") -> None:
+    """What exact patching changed in the circuit, the verification summary and the diagnostic's sentence."""
+    from rich.markup import escape
+
+    result, sel = res.result, res.selection
     if sel.dropped:
         names = ", ".join(f"{d.node} (measured {d.verified:.3g})" for d in sel.dropped)
         console.print(f"dropped after verification (below the cut {sel.cut:.3g}): {escape(names)}", highlight=False, soft_wrap=True)
@@ -122,7 +131,6 @@ def print_summary(res: "Result", console: "Console") -> None:
         console.print(f"[bold]verify until confident[/]: stopped ({escape(str(adaptive.get('stop')))}) after "
                       f"{adaptive.get('exact_patches')} exact patches in {len(adaptive.get('rounds', []))} round(s)",
                       highlight=False, soft_wrap=True)
-    _print_edges_and_exports(res, console)
 
 
 def _print_edges_and_exports(res: "Result", console: "Console") -> None:

@@ -175,7 +175,8 @@ def _memory(plan: Plan, console: Console) -> None:
     table.add_column("size", justify="right", footer=format_bytes(mem["peak"]))
     fit = mem.get("largest_batch")
     fits = "" if fit is None else (f"; largest batch that fits: {fit}" if fit else "; no batch fits")
-    table.add_column("what", footer=f"in the {mem['phase']}; batch {mem['batch']}, {mem['tokens']} positions{fits}")
+    table.add_column("what", footer=f"during the {mem['phase']}; batch {mem['batch']}, {mem['tokens']} positions"
+                                    f"{fits}")
     for name, size, what in mem["parts"]:
         table.add_row(name, format_bytes(size), what)
     console.print(table)

@@ -44,7 +44,7 @@ def execute(plan: "Plan", *, progress: Callable[[str, int, int], None] | None = 
 
 
 def emit_python(plan: "Plan") -> str:
-    """A standalone nnsight program equivalent to the plan's AtP run (prints one JSON line per node)."""
+    """A standalone plain-nnsight program that runs the plan's steps (every method) and prints one JSON line per node."""
     from atpdsl.engine.emit import emit_python as _emit
 
     return _emit(plan)

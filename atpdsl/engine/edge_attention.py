@@ -16,16 +16,14 @@ from earlier positions. Queries need no split: q_t feeds only head h at query t.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from atpdsl.engine.corrections.shared import heads_view
+from atpdsl.engine.rotary import Rotate
 
 __all__ = ["Rotate", "expand_groups", "unrotate", "rotate_queries", "AttnSplit", "visible", "head_outputs",
            "pick_rows"]
 
-Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def expand_groups(x: torch.Tensor, rep: int) -> torch.Tensor:

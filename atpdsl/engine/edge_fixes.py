@@ -30,7 +30,7 @@ from atpdsl.engine.normfix import norm_map
 
 __all__ = ["apply_fixes"]
 
-_F = torch.float64
+_WIDE = torch.float64
 
 
 class _Norms:
@@ -46,12 +46,12 @@ class _Norms:
         if norm is None:
             module = self.t.loaded.hf.get_submodule(self.t.sites.blocks[reader].module)
             try:
-                norm = self.maps[reader] = norm_map(module, _F)
+                norm = self.maps[reader] = norm_map(module, _WIDE)
             except EngineError:
                 raise EngineError(f"norm fix for edges: cannot model the norm {type(module).__name__}; use "
                                   f"`norm_fix off`") from None
-        x = self.t.reads.X[reader].to(_F).unsqueeze(1)  # [rows, 1, S, d]
-        return norm(x + writes.to(_F)) - norm(x)
+        x = self.t.reads.X[reader].to(_WIDE).unsqueeze(1)  # [rows, 1, S, d]
+        return norm(x + writes.to(_WIDE)) - norm(x)
 
 
 def _norm_fixed(pl, t: PassTargets, W: torch.Tensor, norms: _Norms, out: torch.Tensor) -> None:
@@ -70,7 +70,7 @@ def _norm_fixed(pl, t: PassTargets, W: torch.Tensor, norms: _Norms, out: torch.T
         if not first:
             continue
         change = norms.change(r, W[:, :first])  # [rows, k, S, d]
-        seed = torch.stack([y for _, y in items]).to(_F)  # [n, rows, S, d]
+        seed = torch.stack([y for _, y in items]).to(_WIDE)  # [n, rows, S, d]
         cols = torch.tensor([i for i, _ in items])
         fixed[:, :first].index_add_(2, cols, torch.einsum("rksd,nrsd->rkn", change, seed).to(fixed.dtype))
     qkv = torch.tensor([s.kind in QKV for s in pl.src.nodes])
@@ -137,13 +137,13 @@ def _qk_fixed(pl, t: PassTargets, W: torch.Tensor, norms: _Norms | None, out: to
         if norms is None:
             gz = per_head(t.reads.grads[t.sites.attn[layer].z], t.loaded.arch.template("heads").resolve(
                 t.loaded.geom))[:, row.node.index].unsqueeze(1)
-            score = (dz * gz.to(_F)).sum((-1, -2))
+            score = (dz * gz.to(_WIDE)).sum((-1, -2))
         else:
             mod = t.loaded.hf.get_submodule(t.loaded.arch.template("heads").path(layer))
             cols = torch.arange(*t.loaded.arch.template("heads").resolve(t.loaded.geom).columns(row.node.index))
-            D = dz @ write_matrix(mod, cols).T.to(_F)  # [rows, k, S, d]
+            D = dz @ write_matrix(mod, cols).T.to(_WIDE)  # [rows, k, S, d]
             w = write_point(NodeKind.HEAD, layer, parallel)
-            score = sum((norms.change(r, D) * t.reads.H[r].to(_F).unsqueeze(1)).sum((-1, -2))
+            score = sum((norms.change(r, D) * t.reads.H[r].to(_WIDE).unsqueeze(1)).sum((-1, -2))
                         for r, b in enumerate(t.sites.blocks) if b.point >= w)
         keep = torch.tensor([s.kind not in QKV for s in pl.src.nodes[:first]])
         out[:, :first, j] = torch.where(keep, score.to(out.dtype), out[:, :first, j])

@@ -20,8 +20,8 @@ from atpdsl.engine.edge_fixes import apply_fixes
 from atpdsl.engine.edge_sites import EdgeSites
 from atpdsl.engine.edge_targets import PassTargets, Places
 from atpdsl.engine.edges import (
-    EMBED, QKV, EdgeMatrix, TargetRow, link_matrix, node_groups, qkv_heads, reach, read_point, target_rows,
-    write_matrix, write_point,
+    EMBED_NODE, QKV, EdgeMatrix, TargetRow, link_matrix, node_groups, qkv_heads, reach, read_point, target_rows,
+    wide, write_matrix, write_point,
 )
 from atpdsl.engine.load import Loaded
 from atpdsl.engine.node_table import build_table
@@ -49,16 +49,12 @@ def sources_of(loaded: Loaded, nodes: Sequence[NodeId], positions) -> Sources:
         if n not in index:
             raise EngineError(f"edge attribution: node {n.name} is not in the model's node table")
         seen.add(n)
-    cols, out = [], [EMBED]
+    cols, out = [], [EMBED_NODE]
     for c, n in enumerate(table.nodes):
         if n in seen:
             cols.append(c)
             out.append(n)
     return Sources(table, cols, out)
-
-
-def _f(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _position_mask(targets: Places, nodes: Sequence[NodeId], shape: tuple[int, int]) -> torch.Tensor:
@@ -90,7 +86,7 @@ def source_writes(loaded: Loaded, src: Sources, deltas: dict, d_emb: torch.Tenso
                   live: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Residual writes [rows, U, S, d] (zero for q/k/v; only at the positions `live` when given) and each q/k/v
     source's own columns' change [rows, S, dh] (every position)."""
-    dtype = torch.promote_types(_f(d_emb).dtype, loaded.dtype)
+    dtype = torch.promote_types(wide(d_emb).dtype, loaded.dtype)
     cut = (lambda x: x) if live is None else (lambda x: x[:, live])  # the positions kept
     W = torch.zeros((d_emb.shape[0], len(src.nodes), *cut(d_emb).shape[1:]), dtype=dtype, device=d_emb.device)
     W[:, 0] = cut(d_emb)
@@ -118,7 +114,8 @@ def source_writes(loaded: Loaded, src: Sources, deltas: dict, d_emb: torch.Tenso
                 write = _block_writes(loaded, site, bl, [u for _, u in picked], d, cache)
             else:  # attn, mlp, resid: the whole vector is the write
                 write = d.unsqueeze(1).expand(-1, len(idx), -1, -1)
-            W[:, idx] = write if mask is None else write * mask
+            at = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx
+            W[:, at] = write if mask is None else write * mask
     return W, own
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from atpdsl.engine.edges import Reader, readers
+from atpdsl.engine.edges import Reader, readers, wide
 from atpdsl.engine.load import Loaded
 from atpdsl.engine.state import ExtraSites
 
@@ -75,6 +75,7 @@ class EdgeSites:
     attn: dict[int, AttnSites] = field(default_factory=dict)
     mlp: dict[int, MlpSites] = field(default_factory=dict)
     rotary: tuple[str, str] | None = None
+    whole: frozenset[int] | None = None  # readers whose branch gradient a target takes whole (None: every one)
 
 
 def _attn_sites(loaded: Loaded, extra: ExtraSites, layer: int) -> AttnSites:
@@ -130,7 +131,24 @@ def add_edge_sites(loaded: Loaded, extra: ExtraSites, table=None) -> EdgeSites:
         if layer in attn:
             sites.attn[layer] = _attn_sites(loaded, extra, layer)
         sites.mlp[layer] = _mlp_sites(loaded, extra, layer) if layer in mlp else MlpSites(layer, (), ())
+    if table is not None:
+        sites.whole = _whole_readers(table, sites)
     return sites
+
+
+def _whole_readers(table, sites: EdgeSites) -> frozenset[int]:
+    """The readers some possible target takes whole: `logits`, an `attn` / `mlp` node's block, every reader after an
+    `L{m}.resid`, the MLP of neurons without known input rows."""
+    out = {len(sites.blocks) - 1}
+    for b in table.blocks:
+        layer = table.sites[b.site].layer
+        if b.kind == "attn":
+            out.add(2 * layer)
+        elif b.kind == "mlp" or (b.kind == "neurons" and not sites.mlp[layer].pieces):
+            out.add(2 * layer + 1)
+        elif b.kind == "resid":
+            out.update(i for i, r in enumerate(sites.blocks) if r.point >= 2 * layer + 2)
+    return frozenset(out)
 
 
 def _target_layers(table, n_layers: int) -> tuple[set[int], set[int]]:
@@ -147,21 +165,22 @@ def _target_layers(table, n_layers: int) -> tuple[set[int], set[int]]:
     return attn, mlp
 
 
-def _f(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def branch_gradients(loaded: Loaded, sites: EdgeSites, acts: dict, grads: dict) -> torch.Tensor:
-    """[R, b, S, d]: each reader norm's output gradient pulled back through the norm at its input."""
-    outs, ins = [], []
-    for r, in_key in zip(sites.blocks, sites.in_keys):
-        x = acts[in_key].detach().requires_grad_(True)
-        with torch.enable_grad():
-            outs.append(loaded.hf.get_submodule(r.module)(x))
+    """[R, b, S, d]: each reader norm's output gradient pulled back through the norm at its input (0 for the
+    readers no target takes whole: `sites.whole`)."""
+    outs, ins, wanted = [], [], []
+    for i, (r, in_key) in enumerate(zip(sites.blocks, sites.in_keys)):
+        x = acts[in_key].detach()
+        if sites.whole is None or i in sites.whole:
+            x = x.requires_grad_(True)
+            with torch.enable_grad():
+                outs.append(loaded.hf.get_submodule(r.module)(x))
+            wanted.append(i)
         ins.append(x)
-    seeds = [grads[k] for k in sites.out_keys]
-    got = torch.autograd.grad(outs, ins, seeds, allow_unused=True)
-    return torch.stack([_f(g if g is not None else torch.zeros_like(x)) for g, x in zip(got, ins)])
+    got = torch.autograd.grad(outs, [ins[i] for i in wanted], [grads[sites.out_keys[i]] for i in wanted],
+                              allow_unused=True)
+    back = dict(zip(wanted, got))
+    return torch.stack([wide(back[i] if back.get(i) is not None else torch.zeros_like(x)) for i, x in enumerate(ins)])
 
 
 @dataclass(slots=True)
@@ -200,6 +219,6 @@ def pass_reads(loaded: Loaded, sites: EdgeSites, acts: dict, grads: dict) -> Pas
         for key in m.pieces:
             kept[key] = grads[key].detach()
     G = branch_gradients(loaded, sites, acts, grads)
-    X = torch.stack([_f(acts[k].detach()) for k in sites.in_keys])
-    H = torch.stack([_f(grads[k].detach()) for k in sites.out_keys])
+    X = torch.stack([wide(acts[k].detach()) for k in sites.in_keys])
+    H = torch.stack([wide(grads[k].detach()) for k in sites.out_keys])
     return PassReads(G, X, H, values, kept)

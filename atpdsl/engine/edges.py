@@ -36,7 +36,8 @@ per-position one pair at the per-position node's place.
 
 Edge weight = mean over pairs of the per-pair edge score (signed, the node estimates' convention); with
 integrated gradients (atpdsl.engine.edge_ig, EAP-IG of Hanna et al. 2024) the gradient is averaged over steps
-between the clean and the corrupt input. AtP*'s QK fix, GradDrop and the norm fix do not apply to edges.
+between the clean and the corrupt input. With `method atp* { qk_fix on  norm_fix on }` the QK fix and the norm fix
+carry over to edges (atpdsl.engine.edge_fixes); GradDrop does not.
 """
 from __future__ import annotations
 
@@ -52,16 +53,16 @@ from atpdsl.plan import NodeGroup
 from atpdsl.engine.load import Loaded
 
 __all__ = ["Reader", "TargetRow", "EdgeMatrix", "weighted_edges", "readers", "reader_index", "write_matrix",
-           "write_point", "read_point", "node_groups", "target_rows", "linked", "link_matrix", "reach", "ATTN_SIDE", "QKV",
-           "EMBED", "LOGITS", "CHANNELS", "qkv_heads"]
+           "write_point", "read_point", "node_groups", "target_rows", "linked", "link_matrix", "reach", "ATTN_SIDE_KINDS", "QKV",
+           "EMBED_NODE", "LOGITS_NODE", "CHANNELS", "qkv_heads", "wide"]
 
-ATTN_SIDE = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTN)
+ATTN_SIDE_KINDS = (NodeKind.HEAD, NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE, NodeKind.ATTN)
 _MLP_SIDE = (NodeKind.NEURON, NodeKind.MLP)
 QKV = (NodeKind.QUERY, NodeKind.KEY, NodeKind.VALUE)
 CHANNELS = ("q", "k", "v")
 _CHANNEL_OF = {NodeKind.QUERY: "q", NodeKind.KEY: "k", NodeKind.VALUE: "v"}
-EMBED = NodeId(-1, NodeKind.EMBED)
-LOGITS = NodeId(10**6, NodeKind.LOGITS)
+EMBED_NODE = NodeId(-1, NodeKind.EMBED)
+LOGITS_NODE = NodeId(10**6, NodeKind.LOGITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ def reader_index(blocks: Sequence[Reader], node: NodeId) -> int:
     """The reader block whose input norm a node reads through (attention side, MLP side, or the final norm)."""
     if node.kind is NodeKind.LOGITS:
         return len(blocks) - 1
-    side = "attn-in" if node.kind in ATTN_SIDE else "mlp-in"
+    side = "attn-in" if node.kind in ATTN_SIDE_KINDS else "mlp-in"
     return 2 * node.layer + (0 if side == "attn-in" else 1)
 
 
@@ -108,7 +109,7 @@ def write_point(kind: NodeKind | str, layer: int, parallel: bool) -> int:
     kind = NodeKind(kind)
     if kind is NodeKind.EMBED:
         return 0
-    if kind in ATTN_SIDE:
+    if kind in ATTN_SIDE_KINDS:
         return 2 * layer + (2 if parallel else 1)
     return 2 * layer + 2
 
@@ -117,7 +118,7 @@ def read_point(node: NodeId, parallel: bool) -> int:
     """The residual point a target reads (`resid`: the point after its layer; `logits`: after everything)."""
     if node.kind is NodeKind.LOGITS:
         return 10**9
-    if node.kind in ATTN_SIDE:
+    if node.kind in ATTN_SIDE_KINDS:
         return 2 * node.layer
     if node.kind in _MLP_SIDE:
         return 2 * node.layer + (0 if parallel else 1)
@@ -139,7 +140,7 @@ def target_rows(nodes: Iterable[NodeId]) -> list[TargetRow]:
         if n.kind is NodeKind.EMBED or n.kind is NodeKind.LOGITS:
             continue
         out.extend(TargetRow(n, c) for c in CHANNELS) if n.kind is NodeKind.HEAD else out.append(TargetRow(n))
-    out.append(TargetRow(LOGITS))
+    out.append(TargetRow(LOGITS_NODE))
     return out
 
 
@@ -224,13 +225,13 @@ def write_matrix(module: torch.nn.Module, cols: torch.Tensor) -> torch.Tensor:
     inputs to the write into the residual stream, and (transposed) the gradient at the output back to them."""
     weight = module.weight
     if isinstance(module, torch.nn.Linear):
-        return _f(weight[:, cols])
+        return wide(weight[:, cols])
     if type(module).__name__ == "Conv1D":  # GPT-2: y = x @ W + b, W [in, out]
-        return _f(weight[cols, :].T)
+        return wide(weight[cols, :].T)
     raise EngineError(f"edge attribution: cannot project through {type(module).__name__} (expected a linear layer)")
 
 
-def _f(x: torch.Tensor) -> torch.Tensor:
+def wide(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (half and bfloat16 values are upcast; float64 stays)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 

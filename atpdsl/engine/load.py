@@ -311,7 +311,7 @@ def load_model(ref: ModelRef, *, trust_remote_code: bool | None = None) -> Loade
     trust = bool(ref.trust_remote_code if trust_remote_code is None else trust_remote_code)
     if ref.remote:  # NDIF: config and tokenizer here, weights and every trace on the server (engine.remote)
         model, cfg = open_remote(ref)
-        return wrap_model(model._model, model.tokenizer, location=ref.source, revision=ref.revision, config=cfg,
+        return wrap_model(model._module, model.tokenizer, location=ref.source, revision=ref.revision, config=cfg,
                           attention=attention_for(ref), nnsight_model=model)
     if ref.dtype not in DTYPES:
         raise ModelError(f"{where_text(ref.where)}unknown dtype {ref.dtype!r} (known: {', '.join(DTYPES)})")

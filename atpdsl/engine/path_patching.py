@@ -221,7 +221,7 @@ class _Batch:
         return self.block_patch(edge)
 
 
-def _reads(ctx: Context, sources: Sequence[NodeId]):
+def _reference_sites(ctx: Context, sources: Sequence[NodeId]):
     """Sites both reference runs read: the sources' node sites and what the edges' patches need."""
     loaded = ctx.loaded
     src = sources_of(loaded, sources, ctx.table.positions)
@@ -242,7 +242,7 @@ def path_patch(ctx: Context, edges: Sequence[PathEdge], *, progress: Callable[[i
     evaluation metric when the plan has one."""
     spec = ctx.plan.eval_metric or ctx.plan.metric
     eval_ = ctx.plan.eval_metric is not None
-    src, sites, reads = _reads(ctx, sorted({e.source for e in edges if e.source.kind is not NodeKind.EMBED}))
+    src, sites, reads = _reference_sites(ctx, sorted({e.source for e in edges if e.source.kind is not NodeKind.EMBED}))
     out, cache = [], {}
     for i, batch in enumerate(ctx.batches):
         refs = batch_refs(ctx, batch, reads, spec, eval_=eval_)

@@ -22,7 +22,7 @@ from atpdsl.memory import format_bytes
 from atpdsl.plan import ModelRef, Plan
 
 __all__ = ["MemoryPlanError", "set_remote", "remote_of", "attention_for", "load_options", "dispatched", "device_map_for", "check_fits",
-           "memory_guard", "device_memory", "input_device",
+           "memory_guard", "check_attention", "device_memory", "input_device",
            "offloaded", "readable_weights", "named_weights"]
 
 
@@ -164,11 +164,19 @@ def _estimate(plan: Plan) -> Mapping[str, Any] | None:
     return dict(plan.extras).get("memory")
 
 
-def check_fits(plan: Plan, device: torch.device) -> None:
-    """Before loading: MemoryPlanError when the plan's estimate exceeds the device's memory (a CUDA device's total,
-    known only here; budgets known at compile time were checked there, atpdsl.language.checker_memory)."""
+def _planned_device(ref: ModelRef) -> torch.device | None:
+    name = ref.device
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    return torch.device(name) if name.startswith("cuda") and torch.cuda.is_available() else None
+
+
+def check_fits(plan: Plan) -> None:
+    """Before loading: MemoryPlanError when the plan's estimate exceeds its CUDA device's memory (known only
+    here; budgets known at compile time were checked there, atpdsl.language.checker_memory)."""
+    device = _planned_device(plan.model)
     mem = _estimate(plan)
-    total = device_memory(device)
+    total = device_memory(device) if device is not None else None
     if mem is None or total is None or plan.model.memory is not None or plan.model.remote:
         return
     from atpdsl.memory import RESERVE
@@ -179,6 +187,18 @@ def check_fits(plan: Plan, device: torch.device) -> None:
             f"the run needs about {format_bytes(mem['peak'])} on {device} (peak in the {mem['phase']}) but the device "
             f"has {format_bytes(total)}; give the model `memory \"{format_bytes(total).replace(' ', '')}\"` and "
             f"`batch auto` to pick a batch that fits" + (f" (batch {fit} fits)" if fit else ""))
+
+
+def check_attention(plan: Plan, hf: Any) -> None:
+    """ModelError when the model runs fused attention but a step of the plan reads the attention pattern."""
+    from atpdsl.memory import reads_pattern
+
+    implementation = getattr(hf.config, "_attn_implementation", "eager")
+    kinds = [s.kind for s in plan.steps]
+    if implementation != "eager" and (reads_pattern(kinds) or plan.method.name == "relp"):
+        readers = sorted({s.name for s in plan.steps if reads_pattern([s.kind])})
+        raise ModelError(f"the model runs {implementation} attention, but {', '.join(readers) or 'RelP'} read(s) the "
+                         f"attention pattern, which only eager attention makes: use `attention eager` or `auto`")
 
 
 def _used(device: torch.device | None) -> str:

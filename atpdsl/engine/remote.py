@@ -93,9 +93,13 @@ def open_remote(ref: ModelRef, *, served: Any = None) -> tuple[Any, dict]:
     check_ready(ref, served=served)
     import nnsight
 
+    from transformers import AutoTokenizer
+
     kw = {"revision": ref.revision} if ref.revision else {}
     try:
-        model = nnsight.LanguageModel(ref.source, dispatch=False, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(ref.source, **kw)
+        model = nnsight.TransformersModel(ref.source, task="text-generation", tokenizer=tokenizer, dispatch=False,
+                                          **kw)
     except (OSError, ValueError) as err:
         raise ModelError(f"{where_text(ref.where)}cannot read the config and tokenizer of {ref.source!r} (needed "
                          f"here even for a remote run): {str(err).splitlines()[0]}") from None
@@ -121,8 +125,10 @@ def remote_errors(mode: bool | str) -> Iterator[None]:
         if "Timeout" in name or "timed out" in text.lower():
             raise RemoteRunError(f"NDIF did not answer in time ({name}): {text}; retry later, or lower `batch` so "
                                  f"that each request is smaller") from None
-        if name in ("ConnectError", "ConnectionError", "WebSocketException", "WebSocketConnectionClosedException"):
-            raise RemoteRunError(f"cannot reach NDIF ({name}): {text}") from None
+        if isinstance(err, ConnectionError) or name in ("ConnectError", "WebSocketException",
+                                                        "WebSocketConnectionClosedException"):
+            raise RemoteRunError(f"cannot reach NDIF or the Hugging Face hub it names models by ({name}): "
+                                 f"{text}") from None
         if name == "RemoteError":
             raise RemoteRunError(f"the NDIF job failed: {text}") from None
         raise

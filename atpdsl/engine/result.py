@@ -3,6 +3,7 @@ steps that ran with their timings, and the provenance of every number."""
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 
 import torch
 
@@ -13,7 +14,7 @@ from atpdsl.engine.load import Loaded
 from atpdsl.engine.metrics import describe
 from atpdsl.engine.state import RunState
 
-__all__ = ["build_result", "node_scores", "provenance", "executed_steps"]
+__all__ = ["build_result", "node_scores", "provenance", "executed_steps", "verification_summary"]
 
 
 def node_scores(state: RunState) -> list[NodeScore]:
@@ -79,8 +80,6 @@ def executed_steps(state: RunState) -> list[dict]:
 
 
 def _extras(state: RunState, nodes: list[NodeScore]) -> dict:
-    from atpdsl.engine.verification import verification_summary
-
     plan, table = state.plan, state.ctx.table
     extras = {
         "aggregate": plan.method.aggregate,
@@ -140,3 +139,29 @@ def build_result(state: RunState) -> RunResult:
         provenance=provenance(plan, state.ctx.loaded),
         extras=_extras(state, nodes),
     )
+
+
+def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
+    """How many verified nodes reach the selection cut with their measured effect, and their ranks."""
+    from atpdsl.circuit.select import DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude
+
+    selection = plan.selection or DEFAULT_SELECTION
+    _, cut = candidates(nodes, selection)
+    rows = []
+    for node in nodes:
+        if node.verified_effect is None:
+            continue
+        measured = verified_magnitude(node, plan.method.aggregate)
+        rows.append({"node": node.name, "rank": node.rank, "estimate": node.estimate, "score": node.score,
+                     "verified_effect": node.verified_effect, "measured": measured,
+                     "exceeds": bool(measured is not None and measured >= cut)})
+    ranks = [r["rank"] for r in rows if r["exceeds"]]
+    return {
+        "top": len(rows),
+        "rule": describe_rule(selection),
+        "cut": cut,
+        "exceeding": len(ranks),
+        "exceeding_ranks": ranks,
+        "deepest_exceeding_rank": max(ranks) if ranks else None,
+        "nodes": rows,
+    }

@@ -13,6 +13,7 @@ from atpdsl.plan import Plan
 from atpdsl.engine.checkpoint import Checkpoint
 from atpdsl.engine.context import make_context
 from atpdsl.engine.load import Loaded, load_model
+from atpdsl.engine.placement import check_attention, check_fits, memory_guard
 from atpdsl.engine.result import build_result
 from atpdsl.engine.state import Progress
 from atpdsl.engine.steps import execute_steps, new_state
@@ -62,10 +63,12 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
     torch.manual_seed(plan.seed)
     t0 = time.perf_counter()
     if loaded is None:
+        check_fits(plan)  # the memory plan against the device, before any weight is loaded (engine.placement)
         loaded = load_model(plan.model)
     load_s = time.perf_counter() - t0
     checkpoint = Checkpoint.open(plan, loaded.location, fresh=fresh)  # keyed by the plan as compiled
     plan = complete_plan(plan, loaded)
+    check_attention(plan, loaded.hf)  # sdpa only where no step reads the pattern (engine.placement)
     t0 = time.perf_counter()
     ctx = make_context(plan, loaded)
     ctx.timings["load"] = load_s
@@ -82,7 +85,8 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
 
         state.parts["gradient_rule"] = lambda: relp_rules(loaded)
     try:
-        execute_steps(state)
+        with memory_guard(plan, loaded.device):  # out of memory: a MemoryPlanError with the numbers (exit 1)
+            execute_steps(state)
     finally:
         for kept in state.kept.values():
             kept.close()

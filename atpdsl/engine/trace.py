@@ -25,7 +25,7 @@ from atpdsl.engine.metrics import pick
 from atpdsl.engine.placement import remote_of
 from atpdsl.engine.remote import remote_errors
 
-__all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "run_streamed", "resolve", "FAST_BACKWARD"]
+__all__ = ["TraceSite", "Backward", "TraceOut", "run_trace", "resolve", "FAST_BACKWARD"]
 
 # Plain backward blocks (no gradient edits) over module sites take the fast path: nnsight's cache records the
 # sites during the one clean trace and torch.autograd.grad runs right after it (nnsight.md section 4, fix B),
@@ -168,7 +168,9 @@ def _requested(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
     rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
     points, units = _hook_points(sites)
     grad_keys = {s.key for s in sites if s.grad}
-    with model.trace(dict(inputs), use_cache=False, remote=remote_of(model)):
+    remote = remote_of(model)  # read here: the traced body is shipped, and must not reach this registry
+    blocks = _grad_blocks if remote else _backward_blocks
+    with model.trace(dict(inputs), use_cache=False, remote=remote):
         if backwards and embed is not None:
             model.get(embed).output.requires_grad_(True)
         acts = nnsight.save({})
@@ -184,7 +186,7 @@ def _requested(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceS
             m_rows = metric(logits)
             out[0] = m_rows.detach()
             clock[0] = time.perf_counter()
-            _backward_blocks(m_rows.sum(), backwards, units, acts, grad_keys, grads)
+            blocks(m_rows.sum(), backwards, units, acts, grad_keys, grads)
             clock[1] = time.perf_counter()
         if keep:
             for s in sites:
@@ -274,6 +276,23 @@ def _backward_blocks(total, backwards: Sequence[Backward], units: list[list[str]
             grads[block.name] = got
 
 
+def _grad_blocks(total, backwards: Sequence[Backward], units: list[list[str]], acts: dict, grad_keys: set[str],
+                 grads: dict) -> None:
+    """Inside a remote trace: each backward block as one `torch.autograd.grad` on the site tensors (a cut site's
+    gradient turned to zeros by a tensor hook), which needs no request order (a module's tuple output, read after
+    its submodules, is made before them)."""
+    for i, block in enumerate(backwards):
+        wanted = set(block.read) if block.read is not None else grad_keys
+        cut = [acts[u[0]].register_hook(torch.zeros_like) for u in units if any(k in block.zero for k in u)]
+        read = [u for u in units if any(k in wanted for k in u)]
+        got = torch.autograd.grad(total, [acts[u[0]] for u in read], allow_unused=True,
+                                  retain_graph=block.retain_graph or i < len(backwards) - 1)
+        for handle in cut:
+            handle.remove()
+        grads[block.name] = {k: (torch.zeros_like(acts[u[0]]) if g is None else g)
+                             for u, g in zip(read, got) for k in u if k in wanted}
+
+
 def _read_only(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite],
                last_pos: torch.Tensor | None) -> TraceOut:
     """A forward that only reads module values: nnsight's cache records them as the run passes, without a
@@ -341,62 +360,3 @@ def _cached_backward(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[
     live = {s.key: shaped.get(s.point, v) for s, v in zip(sites, values)} if keep_graph else {}
     return TraceOut(acts=acts, grads=grads, metric=out[0].detach(), last=out[1], backward_s=backward_s, live=live)
 
-
-def _stream_point(group: list[TraceSite], value, rows: torch.Tensor, keep: frozenset[str], held: dict, grads: dict,
-                  on_value: Callable, on_grad: Callable) -> None:
-    """Inside a trace: hand one hook point's sites to `on_value` and hook their tensors' gradients (one hook per
-    tensor; the hook sees the whole gradient once the backward has added up every use of the tensor)."""
-    hooked: dict[int, list[TraceSite]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for s in group:
-        v = value[s.item] if s.item is not None else value
-        shaped = _as_bsw(s, v, rows).detach()
-        if s.key in keep:
-            held[s.key] = shaped
-        on_value(s.key, shaped)
-        if isinstance(v, torch.Tensor) and v.requires_grad:
-            hooked.setdefault(id(v), []).append(s)
-            tensors[id(v)] = v
-    for tid, members in hooked.items():
-        def hook(g: torch.Tensor, members: list[TraceSite] = members) -> None:
-            for s in members:
-                shaped = _as_bsw(s, g, rows)
-                if s.key in keep and s.grad:
-                    grads[s.key] = shaped
-                on_grad(s.key, shaped)
-
-        tensors[tid].register_hook(hook)
-
-
-def run_streamed(model, inputs: Mapping[str, torch.Tensor], sites: Sequence[TraceSite], *, embed: str,
-                 metric: Callable[[torch.Tensor], torch.Tensor], last_pos: torch.Tensor | None,
-                 on_value: Callable[[str, torch.Tensor], None], on_grad: Callable[[str, torch.Tensor], None],
-                 keep: frozenset[str] = frozenset(), before_backward: Callable[[dict], None] | None = None,
-                 block: str = "main") -> TraceOut:
-    """One forward + backward from the metric that hands each site's value to `on_value` as the forward makes it
-    and its gradient to `on_grad` as the backward reaches it, so that no caller holds every site's value and
-    gradient at once (the memory of a run then stays near one forward + backward: atpdsl.memory). Sites in
-    `keep` also come back as `run_trace` returns them (values, and gradients in block `block`). Flat sites are
-    seen as [b, S, W]. `before_backward(kept values)` runs between the two (the value checks)."""
-    rows = torch.arange(len(next(iter(inputs.values()))), device=next(iter(inputs.values())).device)
-    points, _ = _hook_points(sites)
-    held: dict[str, torch.Tensor] = {}
-    grads: dict[str, torch.Tensor] = {}
-    out: list = [None, None, None]  # metric rows (graph attached), logits at last_pos, embedding output
-    with model.trace(dict(inputs), use_cache=False):
-        out[2] = model.get(embed).output.requires_grad_(True)
-        for point, group in points:
-            _stream_point(group, resolve(model, *point), rows, keep, held, grads, on_value, on_grad)
-        logits = model.output.logits
-        out[0] = metric(logits)
-        if last_pos is not None:
-            out[1] = pick(logits, last_pos).detach()
-    if before_backward is not None:
-        before_backward(held)
-    t0 = time.perf_counter()
-    torch.autograd.grad(out[0].sum(), [out[2]])  # the hooks do the work; the embedding's gradient is dropped
-    backward_s = time.perf_counter() - t0
-    for s in sites:  # a kept site the gradient never reached has gradient zero (as `allow_unused` gives)
-        if s.key in keep and s.grad and s.key not in grads:
-            grads[s.key] = torch.zeros_like(held[s.key])
-    return TraceOut(acts=held, grads={block: grads}, metric=out[0].detach(), last=out[1], backward_s=backward_s)

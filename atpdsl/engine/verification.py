@@ -10,14 +10,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from atpdsl.circuit.scores import NodeScore
 from atpdsl.plan import Plan, Step
 from atpdsl.engine.context import Context
 from atpdsl.engine.exact import batch_refs, exact_effects
 from atpdsl.engine.finite import check_rows
 from atpdsl.engine.state import BatchWork, RunState
 
-__all__ = ["verify", "verify_step", "verify_adaptive_step", "diagnose_step", "verification_summary"]
+__all__ = ["verify", "verify_step", "verify_adaptive_step", "diagnose_step", "bounded_quantity"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -105,29 +104,3 @@ def diagnose_step(state: RunState, step: Step, work: BatchWork | None = None) ->
     state.diagnosis = diagnose(state.ctx, unverified, samples=d.samples, confidence=d.confidence,
                                inclusion=d.inclusion, seed=state.plan.seed, quantity=bounded_quantity(state.plan),
                                progress=state.progress)
-
-
-def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
-    """How many verified nodes reach the selection cut with their measured effect, and their ranks."""
-    from atpdsl.circuit.select import DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude
-
-    selection = plan.selection or DEFAULT_SELECTION
-    _, cut = candidates(nodes, selection)
-    rows = []
-    for node in nodes:
-        if node.verified_effect is None:
-            continue
-        measured = verified_magnitude(node, plan.method.aggregate)
-        rows.append({"node": node.name, "rank": node.rank, "estimate": node.estimate, "score": node.score,
-                     "verified_effect": node.verified_effect, "measured": measured,
-                     "exceeds": bool(measured is not None and measured >= cut)})
-    ranks = [r["rank"] for r in rows if r["exceeds"]]
-    return {
-        "top": len(rows),
-        "rule": describe_rule(selection),
-        "cut": cut,
-        "exceeding": len(ranks),
-        "exceeding_ranks": ranks,
-        "deepest_exceeding_rank": max(ranks) if ranks else None,
-        "nodes": rows,
-    }

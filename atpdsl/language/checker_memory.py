@@ -17,7 +17,7 @@ from atpdsl.memory import (
     shape_for,
 )
 
-__all__ = ["model_setting_problems", "remote_method_problems", "pair_lengths", "device_budget", "memory_summary", "MEMORY_CODE"]
+__all__ = ["model_setting_problems", "remote_method_problems", "resolve_attention", "pair_lengths", "device_budget", "memory_summary", "MEMORY_CODE"]
 
 MEMORY_CODE = "E901"
 """The diagnostic of a run whose memory estimate does not fit its budget."""
@@ -151,6 +151,16 @@ def device_budget(device: str, memory: str | None, remote: bool) -> tuple[int | 
     return None, "unknown at plan time (the run checks the device)", 1
 
 
+def resolve_attention(plan: Any) -> str:
+    """`attention auto`: eager where a step reads the attention pattern (the QK fix, the norm fix, the edges) or the
+    method changes how gradients flow through it (RelP), else sdpa (faster and smaller for a forward + backward:
+    benchmarks/bench_scale.py). An explicit choice stays."""
+    if plan.model.attention != "auto":
+        return plan.model.attention
+    kinds = [s.kind for s in plan.steps]
+    return "eager" if reads_pattern(kinds) or plan.method.name == "relp" else "sdpa"
+
+
 def _fits_text(est: MemoryEstimate, budget: int) -> str:
     top = sorted(est.parts, key=lambda p: -p.bytes)[:3]
     parts = ", ".join(f"{p.name} {format_bytes(p.bytes)}" for p in top)
@@ -167,8 +177,7 @@ def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, 
         return None, plan.batch, []
     model = plan.model
     budget, source, devices = device_budget(model.device, _setting(result, "memory"), model.remote)
-    kinds = [s.kind for s in plan.steps]
-    attention = model.attention if model.attention != "auto" else ("eager" if reads_pattern(kinds) else "sdpa")
+    attention = model.attention
     lengths, note = pair_lengths(result)
     shape = shape_for(plan, info.config, lengths, attention=attention, devices=devices)
     sizes = model_sizes(info.config, info.arch.name, info.arch.is_parallel(info.config))
@@ -216,6 +225,7 @@ def with_memory_plan(result: Any, plan: Any, batch_auto: bool) -> Any:
     from atpdsl.errors import SpecError
     from atpdsl.language.diagnostics import render_concise
 
+    plan = replace(plan, model=replace(plan.model, attention=resolve_attention(plan)))
     summary, batch, diags = memory_summary(result, plan, batch_auto)
     errors = [d for d in diags if d.is_error]
     if errors:

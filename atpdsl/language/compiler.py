@@ -199,11 +199,11 @@ def build_plan(result: CheckResult) -> Plan:
     sites: tuple[str, ...] = ()
     if info is not None and info.arch is not None and geom is not None:
         sites = tuple(info.arch.sites(groups, geom.n_layers))
-    batch_auto = batch_stmt is not None and isinstance(batch_stmt.value, n.Ident)
-    batch = int(batch_stmt.value.value) if batch_stmt and not batch_auto else 8
+    batch_auto = batch_stmt is not None and isinstance(batch_stmt.value, n.Ident)  # `batch auto`: checker_memory
+    batch = 8 if batch_stmt is None or batch_auto else int(batch_stmt.value.value)
     extras = _extras(result, batch, n_layers, nodes)
-    edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name)
-    edges_ok = edges_ok and not _model(result, model_stmt).remote  # NDIF: no weights here for the edges
+    edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name) and not \
+        _model(result, model_stmt).remote  # NDIF: the edges read weights, and a remote model's are not here
     extras.append(("edges_allowed", edges_ok))
     text = spec.source.text
     plan = Plan(

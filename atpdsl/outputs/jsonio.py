@@ -7,8 +7,7 @@ Shape (schema_version 1; fields are added, never renamed):
     spec_file, spec_hash, model_id, model_revision (null when unpinned)
     method, metric, n_pairs, clean_metric, corrupt_metric
     selection         {rule, kind, value, cut, aggregate, value_definition, selected: [names],
-                      dropped: [{node, verified, cut}], of_edges, edges / dropped_edges: [[source, target,
-                      channel]] (an edge-level circuit's chosen edges and those path patching dropped)}
+                      dropped: [{node, verified, cut}], of_edges, edges / dropped_edges [[source, target, channel]]}
     false_negatives   {bound, confidence, samples, nodes_tested, inclusion, sentence} or null
     diagnostic        the diagnostic's sentence, or null
     non_finite        present only when some number was NaN or infinite: where (it is written as null)
@@ -20,8 +19,7 @@ Shape (schema_version 1; fields are added, never renamed):
                       per_pair, per_pair_score, verified_per_pair (lists or null) and attrs
                       ({key: scalar}); rows in the engine's rank order
     edges             {columns, rows}: source, target, weight (null when unweighted), in_circuit
-                      (kept by the graph's edge cut), verified_weight (null unless path-patched), channel
-                      ("q" / "k" / "v": the part of an edge into a head through that input; "" a whole edge)
+                      (kept by the graph's edge cut), verified_weight (null unless path-patched), channel (q/k/v)
     extras            the engine's extras (arrays as nested lists)
     plan              the compiled Plan as a dict, or null
     graph             networkx node-link data (`node_link_data(G, edges="edges")`)
@@ -140,8 +138,7 @@ def document(res: "Result") -> dict[str, Any]:
             "dropped": [dataclasses.asdict(d) for d in res.selection.dropped],
             "added": list(res.selection.added),
             "of_edges": res.selection.of_edges,
-            "edges": [list(e) for e in res.selection.edges],
-            "dropped_edges": [list(e) for e in res.selection.dropped_edges],
+            **{k: [list(e) for e in getattr(res.selection, k)] for k in ("edges", "dropped_edges")},
         },
         "false_negatives": None if bound is None else _bound_document(bound),
         "diagnostic": None if bound is None else bound.sentence,
@@ -347,10 +344,8 @@ def _load(doc: dict[str, Any], name: str) -> Result:
         selected=tuple(sel["selected"]),
         dropped=tuple(DroppedNode(**d) for d in sel.get("dropped", [])),
         added=tuple(sel.get("added", ())),
-        aggregate=_aggregate(doc),
-        of_edges=bool(sel.get("of_edges", False)),
-        edges=tuple(tuple(e) for e in sel.get("edges", [])),
-        dropped_edges=tuple(tuple(e) for e in sel.get("dropped_edges", [])),
+        aggregate=_aggregate(doc), of_edges=bool(sel.get("of_edges")),
+        **{k: tuple(map(tuple, sel.get(k, []))) for k in ("edges", "dropped_edges")},
     )
     plan_dict = doc.get("plan")
     plan = None

@@ -112,24 +112,25 @@ def _reference_products(model, tok, pair, sources):
     clean = {k: v.detach() for k, v in caught.items()}
     out = {}
     for src in sources:
-        node = parse_node(src)
-        if node.kind is NodeKind.EMBED:
-            write = corrupt["embed"] - clean["embed"]
-        elif node.kind is NodeKind.HEAD:
-            dh = model.config.hidden_size // model.config.num_attention_heads
-            cols = slice(node.index * dh, (node.index + 1) * dh)
-            dz = (corrupt[f"z{node.layer}"] - clean[f"z{node.layer}"])[..., cols]
-            layer = layers[node.layer]
-            w = layer.attn.c_proj.weight[cols, :] if mt == "gpt2" else layer.self_attn.o_proj.weight[:, cols].T
-            write = dz @ w
-        else:  # neuron
-            da = (corrupt[f"act{node.layer}"] - clean[f"act{node.layer}"])[..., node.index: node.index + 1]
-            layer = layers[node.layer]
-            w = layer.mlp.c_proj.weight[node.index] if mt == "gpt2" else layer.mlp.down_proj.weight[:, node.index]
-            write = da * w
+        write = _reference_write(model, layers, parse_node(src), clean, corrupt)
         for r, g in grads.items():
             out[(src, r)] = float((write * g).sum())
     return out
+
+
+def _reference_write(model, layers, node, clean: dict, corrupt: dict) -> torch.Tensor:
+    """A source's corrupt - clean write into the residual stream, from captured values and the weights."""
+    mt = model.config.model_type
+    if node.kind is NodeKind.EMBED:
+        return corrupt["embed"] - clean["embed"]
+    layer = layers[node.layer]
+    if node.kind is NodeKind.HEAD:
+        dh = model.config.hidden_size // model.config.num_attention_heads
+        cols = slice(node.index * dh, (node.index + 1) * dh)
+        dz = (corrupt[f"z{node.layer}"] - clean[f"z{node.layer}"])[..., cols]
+        return dz @ (layer.attn.c_proj.weight[cols, :] if mt == "gpt2" else layer.self_attn.o_proj.weight[:, cols].T)
+    da = (corrupt[f"act{node.layer}"] - clean[f"act{node.layer}"])[..., node.index: node.index + 1]
+    return da * (layer.mlp.c_proj.weight[node.index] if mt == "gpt2" else layer.mlp.down_proj.weight[:, node.index])
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -94,3 +94,22 @@ def test_atpdsl_definitions_are_copied_verbatim(folders):
     qk = inspect.getsource(QkFix)
     setup = qk[qk.index("    def setup"): qk.index("    @property")]
     assert qk.replace(setup, "") in src and "def setup" not in src
+
+
+def test_edge_steps_are_left_out_and_unknown_kinds_refused(folders, monkeypatch):
+    """Every edge step (reads, integrated gradients, path patching) is left out with its reason; a step kind the
+    program does not know is refused rather than copied blindly."""
+    from atpdsl.engine.emit import prepare as emit_prepare
+    from atpdsl.plan import EdgeSettings
+
+    plan = make_plan(folders["llama"], tm.TINY_PAIRS, (NodeGroup("heads"), NodeGroup("mlp")), batch=2,
+                     edges=EdgeSettings(ig_steps=2, verify=2), verification=Verification(2))
+    src = emit_python(plan)
+    tree = ast.parse(src)
+    consts = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name) and t.id in ("STEPS", "LEFT_OUT")}
+    assert {s["kind"] for s in consts["LEFT_OUT"]} == {"edge_reads", "edge_ig", "edges", "verify_edges"}
+    assert [s["kind"] for s in consts["STEPS"]] == ["corrupt_forward", "clean_backward", "rank", "verify"]
+    monkeypatch.setattr(emit_prepare, "EMITTED", tuple(k for k in emit_prepare.EMITTED if k != "verify"))
+    with pytest.raises(EngineError, match="does not know the step kind 'verify'"):
+        emit_python(plan)

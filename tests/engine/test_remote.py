@@ -5,10 +5,11 @@ hub-id path is checked up to the first request (a fake hub cache gives the confi
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,22 @@ def test_atp_star_with_verify_and_diagnose_through_remote_local_equals_local(fol
     there = execute(plan, loaded=simulate(load_model(plan.model)))
     assert len(shipped) >= 2 * 2 + 2  # corrupt and clean per batch, then verify and diagnose
     assert max_abs_diff(per_pair(here), per_pair(there)) <= 1e-6
-    verified = {n.name: n.verified for n in here.nodes if n.verified is not None}
-    assert verified and all(abs(verified[n.name] - n.verified) <= 1e-6 for n in there.nodes if n.name in verified)
-    a, b = here.false_negatives, there.false_negatives
-    assert a is not None and abs(a.bound - b.bound) <= 1e-6 and a.samples == b.samples
+    verified = {n.name: n.verified_per_pair for n in here.nodes if n.verified_effect is not None}
+    assert verified and _close(verified, {n.name: n.verified_per_pair for n in there.nodes
+                                          if n.verified_effect is not None})
+    assert here.false_negatives is not None and _close(asdict(here.false_negatives), asdict(there.false_negatives))
     assert abs(here.clean_metric - there.clean_metric) <= 1e-6
+
+
+def _close(a, b) -> bool:
+    """Equal records, floats to 1e-6 (infinities equal)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=0, abs_tol=1e-6) or a == b
+    return a == b
 
 
 def test_simulated_model_is_marked_and_others_are_not(folder):

@@ -138,9 +138,10 @@ def test_statements(body, expected):
     assert codes(r) == expected, r.diagnostics
 
 
-def test_only_eager_attention_is_accepted():
-    r = check("", model='model "model" { attention sdpa }')
+def test_only_known_attentions_are_accepted():
+    r = check("", model='model "model" { attention flash }')
     assert codes(r) == ["E104"], r.diagnostics
+    assert check("", model='model "model" { attention sdpa }').ok
     assert check("", model='model "model" { device auto }').ok
 
 

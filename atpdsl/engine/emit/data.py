@@ -9,7 +9,6 @@ from dataclasses import asdict
 import torch
 
 from atpdsl.arch import STAGES, Layout
-from atpdsl.errors import EngineError
 from atpdsl.names import NodeId, NodeKind
 from atpdsl.plan import MetricSpec
 from atpdsl.engine.atp import trace_sites
@@ -81,7 +80,7 @@ def _blocks(prep: Prepared) -> list[dict]:
             base = template.replace("{unit}", str(u))
             names += [f"{base}@{p}" for p in table.positions[1]] if b.per_position else [base]
     if names != [n.name for n in table.nodes]:
-        raise EngineError("internal: the emitted node names differ from the engine's; this is a bug in atpdsl")
+        raise RuntimeError("internal: the emitted node names differ from the engine's; this is a bug in atpdsl")
     return out
 
 
@@ -138,7 +137,7 @@ def _norm(prep: Prepared) -> dict | None:
         own = nb.block.kind in ("heads", "neurons")
         if (module is None) != (nb.columns is None) or module is not None and tuple(write_matrix(
                 hf.get_submodule(module), nb.cols if own else _all_heads(geom)).shape) != tuple(nb.columns.shape):
-            raise EngineError(f"internal: the norm fix's write matrix of {table.sites[nb.block.site].name} is not the "
+            raise RuntimeError(f"internal: the norm fix's write matrix of {table.sites[nb.block.site].name} is not the "
                               f"emitted one; this is a bug in atpdsl")
         blocks.append({"block": index[id(nb.block)], "key": nb.key, "write_module": module, "own_columns": own,
                        "all_columns": geom.n_heads * geom.head_dim, "centered": nb.centered is not None,

@@ -20,15 +20,21 @@ from atpdsl.engine.run import complete_plan
 from atpdsl.engine.state import RunState
 from atpdsl.engine.steps import new_state, prepare_steps
 
-__all__ = ["Prepared", "prepare", "LEFT_OUT"]
+__all__ = ["Prepared", "prepare", "LEFT_OUT", "EMITTED"]
 
 LEFT_OUT = {
     "diagnose": "the false-negative diagnostic is not emitted (it is being rewritten); run the spec with atpdsl "
                 "for its bound",
     "edge_reads": "edge attribution is not emitted; run the spec with atpdsl for the circuit's edges",
     "edges": "edge attribution is not emitted; run the spec with atpdsl for the circuit's edges",
+    "edge_ig": "edge attribution is not emitted; run the spec with atpdsl for the circuit's edges",
+    "verify_edges": "edge attribution is not emitted; run the spec with atpdsl for the circuit's edges",
 }
 """Step kinds the program leaves out, with the reason it prints: none of them changes a node's numbers."""
+
+EMITTED = ("corrupt_forward", "clean_forward", "clean_backward", "qk_fix", "norm_fix", "graddrop_term", "exact_patch",
+           "rank", "verify")
+"""Step kinds the program runs (a new kind is refused until the program knows it)."""
 
 DEFAULT_ROTARY = "atpdsl.engine.rotary:beside_attention"
 
@@ -104,6 +110,10 @@ def _refuse(plan: Plan, arch: Arch, config: dict, steps: tuple[Step, ...]) -> No
         raise EngineError(f"emit python: {problems[0].message}")
     _refuse_metric(plan.metric, "metric")
     _refuse_metric(plan.eval_metric, "eval metric")
+    unknown = [s for s in steps if s.kind not in EMITTED and s.kind not in LEFT_OUT and s.kind != "verify_adaptive"]
+    if unknown:
+        raise EngineError(f"emit python does not know the step kind {unknown[0].kind!r} ({unknown[0].name}): run this "
+                          f"spec with atpdsl")
     if any(s.kind == "verify_adaptive" for s in steps):
         raise EngineError("emit python: `verify until confident` alternates verification with the false-negative "
                           "diagnostic, which is not emitted; use `verify top K` or run this spec with atpdsl")

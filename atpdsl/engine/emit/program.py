@@ -12,14 +12,13 @@ import inspect
 import textwrap
 from types import ModuleType
 
-from atpdsl.errors import EngineError
 from atpdsl.lowering import STEP_KINDS
 from atpdsl.plan import Plan
 from atpdsl.engine.emit import closure
 from atpdsl.engine.emit.data import program_data
 from atpdsl.engine.emit.prepare import prepare
 from atpdsl.engine.emit.runtime import atp_steps, corrections, exact_steps, loading, objects, run, traces
-from atpdsl.engine.emit.source import free_names, literal, runtime_source, undefined_names
+from atpdsl.engine.emit.source import defined_names, free_names, literal, runtime_source, undefined_names
 
 __all__ = ["emit_python"]
 
@@ -34,12 +33,12 @@ OMIT = ("QkFix.setup", "NormFix.setup", "NormFix._block", "GradDrop.setup", "Gra
 """Methods left out of copied classes: their setup reads architecture records (the program gets the result as
 data), and GradDrop's gradients come from the program's own traced backward."""
 
-DOCSTRING = '''"""An attribution run emitted by atpdsl (`atpdsl plan SPEC --emit python`): plain nnsight, no atpdsl needed.
+DOCSTRING = '''"""An attribution run emitted by atpdsl (`atpdsl plan SPEC --emit python`): plain nnsight.
 
-Run it with `python THIS_FILE` (it needs torch, transformers and nnsight). It loads the model in MODEL, checks
-that its tokenizer gives the token ids in PAIRS, and runs the plan's STEPS in order, as atpdsl's engine does:
-each step kind's preparation once, the batch-scope steps once per batch of BATCH_SIZE pairs, then the run-scope
-steps. Each step kind is one function (STEP_FUNCTIONS at the end). The model runs in plain
+Run it with `python THIS_FILE`: it needs torch, transformers and nnsight, not atpdsl. It loads the model in
+MODEL, checks that its tokenizer gives the token ids in PAIRS, and runs the plan's STEPS in order, as atpdsl's
+engine does: each step kind's preparation once, the batch-scope steps once per batch of BATCH_SIZE pairs, then
+the run-scope steps. Each step kind is one function (STEP_FUNCTIONS at the end). The model runs in plain
 `with model.trace(...)` blocks (section "The nnsight traces"); AtP*'s corrections, exact patching's
 bookkeeping, the metrics, batching and ranking are atpdsl's own code, copied below under the file each comes
 from.
@@ -182,14 +181,14 @@ def emit_python(plan: Plan) -> str:
     kinds = list(dict.fromkeys(s["kind"] for s in data["steps"]))
     mods = _runtime_modules(set(kinds))
     runtime = [runtime_source(m) for m in mods]
-    provided = set().union(*(free_names_defined(text) for text in runtime))
+    provided = set().union(*(defined_names(text) for text in runtime))
     steps, step_roots = _step_functions(kinds)
     metrics, metric_roots = _metric_functions(data)
     roots = [r for m in mods for r in _atpdsl_roots(m)] + step_roots + metric_roots
     try:
         copied = closure.collect(roots, provided, OMIT)
     except LookupError as err:
-        raise EngineError(f"internal: {err}; this is a bug in atpdsl") from None
+        raise RuntimeError(f"internal: {err}; this is a bug in atpdsl") from None
     sections = ["# === The plan, as data", _constants(data), "# === atpdsl's own definitions, copied"]
     sections += _copied(copied)
     sections += ["# === The program's runtime"] + runtime
@@ -198,21 +197,8 @@ def emit_python(plan: Plan) -> str:
     src = DOCSTRING + "\n" + _imports(body, mods, copied) + "\n\n" + body
     missing = undefined_names(src)
     if missing:
-        raise EngineError(f"internal: the emitted program uses undefined names {', '.join(missing)}; this is a bug in "
+        raise RuntimeError(f"internal: the emitted program uses undefined names {', '.join(missing)}; this is a bug in "
                           f"atpdsl")
     compile(src, "<emitted program>", "exec")
     return src
 
-
-def free_names_defined(text: str) -> set[str]:
-    """Names a piece of top-level source defines."""
-    tree = ast.parse(text)
-    out: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            out.add(node.name)
-        elif isinstance(node, ast.Assign):
-            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            out.add(node.target.id)
-    return out

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-__all__ = ["runtime_source", "literal", "free_names", "undefined_names", "IntRange"]
+__all__ = ["runtime_source", "literal", "free_names", "defined_names", "undefined_names", "IntRange"]
 
 
 def runtime_source(module: ModuleType) -> str:
@@ -153,3 +153,16 @@ def undefined_names(source: str) -> list[str]:
     """Global names the program reads but never defines (annotations aside): a copied definition that depends
     on something the program lacks shows up here at emit time, not as a NameError halfway through a run."""
     return sorted(free_names(source) - set(dir(builtins)))
+
+
+def defined_names(source: str) -> set[str]:
+    """The names a piece of top-level source defines (functions, classes, assignments)."""
+    out: set[str] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign):
+            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.add(node.target.id)
+    return out

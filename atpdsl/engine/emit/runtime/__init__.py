@@ -1,0 +1,1 @@
+"""The emitted program's own code: copied into it without imports (see atpdsl.engine.emit.program)."""

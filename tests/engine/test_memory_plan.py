@@ -1,0 +1,136 @@
+"""The memory plan before a run (atpdsl.memory, atpdsl.language.checker_memory), without torch and without
+weights: `atpdsl plan` prints it; `batch auto` picks the largest batch that fits the budget; a spec whose run
+does not fit is refused (E901) with the estimate and the batch that would fit; a 12B GPT-NeoX config (Pythia-12B's
+public sizes, written by hand) plans from its config alone with a batch that fits an 80 GB GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atpdsl.errors import SpecError
+from atpdsl.language.compiler import compile_text
+from atpdsl.memory import estimate, largest_batch, model_sizes, parse_size, shape_for
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOLLM2 = Path("/work/cache/smollm2")
+PYTHIA_12B = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "num_hidden_layers": 36,
+              "hidden_size": 5120, "num_attention_heads": 40, "intermediate_size": 20480, "vocab_size": 50688,
+              "max_position_embeddings": 2048, "rotary_pct": 0.25, "use_parallel_residual": True,
+              "tie_word_embeddings": False, "layer_norm_eps": 1e-5}
+
+
+def _spec(model: str, settings: str = "", batch: str = "batch 4", nodes: str = "heads\n neurons", pairs: int = 8,
+          words: int = 20) -> str:
+    body = " ".join(["the"] * words)
+    pair_lines = "".join(f'pair {{ clean "{body} girl said" corrupt "{body} boy said" answer " she" wrong " he" }}\n'
+                         for _ in range(pairs))
+    return (f'model "{model}" {{ {settings} }}\n{pair_lines}metric logit_diff(answer, wrong)\n'
+            f"nodes {{\n {nodes}\n}}\n{batch}\n")
+
+
+def _memory(plan) -> dict:
+    return dict(plan.extras)["memory"]
+
+
+def test_parse_size():
+    assert parse_size("80GB") == 80 * 10**9 and parse_size("24 GiB") == 24 * 2**30 and parse_size("512MB") == 512e6
+    assert parse_size(2) == 2 * 10**9 and parse_size("1.5g") == 15 * 10**8
+    for bad in ("eighty", "-1GB", "0", "12 parsecs"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_bad_memory_setting_is_a_spec_error(tmp_path):
+    text = _spec("../golden/check/model", 'memory "lots"')
+    with pytest.raises(SpecError) as err:
+        compile_text(text, base_dir=ROOT / "tests" / "engine")
+    assert [d.code for d in err.value.diagnostics] == ["E104"]
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2-135M is not built here")
+def test_estimate_grows_with_batch_and_tokens_and_auto_batch_fits():
+    plan = compile_text(_spec(str(SMOLLM2), 'memory "4GB"', "batch auto", pairs=16, words=120), base_dir=".")
+    mem = _memory(plan)
+    assert mem["budget"] == 4 * 10**9 and mem["budget_source"] == "the `memory` setting"
+    assert 1 <= plan.batch == mem["largest_batch"] < 16 and mem["peak"] * 1.1 <= 4e9
+    assert mem["tokens"] >= 120 and not mem["notes"]  # lengths from SmolLM2's tokenizer, not guessed
+    bigger = compile_text(_spec(str(SMOLLM2), "", f"batch {plan.batch + 1}", pairs=16, words=120), base_dir=".")
+    assert _memory(bigger)["peak"] > mem["peak"]
+    longer = compile_text(_spec(str(SMOLLM2), "", f"batch {plan.batch}", pairs=16, words=240), base_dir=".")
+    assert _memory(longer)["peak"] > mem["peak"]
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2-135M is not built here")
+def test_run_that_does_not_fit_is_refused_with_the_batch_that_fits():
+    with pytest.raises(SpecError) as err:
+        compile_text(_spec(str(SMOLLM2), 'memory "3GB"', "batch 16", pairs=16, words=200), base_dir=".")
+    [diag] = err.value.diagnostics
+    assert diag.code == "E901" and "more than the budget of 3 GB" in diag.message
+    assert any("fits" in h for h in diag.hints), diag.hints
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2-135M is not built here")
+def test_smollm2_per_position_heads_and_neurons_512_tokens_batch_4_is_refused_up_front():
+    """The issue's case: 4 pairs of 512 tokens, per-position heads and neurons (30 x (9 + 1536) x 512 = 23.7M
+    nodes). The per-node records alone pass an 8 GB budget, so no batch fits: refused before any loading."""
+    text = _spec(str(SMOLLM2), 'memory "8GB"', "batch 4", "heads per position\n neurons per position", pairs=4,
+                 words=509)
+    with pytest.raises(SpecError) as err:
+        compile_text(text, base_dir=".")
+    [diag] = err.value.diagnostics
+    assert diag.code == "E901" and "node records" in diag.message and "no batch fits" in diag.hints[0]
+
+
+def _fake_cache(root: Path, repo: str, config: dict) -> Path:
+    commit = "1" * 40
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "snapshots" / commit).mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+    (base / "snapshots" / commit / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_12b_neox_plans_from_its_config_alone_with_a_batch_for_an_80gb_gpu(tmp_path):
+    """`atpdsl plan` in a fresh process whose hub cache holds only Pythia-12B's config (no weights, no tokenizer:
+    token lengths are estimated, and the plan says so); torch is never imported."""
+    cache = _fake_cache(tmp_path / "hub", "EleutherAI/pythia-12b", PYTHIA_12B)
+    spec = tmp_path / "big.atp"
+    spec.write_text(_spec("EleutherAI/pythia-12b", 'dtype float16 device cuda memory "80GB"', "batch auto",
+                          pairs=64, words=100))
+    code = ("import sys\nfrom atpdsl.cli.app import main\ncode = main(['plan', sys.argv[1]])\n"
+            "print('TORCH', 'torch' in sys.modules)\nsys.exit(code)\n")
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", COLUMNS="160")
+    done = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "TORCH False" in out
+    assert "memory per device: device cuda, budget 80 GB (the `memory` setting)" in out
+    assert "23.7 GB   11.8B parameters in float16" in out
+    assert "largest batch that fits" in out and "token lengths estimated" in out
+
+
+def test_12b_estimate_parts():
+    """The same plan's numbers: weights 2 bytes per parameter, about 11.8B parameters; activations and logits
+    grow with the batch; the batch chosen for 80 GB fits it with the headroom."""
+    from atpdsl.plan import ModelRef
+
+    sizes = model_sizes(PYTHIA_12B, "GPT-NeoX", parallel=True)
+    assert 11.5e9 < sizes.params < 12.1e9
+    plan = compile_text(_spec(str(ROOT / "tests" / "golden" / "check" / "model"), "", "batch 8"), base_dir=".")
+    plan = type(plan)(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
+                         "model": ModelRef("EleutherAI/pythia-12b", dtype="float16")})
+    lengths = [104] * 64
+    shape = shape_for(plan, PYTHIA_12B, lengths, attention="eager")
+    one, eight = estimate(sizes, shape, 1, lengths), estimate(sizes, shape, 8, lengths)
+    assert one.part("weights") == eight.part("weights") == sizes.params * 2
+    assert eight.part("activations") == 8 * one.part("activations")
+    best = largest_batch(sizes, shape, lengths, 80 * 10**9)
+    assert best >= 1 and estimate(sizes, shape, best, lengths).peak * 1.1 <= 80e9
+    assert best == shape.pairs or estimate(sizes, shape, best + 1, lengths).peak * 1.1 > 80e9
