@@ -145,7 +145,8 @@ def table(task: T.TaskSpec, scores: list[M.Score], info: dict, markdown: bool) -
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = [title, "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths))]
     if base:
-        lines.insert(1, "  (timed: AtP's cost x the method's wall time / AtP's in this run, a noisy stand-in for its cost)")
+        lines.insert(1, "  (timed: AtP's cost x the method's wall time / AtP's in this run, a noisy stand-in for its "
+                        "cost)")
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows] + ["  " + n for n in notes]
     return "\n".join(lines) + "\n"
 

@@ -29,10 +29,17 @@ SMOLLM2 = ROOT.parent / "cache" / "smollm2"
 
 MIN_CLEAN_DIFF = 1.0
 
-NAMES = ["Mary", "John", "Tom", "James", "Dan", "Sarah", "Paul", "Anna", "Mark", "David", "Emma", "Peter", "Alice", "Bob", "Jack", "Lucy", "Sam", "Ben", "Max", "Tim", "Kate", "Lisa", "Amy", "Joe"]
+NAMES = [
+    "Mary", "John", "Tom", "James", "Dan", "Sarah", "Paul", "Anna", "Mark", "David", "Emma", "Peter", "Alice",
+    "Bob", "Jack", "Lucy", "Sam", "Ben", "Max", "Tim", "Kate", "Lisa", "Amy", "Joe",
+]
 PLACES = ("store", "park", "school", "market", "beach", "library", "station", "garden")
 OBJECTS = ("drink", "book", "ball", "gift", "letter", "bag", "key", "flower")
-WORDS = ["apple", "river", "chair", "music", "window", "garden", "pencil", "tiger", "silver", "cloud", "bread", "doctor", "engine", "forest", "island", "jacket", "ladder", "mirror", "orange", "pocket", "rabbit", "summer", "ticket", "violin", "wallet", "yellow", "basket", "candle", "dragon", "feather"]
+WORDS = [
+    "apple", "river", "chair", "music", "window", "garden", "pencil", "tiger", "silver", "cloud", "bread",
+    "doctor", "engine", "forest", "island", "jacket", "ladder", "mirror", "orange", "pocket", "rabbit", "summer",
+    "ticket", "violin", "wallet", "yellow", "basket", "candle", "dragon", "feather",
+]
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,8 @@ def edge_matrix(plan: Plan, nodes: Sequence[NodeId], *, loaded: Loaded | None = 
     ctx = make_context(replace(plan, nodes=node_groups(nodes)), loaded)
     state = RunState(ctx, (), Accumulator(ctx.table.size, False), extra=ExtraSites({s.key for s in ctx.sites}))
     sites = add_edge_sites(loaded, state.extra, ctx.table)
+    if keep_pairs:
+        sites.whole = None  # the reader-block products (EdgeMatrix.blocks) take every block's gradient
     reads = []
     for i, batch in enumerate(ctx.batches):
         work = BatchWork(batch)

@@ -282,8 +282,9 @@ def _register_attention() -> None:
 def relp_context(loaded: Loaded, rules: RelpRules = PAPER_RULES) -> Iterator[RelpRules]:
     """Install RelP's rules on `loaded.hf` for the duration of the block (EngineError if unsupported).
 
-    Inside, any clean forward + backward (e.g. `atp.run_atp`) yields RelP coefficients instead of gradients;
-    forward values are unchanged. Not thread-safe: the model is modified in place until the block exits."""
+    Inside, any clean forward + backward of the whole model (the engine's AtP pass) yields RelP coefficients
+    instead of gradients; forward values are unchanged. Not thread-safe: the model is modified in place until
+    the block exits."""
     check_relp_supported(loaded)
     hf = loaded.hf
     previous = hf.config._attn_implementation

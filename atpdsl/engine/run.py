@@ -81,9 +81,9 @@ def execute(plan: Plan, *, progress: Progress | None = None, loaded: Loaded | No
     if resumed and progress is not None:
         progress("resumed", min(resumed, len(ctx.batches)), len(ctx.batches))
     if plan.method.name == "relp":
-        from atpdsl.engine.relp import relp_rules
+        from atpdsl.engine.relp import relp_context
 
-        state.parts["gradient_rule"] = lambda: relp_rules(loaded)
+        state.parts["gradient_rule"] = lambda: relp_context(loaded)
     try:
         with memory_guard(plan, loaded.device):  # out of memory: a MemoryPlanError with the numbers (exit 1)
             execute_steps(state)

@@ -216,7 +216,7 @@ def _model_span(result: Any):
     return stmt.span if stmt is not None else None
 
 
-def with_memory_plan(result: Any, plan: Any, batch_auto: bool) -> Any:
+def with_memory_plan(result: Any, plan: Any) -> Any:
     """The plan with its memory plan in the extras (`memory`) and `batch auto` resolved; SpecError (E901) when the
     estimate does not fit the budget, naming the batch that would."""
     import math
@@ -224,6 +224,8 @@ def with_memory_plan(result: Any, plan: Any, batch_auto: bool) -> Any:
 
     from atpdsl.errors import SpecError
     from atpdsl.language.diagnostics import render_concise
+
+    batch_auto = any(isinstance(s.value, n.Ident) for s in result.spec.of(n.Batch)[:1])
 
     plan = replace(plan, model=replace(plan.model, attention=resolve_attention(plan)))
     summary, batch, diags = memory_summary(result, plan, batch_auto)

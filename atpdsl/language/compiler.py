@@ -199,8 +199,7 @@ def build_plan(result: CheckResult) -> Plan:
     sites: tuple[str, ...] = ()
     if info is not None and info.arch is not None and geom is not None:
         sites = tuple(info.arch.sites(groups, geom.n_layers))
-    batch_auto = batch_stmt is not None and isinstance(batch_stmt.value, n.Ident)  # `batch auto`: checker_memory
-    batch = 8 if batch_stmt is None or batch_auto else int(batch_stmt.value.value)
+    batch = 8 if batch_stmt is None or isinstance(batch_stmt.value, n.Ident) else int(batch_stmt.value.value)
     extras = _extras(result, batch, n_layers, nodes)
     edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name) and not \
         _model(result, model_stmt).remote  # NDIF: the edges read weights, and a remote model's are not here
@@ -231,7 +230,7 @@ def build_plan(result: CheckResult) -> Plan:
         geometry=geom, edges=edge_plan,
         warnings=tuple(render_concise([d]) for d in result.warnings),
     )
-    return with_memory_plan(result, plan, batch_auto)
+    return with_memory_plan(result, plan)  # the memory plan; `batch auto` resolved (language.checker_memory)
 
 
 def compile_text(text: str, *, filename: str = "<string>", base_dir: str | Path = ".",

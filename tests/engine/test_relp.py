@@ -147,7 +147,8 @@ def test_relp_rules_equal_reference(name, rules, tmp_path_factory):
         ours = hook_estimates(loaded, pair, RULE_SETS[rules])
         ref = RR.relp_pair(model, tok, pair, ref_rules(RULE_SETS[rules]))
         assert len(ours) == len(KIND) * loaded.geom.n_layers
-        worst = max(float((v.double() - ref.per_position[kind][layer]).abs().max()) for (kind, layer), v in ours.items())
+        worst = max(float((v.double() - ref.per_position[kind][layer]).abs().max())
+                    for (kind, layer), v in ours.items())
         assert worst <= 1e-5, (pair["clean"], worst)
 
 
@@ -180,7 +181,8 @@ def test_stories_relp_equals_reference():
     for pair in pairs[:2]:
         hooks = hook_estimates(loaded, pair, ALL_RULES)
         ref = RR.relp_pair(model, tok, pair, ref_rules(ALL_RULES))
-        assert max(float((v.double() - ref.per_position[k][layer]).abs().max()) for (k, layer), v in hooks.items()) <= 2e-5
+        worst = max(float((v.double() - ref.per_position[k][layer]).abs().max()) for (k, layer), v in hooks.items())
+        assert worst <= 2e-5
 
 
 def relevance_per_cut(loaded, pair: dict, rules: RelpRules) -> tuple[float, list[float]]:
