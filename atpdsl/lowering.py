@@ -207,12 +207,12 @@ def lower_steps(method: MethodSpec, groups: Sequence[NodeGroup], *, n_layers: in
     edges = computes_edges(method, metric_kind, edges_ok)
     es = edge_settings or EdgeSettings()
     if edges:
-        steps.append(_step("edge_reads", "edge reads", costs.edge_reads_cost(workload, 2 * layers + 1),
-                           "keep this batch's reader-block gradients and node differences for the edges"))
-        if es.ig_steps:
+        if es.ig_steps:  # before the reads, which then take the integrated gradients instead of the clean ones
             steps.append(_step("edge_ig", "edge integrated gradients", es.ig_steps * costs.clean_backward_cost(workload),
                                f"integrated gradients for the edges: {es.ig_steps} forward + backward passes between"
                                f" the corrupt and the clean input", steps=es.ig_steps))
+        steps.append(_step("edge_reads", "edge reads", costs.edge_reads_cost(workload, 2 * layers + 1),
+                           "keep this batch's reader-block gradients and node differences for the edges"))
     steps.append(_step("rank", "rank", 0.0, f"combine the batches ({method.aggregate}) and rank the nodes"))
     steps.extend(_check_steps(method, verification, diagnosis, method.name == "exact" and not eval_metric, workload))
     if edges:

@@ -35,7 +35,7 @@ def fake(tmp_path, monkeypatch):
         calls["compile"] = (spec, text, out_dir)
         return make_plan(Path(out_dir) if out_dir else tmp_path, formats=calls.get("formats", ALL))
 
-    def execute_plan(plan, progress=None):
+    def execute_plan(plan, progress=None, *, fresh=False):
         calls["plan"] = plan
         for phase, total in (("forward", 3), ("backward", 3), ("verify", 5)):
             for done in range(1, total + 1):
@@ -221,7 +221,8 @@ def test_end_to_end_through_the_cli_on_the_zoo_model(tmp_path, capsys):
     spec = tmp_path / "e2e.atp"
     spec.write_text(
         'model zoo "induction-2l"\n'
-        'pair { clean "a b c d a b c" corrupt "a b c d e b c" answer " d" wrong " a" }\n'
+        'pair { clean "t1 t2 t3 t4 t5 t6 t7 t8 t1 t2 t3" corrupt "t1 t2 t9 t4 t5 t6 t7 t8 t1 t2 t3" '
+        'answer " t4" wrong " t9" }\n'
         "metric logit_diff(answer, wrong) at last\n"
         "nodes { heads }\nmethod atp\nselect top 3\nverify top 2\n"
         'export "out/e2e.json"\nexport "out/e2e.graphml"\n'
@@ -229,7 +230,8 @@ def test_end_to_end_through_the_cli_on_the_zoo_model(tmp_path, capsys):
     assert main(["run", str(spec), "--out", str(tmp_path / "o"), "--quiet"]) == 0
     assert capsys.readouterr().out == ""
     res = pipeline.load(tmp_path / "o" / "e2e.json")
-    assert len(res.selection.selected) + len(res.selection.dropped) == 3
+    sel = res.selection
+    assert len(sel.selected) - len(sel.added) + len(sel.dropped) == 3
     assert [n.rank for n in res.result.nodes] == list(range(1, len(res.result.nodes) + 1))
     G = read_graphml(tmp_path / "o" / "e2e.graphml")
     assert set(G) == set(res.graph) and G.graph["model_id"] == res.result.model_id
