@@ -14,7 +14,7 @@ estimate does not fit stops before loading the model. Every figure is bytes, spl
   gradients), the estimates, the corrections' extra sites, the edges' kept reads;
 - node bookkeeping: the per-node records (names, table, ranking), NODE_BYTES per scored node;
 - patching: verify, diagnose and exact patching run `rows` patched copies of a batch per forward without a
-  graph (`patch_rows` sizes them to the budget).
+  graph (`patch_rows`: as many as the engine puts in one forward).
 
 The peak is the largest phase (corrupt forward, clean forward + backward, patching) plus what stays resident.
 Calibrated on CPU against measured peak resident memory (tests/engine/test_memory_measured.py); on a GPU the
@@ -33,11 +33,12 @@ from atpdsl.memory_sizes import (
 
 __all__ = ["RunShape", "MemoryPart", "MemoryEstimate", "estimate", "largest_batch", "patch_rows", "shape_for",
            "NODE_BYTES", "RESERVE", "STREAMING_KINDS", "PATTERN_FREE_KINDS", "reads_pattern", "streams",
-           "ModelSizes", "model_sizes", "parse_size", "format_bytes"]
+           "ModelSizes", "model_sizes", "parse_size", "format_bytes", "rows_per_patch"]
 
-NODE_BYTES = 420
-"""Resident bytes per scored node for its records: the node table's id and attributes (~150) and the ranking
-and result entries (~270), measured on CPU with 350,000 per-position nodes."""
+NODE_BYTES = 260
+"""Resident bytes per scored node for its records (the node table's ids and attributes, the ranking and the result
+entries): measured on CPU with 5.9M per-position nodes of SmolLM2-135M (benchmarks/bench_scale.py --part memory:
+the peak with per-position nodes minus the summed run's, less their estimates, per node)."""
 
 RESERVE = 1.10
 """Headroom on top of the estimate when it is compared with a budget (allocator caching and fragmentation)."""
@@ -45,8 +46,8 @@ RESERVE = 1.10
 KEPT_LIMIT = 1 << 30
 """Kept per-batch items (the edges' reads) held in memory before later ones go to disk (engine.state)."""
 
-PATCH_DEFAULT = 1 << 30
-"""Bytes patched forwards may use when no budget is known (the engine's default before the memory plan)."""
+PATCH_FLOATS = 250_000_000
+"""The engine's budget for one patched forward, in floats of its per-row count (atpdsl.engine.exact.chunk_rows)."""
 
 STREAMING_KINDS = frozenset({"corrupt_forward", "clean_backward", "edge_reads"})
 """Batch steps that read no node site's clean value or gradient after the clean backward (the edges keep only the
@@ -182,14 +183,17 @@ def streams(kinds: Sequence[str] | frozenset[str]) -> bool:
     return all(k in STREAMING_KINDS or (k in STEP_KINDS and STEP_KINDS[k].scope == "run") for k in kinds)
 
 
-def patch_rows(m: ModelSizes, shape: RunShape, seq: int, budget: int | None, rows: int) -> int:
-    """Patched copies (model rows) one forward may hold: as many as fit `budget` bytes (or PATCH_DEFAULT), at
-    least one batch (`rows`), at most 1024."""
-    e = ELEMENT_BYTES.get(shape.dtype, 4)
-    per_row = seq * (forward_transient_per_token(m, shape.dtype, shape.attention, seq) + m.vocab * e
-                     + 2 * (e + 1) * sum(shape.site_widths) / max(1, m.n_layers))
-    room = PATCH_DEFAULT if budget is None else budget
-    return int(max(rows, min(1024, room // max(per_row, 1))))
+def rows_per_patch(hidden: int, mlp: int, n_heads: int, n_layers: int, vocab: int, seq: int, rows: int) -> int:
+    """Patched copies (model rows) one forward holds: as many as fit PATCH_FLOATS by a per-row count of the
+    forward's activations and logits, at least one batch (`rows`), at most 1024. The engine's patching
+    (atpdsl.engine.exact.chunk_rows) and the memory plan (patch_rows) both call this."""
+    per_row = seq * (hidden * 16 + mlp * 3 + n_heads * seq * 2) * n_layers + seq * vocab
+    return int(max(rows, min(1024, PATCH_FLOATS // max(per_row, 1))))
+
+
+def patch_rows(m: ModelSizes, seq: int, rows: int) -> int:
+    """rows_per_patch for the model's sizes."""
+    return rows_per_patch(m.hidden, m.mlp, m.n_heads, m.n_layers, m.vocab, seq, rows)
 
 
 def _count(n: int) -> str:
@@ -247,17 +251,19 @@ def _phases(parts: dict[str, tuple[int, str]], m: ModelSizes, shape: RunShape, b
             "patching": get("patching")}
 
 
-def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int],
-             budget: int | None = None) -> MemoryEstimate:
+def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int]) -> MemoryEstimate:
     """The peak of a run with `batch` pairs per forward over prompts of these token lengths (in pair order)."""
     batch = max(1, int(batch))
     seq = max((max(lengths[i: i + batch]) for i in range(0, len(lengths), batch)), default=1)
     parts = _parts(m, shape, batch, seq)
+    if shape.devices > 1:  # accelerate splits the layers evenly: per-layer parts shrink, the logits stay whole
+        for name in ("weights", "activations", "node values", "step sites"):
+            if name in parts:
+                size, what = parts[name]
+                parts[name] = (math.ceil(size / shape.devices), f"{what} (1/{shape.devices} on each device)")
     resident = parts["weights"][0] + parts["node records"][0] + parts.get("edge reads", (0, ""))[0]
     if "patching" in parts:
-        room = None if budget is None else min(max(0, int(budget / RESERVE) - resident),
-                                               max(PATCH_DEFAULT, budget // 8))
-        rows = patch_rows(m, shape, seq, room, batch * shape.rows_per_pair)
+        rows = patch_rows(m, seq, batch * shape.rows_per_pair)
         e = ELEMENT_BYTES.get(shape.dtype, 4)
         per_row = seq * (forward_transient_per_token(m, shape.dtype, shape.attention, seq) + m.vocab * e)
         refs = 2 * batch * shape.rows_per_pair * seq * sum(shape.site_widths) * e
@@ -275,7 +281,7 @@ def _device_name(shape: RunShape) -> str:
 
 def largest_batch(m: ModelSizes, shape: RunShape, lengths: Sequence[int], budget: int) -> int:
     """The largest batch (1 .. pairs) whose estimate, with RESERVE headroom, fits `budget`; 0 when none does."""
-    fits = lambda b: estimate(m, shape, b, lengths, budget).peak * RESERVE <= budget  # noqa: E731
+    fits = lambda b: estimate(m, shape, b, lengths).peak * RESERVE <= budget  # noqa: E731
     hi = max(1, shape.pairs)
     if not fits(1):
         return 0

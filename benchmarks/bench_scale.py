@@ -211,16 +211,25 @@ def probe(case: dict) -> dict:
     base = _status()["VmRSS"]
     loaded = _load(Path(case["model"]), case.get("attention", "eager"))
     pairs = _pairs(int(loaded.config["vocab_size"]), case["pairs"], case["tokens"])
-    state = _state(loaded, pairs, NODES[case["nodes"]], "atp", case["edges"], case["batch"])
-    lengths = [case["tokens"]] * case["pairs"]
-    shape = shape_for(state.ctx.plan, loaded.config, lengths, attention=case.get("attention", "eager"))
-    est = estimate(model_sizes(loaded.config, loaded.arch.name), shape, case["batch"], lengths).peak
+    if case["run"] == "plain":  # no node table: only the model and the batch
+        from atpdsl.engine.data import make_batches
+
+        batch, est = make_batches(pairs, case["batch"], loaded.pad_id, loaded.device)[0], 0
+    else:
+        if not case.get("stream", True):  # the clean backward that keeps every site (before the streamed one)
+            import atpdsl.engine.atp as atp
+
+            atp.streams = lambda kinds: False
+        state = _state(loaded, pairs, NODES[case["nodes"]], "atp", case["edges"], case["batch"])
+        lengths = [case["tokens"]] * case["pairs"]
+        shape = shape_for(state.ctx.plan, loaded.config, lengths, attention=case.get("attention", "eager"))
+        est = estimate(model_sizes(loaded.config, loaded.arch.name), shape, case["batch"], lengths).peak
     gc.collect()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")
     t0 = time.perf_counter()
     if case["run"] == "plain":
-        plain_fb(loaded, state.ctx.batches[0])
+        plain_fb(loaded, batch)
     else:
         from atpdsl.engine.result import build_result
         from atpdsl.engine.steps import execute_steps
@@ -257,6 +266,7 @@ def part_memory(model: Path) -> None:
         print(f"| plain forward + backward, batch {b} x {seq} | {plain['peak'] / 1e9:.2f} GB | | 1 | "
               f"{plain['seconds']:.1f} s |")
         _row(f"atpdsl AtP, {nodes} heads + neurons, no edges", {**base, "run": "atp"}, plain)
+        _row(f"  the same, every site kept (not streamed)", {**base, "run": "atp", "stream": False}, plain)
         _row(f"atpdsl AtP, {nodes} heads + neurons, with edges (default)", {**base, "run": "atp", "edges": True},
              plain)
 

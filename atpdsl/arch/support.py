@@ -64,6 +64,9 @@ def _feature_reason(arch: Arch, config: Mapping[str, Any], name: str) -> str:
             return "edge attribution reads the block input norms, which the record does not name"
         if arch.shared_block_norm:
             return "attention and MLP read one shared norm, so their inputs cannot be told apart"
+        if "qk_fix" not in arch.corrections:
+            return ("per-head edges read the attention pattern (the attention module's second output), which the "
+                    "record does not declare (a record that does lists the `qk_fix` correction)")
     return ""
 
 

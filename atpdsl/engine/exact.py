@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from atpdsl.memory import rows_per_patch
 from atpdsl.plan import MetricSpec, Step
 from atpdsl.engine.context import Context, align, metric_reads
 from atpdsl.engine.data import Batch
@@ -71,13 +72,11 @@ def changed_columns(ctx: Context, batch: Batch, refs: BatchRefs) -> torch.Tensor
 
 
 def chunk_rows(ctx: Context, batch: Batch) -> int:
-    """How many patched rows one forward may hold (bounded activation memory)."""
+    """How many patched rows one forward may hold (bounded activation memory; the memory plan counts the same)."""
     g = ctx.loaded.geom
-    seq = batch.clean["input_ids"].shape[1]
-    per_row = seq * (g.hidden * 16 + g.mlp * 3 + g.n_heads * seq * 2) * g.n_layers + seq * int(
-        ctx.loaded.config.get("vocab_size") or 50000)
-    budget = 2.5e8  # floats, ~1 GB in float32
-    return int(max(batch.n_rows, min(1024, budget // max(per_row, 1))))
+    vocab = int(ctx.loaded.config.get("vocab_size") or 50257)  # as atpdsl.memory_sizes
+    return rows_per_patch(g.hidden, g.mlp, g.n_heads, g.n_layers, vocab, batch.clean["input_ids"].shape[1],
+                          batch.n_rows)
 
 
 def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: BatchRefs, spec: MetricSpec,

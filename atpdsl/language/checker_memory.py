@@ -190,7 +190,7 @@ def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, 
         if fit is None:
             diags.append(warning("W901", f"`batch auto` has no memory budget ({source}): batch 1", span,
                                  'give the model a `memory "…"` setting'))
-    est = estimate(sizes, shape, batch, lengths, budget)
+    est = estimate(sizes, shape, batch, lengths)
     if budget is not None and est.peak * RESERVE > budget and not model.remote:
         hint = (f"batch {fit} fits (`batch {fit}` or `batch auto`)" if fit else
                 "no batch fits: score fewer nodes (per-position groups, layers) or use a smaller dtype")

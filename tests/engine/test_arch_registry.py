@@ -124,8 +124,9 @@ TOY = Arch(
     ]),
     methods=("atp", "exact"),
     corrections=(),
-    features=("edges",),
-    why_not=(("atp*", "its attention returns no pattern for the QK fix to read"),),
+    features=(),
+    why_not=(("atp*", "its attention returns no pattern for the QK fix to read"),
+             ("edges", "its attention returns no pattern for the per-head edges to read")),
 )
 
 NODES = (NodeGroup("heads"), NodeGroup("queries"), NodeGroup("keys"), NodeGroup("values"), NodeGroup("neurons"),

@@ -27,7 +27,7 @@ from atpdsl.engine.load import load_model
 from atpdsl.language.compiler import compile_file
 from atpdsl.lowering import replan
 from atpdsl.names import NodeId, NodeKind
-from atpdsl.plan import Selection
+from atpdsl.plan import Selection, Verification
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "examples" / "induction-prev.atp"
@@ -37,9 +37,11 @@ PREV_TOKEN = ("L0.H0.v@5", "L0.H0")
 @pytest.fixture(scope="module")
 def prev():
     torch.set_num_threads(2)
-    plan = replan(compile_file(SPEC), exports=())
+    # The spec with the fixed `verify top 12` it shipped with when the old diagnostic's sentence was false (it now
+    # ships `verify until confident`, tested below and in tests/examples): AtP* + norm fix, verify top 12, diagnose.
+    plan = replan(compile_file(SPEC), exports=(), verification=Verification(top=12))
     loaded = load_model(plan.model)
-    result = execute(plan, loaded=loaded)  # the spec as shipped: AtP* + norm fix, verify top 12, diagnose
+    result = execute(plan, loaded=loaded)
     ctx = make_context(plan, loaded)
     model, tok = R.load_model(ROOT / "atpdsl" / "zoo" / "induction-2l")
     rows = [json.loads(line) for line in (SPEC.parent / "data" / "induction-prev.jsonl").read_text().splitlines()]

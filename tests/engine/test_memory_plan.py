@@ -17,7 +17,11 @@ from atpdsl.language.compiler import compile_text
 from atpdsl.memory import estimate, largest_batch, model_sizes, parse_size, shape_for
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOLLM2 = Path("/work/cache/smollm2")
+SMOLLM2_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30,
+                  "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                  "intermediate_size": 1536, "vocab_size": 49152, "max_position_embeddings": 8192,
+                  "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+"""SmolLM2-135M's public sizes (its config.json): the memory plan reads only the config and the tokenizer."""
 PYTHIA_12B = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "num_hidden_layers": 36,
               "hidden_size": 5120, "num_attention_heads": 40, "intermediate_size": 20480, "vocab_size": 50688,
               "max_position_embeddings": 2048, "rotary_pct": 0.25, "use_parallel_residual": True,
@@ -31,6 +35,19 @@ def _spec(model: str, settings: str = "", batch: str = "batch 4", nodes: str = "
                          for _ in range(pairs))
     return (f'model "{model}" {{ {settings} }}\n{pair_lines}metric logit_diff(answer, wrong)\n'
             f"nodes {{\n {nodes}\n}}\n{batch}\n")
+
+
+@pytest.fixture
+def smollm2_shaped(tmp_path: Path, stories260k_dir: Path) -> Path:
+    """A folder with SmolLM2-135M's config and stories260K's tokenizer: enough to plan memory, which loads nothing.
+    The weights file is stories260K's, linked only so that the folder passes the check's file test (E205)."""
+    folder = tmp_path / "smollm2-shaped"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((stories260k_dir / name).read_bytes())
+    (folder / "model.safetensors").symlink_to(stories260k_dir / "model.safetensors")
+    return folder
 
 
 def _memory(plan) -> dict:
@@ -52,33 +69,30 @@ def test_bad_memory_setting_is_a_spec_error(tmp_path):
     assert [d.code for d in err.value.diagnostics] == ["E104"]
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2-135M is not built here")
-def test_estimate_grows_with_batch_and_tokens_and_auto_batch_fits():
-    plan = compile_text(_spec(str(SMOLLM2), 'memory "4GB"', "batch auto", pairs=16, words=120), base_dir=".")
+def test_estimate_grows_with_batch_and_tokens_and_auto_batch_fits(smollm2_shaped):
+    plan = compile_text(_spec(str(smollm2_shaped), 'memory "4GB"', "batch auto", pairs=16, words=120), base_dir=".")
     mem = _memory(plan)
     assert mem["budget"] == 4 * 10**9 and mem["budget_source"] == "the `memory` setting"
     assert 1 <= plan.batch == mem["largest_batch"] < 16 and mem["peak"] * 1.1 <= 4e9
     assert mem["tokens"] >= 120 and not mem["notes"]  # lengths from SmolLM2's tokenizer, not guessed
-    bigger = compile_text(_spec(str(SMOLLM2), "", f"batch {plan.batch + 1}", pairs=16, words=120), base_dir=".")
+    bigger = compile_text(_spec(str(smollm2_shaped), "", f"batch {plan.batch + 1}", pairs=16, words=120), base_dir=".")
     assert _memory(bigger)["peak"] > mem["peak"]
-    longer = compile_text(_spec(str(SMOLLM2), "", f"batch {plan.batch}", pairs=16, words=240), base_dir=".")
+    longer = compile_text(_spec(str(smollm2_shaped), "", f"batch {plan.batch}", pairs=16, words=240), base_dir=".")
     assert _memory(longer)["peak"] > mem["peak"]
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2-135M is not built here")
-def test_run_that_does_not_fit_is_refused_with_the_batch_that_fits():
+def test_run_that_does_not_fit_is_refused_with_the_batch_that_fits(smollm2_shaped):
     with pytest.raises(SpecError) as err:
-        compile_text(_spec(str(SMOLLM2), 'memory "3GB"', "batch 16", pairs=16, words=200), base_dir=".")
+        compile_text(_spec(str(smollm2_shaped), 'memory "3GB"', "batch 16", pairs=16, words=200), base_dir=".")
     [diag] = err.value.diagnostics
     assert diag.code == "E901" and "more than the budget of 3 GB" in diag.message
     assert any("fits" in h for h in diag.hints), diag.hints
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2-135M is not built here")
-def test_smollm2_per_position_heads_and_neurons_512_tokens_batch_4_is_refused_up_front():
+def test_smollm2_per_position_heads_and_neurons_512_tokens_batch_4_is_refused_up_front(smollm2_shaped):
     """The issue's case: 4 pairs of 512 tokens, per-position heads and neurons (30 x (9 + 1536) x 512 = 23.7M
     nodes). The per-node records alone pass an 8 GB budget, so no batch fits: refused before any loading."""
-    text = _spec(str(SMOLLM2), 'memory "8GB"', "batch 4", "heads per position\n neurons per position", pairs=4,
+    text = _spec(str(smollm2_shaped), 'memory "8GB"', "batch 4", "heads per position\n neurons per position", pairs=4,
                  words=509)
     with pytest.raises(SpecError) as err:
         compile_text(text, base_dir=".")

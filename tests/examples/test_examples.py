@@ -110,9 +110,16 @@ def check_export_all(out: Path) -> None:
     assert graph.graph["edge_rule"] == "attribution"
     assert graph.number_of_edges() > 0 and all("weight" in d for _, _, d in graph.edges(data=True))
     edge_lines = (out / "pronoun-export-edges.csv").read_text().splitlines()
-    assert edge_lines[0] == "source,target,weight,in_circuit,verified_weight"  # every edge; the graph keeps
-    assert len(edge_lines) == graph.graph["n_edges_computed"] + 1 >= graph.number_of_edges() + 1  # 90% of |weight|
-    assert sum(line.split(",")[3] == "true" for line in edge_lines[1:]) == graph.number_of_edges()
+    assert edge_lines[0] == "source,target,weight,in_circuit,verified_weight,channel"  # every edge; the graph keeps
+    # one row per whole edge (empty channel) and one per head input it splits into (q/k/v); the graph counts the
+    # whole edges between its nodes and keeps those that carry 90% of |weight|
+    rows = [line.split(",") for line in edge_lines[1:]]
+    whole = [r for r in rows if r[5] == ""]
+    inside = [r for r in whole if r[0] in expected and r[1] in expected]
+    assert len(inside) == graph.graph["n_edges_computed"] >= graph.number_of_edges()
+    assert sum(r[3] == "true" for r in whole) == graph.number_of_edges()
+    assert {r[5] for r in rows} - {""} <= {"q", "k", "v"} and len(whole) < len(rows)
+    assert {(r[0], r[1]) for r in rows} == {(r[0], r[1]) for r in whole}  # every split edge has its whole edge
     assert (out / "pronoun-export.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in (out / "pronoun-export.svg").read_bytes()[:2000]
     assert (out / "pronoun-export-heads.png").stat().st_size > 0  # the heads heat map comes with them
