@@ -7,6 +7,7 @@ the corrupt values on that node's columns and positions (`torch.where` with a pr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -79,16 +80,44 @@ def chunk_rows(ctx: Context, batch: Batch) -> int:
                           batch.n_rows)
 
 
+def chunk_patches(ctx: Context, batch: Batch, chunk: Sequence[int],
+                  refs: BatchRefs) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
+    """(site, mask, source) per table site a chunk of node columns touches: copy j of the batch takes the corrupt
+    value on node chunk[j]'s columns (and at its position, for a per-position node). Masks are [k*b, S, W]."""
+    table, b, real = ctx.table, batch.n_rows, batch.real
+    by_site: dict[int, list[tuple[int, int]]] = {}
+    for copy, col in enumerate(chunk):
+        by_site.setdefault(table.block_of(col).site, []).append((copy, col))
+    out = []
+    for si in sorted(by_site):
+        site = ctx.sites[si]
+        src = refs.corrupt[site.key]
+        cols = torch.zeros((len(chunk), src.shape[-1]), dtype=torch.bool, device=src.device)
+        where = torch.zeros((len(chunk), b, src.shape[1]), dtype=torch.bool, device=src.device)
+        for copy, col in by_site[si]:
+            blk = table.block_of(col)
+            unit, p = blk.locate(col)
+            c0, c1 = blk.layout.columns(unit)
+            cols[copy, c0:c1] = True
+            if p is None:
+                where[copy] = real
+            else:
+                onehot = torch.zeros_like(real)
+                onehot[torch.arange(b, device=onehot.device), batch.node_pos[:, p]] = True
+                where[copy] = onehot & real
+        mask = (where.unsqueeze(-1) & cols[:, None, None, :]).reshape(len(chunk) * b, src.shape[1], src.shape[-1])
+        out.append((site, mask, src.repeat(len(chunk), 1, 1)))
+    return out
+
+
 def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: BatchRefs, spec: MetricSpec,
                   eval_: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Per-pair exact effects [pairs, len(columns)] of patching each node column on its own (in every model row
     of its pair)."""
-    table = ctx.table
     b = batch.n_rows
     per_fwd = max(1, chunk_rows(ctx, batch) // b)
     out = torch.zeros((batch.size, len(columns)), dtype=torch.float64)
     reads = metric_reads(batch, eval_)
-    real = batch.real
     changed = changed_columns(ctx, batch, refs)
     slots = [j for j, col in enumerate(columns) if changed[col]]  # the others' effect is exactly 0
     skipped = len(columns) - len(slots)
@@ -98,31 +127,9 @@ def exact_effects(ctx: Context, batch: Batch, columns: Sequence[int], refs: Batc
     for lo in range(0, len(columns), per_fwd):
         chunk = list(columns[lo: lo + per_fwd])
         k = len(chunk)
-        by_site: dict[int, list[tuple[int, int]]] = {}
-        for copy, col in enumerate(chunk):
-            by_site.setdefault(table.block_of(col).site, []).append((copy, col))
-        sites, patches = [], {}
-        for si in sorted(by_site):
-            site = ctx.sites[si]
-            src = refs.corrupt[site.key]
-            width = src.shape[-1]
-            cols = torch.zeros((k, width), dtype=torch.bool, device=src.device)
-            where = torch.zeros((k, b, src.shape[1]), dtype=torch.bool, device=src.device)
-            for copy, col in by_site[si]:
-                blk = table.block_of(col)
-                unit, p = blk.locate(col)
-                c0, c1 = blk.layout.columns(unit)
-                cols[copy, c0:c1] = True
-                if p is None:
-                    where[copy] = real
-                else:
-                    onehot = torch.zeros_like(real)
-                    onehot[torch.arange(b, device=onehot.device), batch.node_pos[:, p]] = True
-                    where[copy] = onehot & real
-            mask = (where.unsqueeze(-1) & cols[:, None, None, :]).reshape(k * b, src.shape[1], width)
-            source = src.repeat(k, 1, 1)
-            sites.append(site)
-            patches[site.key] = _patcher(mask, source)
+        placed = chunk_patches(ctx, batch, chunk, refs)
+        sites = [site for site, _, _ in placed]
+        patches = {site.key: _patcher(mask, source) for site, mask, source in placed}
         out[:, slots[lo: lo + k]] = _effects(ctx, inputs_of(batch, k), sites, patches, spec, reads, refs, k)
         if progress:
             progress(skipped + lo + k)

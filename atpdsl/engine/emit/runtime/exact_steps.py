@@ -10,37 +10,13 @@ import torch
 from atpdsl.engine.context import metric_reads
 from atpdsl.engine.emit.runtime.objects import BatchWork, Context, RunState, Step, TraceOut
 from atpdsl.engine.emit.runtime.traces import patched_forward, read_forward
-from atpdsl.engine.exact import _refs, changed_columns, chunk_rows, inputs_of
+from atpdsl.engine.exact import _refs, changed_columns, chunk_patches, chunk_rows, inputs_of
 from atpdsl.engine.metrics import metric_values
 
 
 def patches_for(ctx: Context, batch, chunk: list, refs) -> list:
-    """(module, attr, mask, source) per site touched by a chunk of node columns: copy j of the batch takes the
-    corrupt value on node chunk[j]'s columns (and its position, for a per-position node)."""
-    table, b, real = ctx.table, batch.n_rows, batch.real
-    by_site: dict = {}
-    for copy, col in enumerate(chunk):
-        by_site.setdefault(table.block_of(col).site, []).append((copy, col))
-    patches = []
-    for si in sorted(by_site):
-        site = ctx.sites[si]
-        src = refs.corrupt[site.key]
-        cols = torch.zeros((len(chunk), src.shape[-1]), dtype=torch.bool, device=src.device)
-        where = torch.zeros((len(chunk), b, src.shape[1]), dtype=torch.bool, device=src.device)
-        for copy, col in by_site[si]:
-            blk = table.block_of(col)
-            unit, p = blk.locate(col)
-            c0, c1 = blk.layout.columns(unit)
-            cols[copy, c0:c1] = True
-            if p is None:
-                where[copy] = real
-            else:
-                onehot = torch.zeros_like(real)
-                onehot[torch.arange(b, device=onehot.device), batch.node_pos[:, p]] = True
-                where[copy] = onehot & real
-        mask = (where.unsqueeze(-1) & cols[:, None, None, :]).reshape(len(chunk) * b, src.shape[1], src.shape[-1])
-        patches.append((site.module, site.attr, mask, src.repeat(len(chunk), 1, 1)))
-    return patches
+    """(module, attr, mask, source) per site touched by a chunk of node columns (atpdsl's chunk_patches)."""
+    return [(site.module, site.attr, mask, source) for site, mask, source in chunk_patches(ctx, batch, chunk, refs)]
 
 
 def exact_effects(ctx: Context, batch, columns: list, refs, spec, eval_: bool = False) -> torch.Tensor:
