@@ -158,7 +158,7 @@ def induction_prev() -> None:
 
 
 def estimate_sum_check(ctx, result, unverified: list[int]) -> None:
-    """The issue's other idea: a subset's effect against the sum of its members' AtP* estimates. Shown, not used:
+    """Another additivity check: a subset's effect against the sum of its members' AtP* estimates. Shown, not used:
     the gap mixes interaction with the estimates' own error (L0.H0: AtP* -1.0, exact -15.2, additive or not)."""
     from atpdsl.engine.diagnose import changed_among, engine_patcher
     from atpdsl.engine.false_negatives import sample_subsets

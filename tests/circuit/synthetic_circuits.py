@@ -156,19 +156,14 @@ def twenty_node_result() -> RunResult:
 
 
 def finished(plan: Plan | None, run: RunResult, **kw):
-    """`pipeline.finish` (exports not written unless asked), as the outputs' own Result class.
-
-    The pipeline builds `atpdsl.outputs.result.Result` once the lead swaps its class for it; until
-    then this re-wraps the pipeline's Result so the outputs are tested on the class they will get.
-    """
-    from dataclasses import fields
-
+    """`pipeline.finish` (exports not written unless asked): an `atpdsl.outputs.result.Result`."""
     from atpdsl.outputs.result import Result
     from atpdsl.pipeline import finish
 
     kw.setdefault("write_exports", False)
     res = finish(plan, run, **kw)
-    return res if isinstance(res, Result) else Result(**{f.name: getattr(res, f.name) for f in fields(Result)})
+    assert isinstance(res, Result)
+    return res
 
 
 def node_ids(names: list[str]) -> list[NodeId]:

@@ -186,7 +186,7 @@ def test_every_aggregate_compares_like_with_like_by_hand(aggregate, kept, droppe
 
 
 def test_aggregate_per_pair_and_keep_per_pair_select_the_same_nodes():
-    """The issue's case: on the same pairs, `aggregate per_pair` (ranking by mean |.|) must not check verified
+    """The reported case: on the same pairs, `aggregate per_pair` (ranking by mean |.|) must not check verified
     nodes against |mean effect| while `keep per_pair` (mean_abs) checks mean |effect|."""
     nodes = [aggregated(n, e, m, "mean_abs") for n, (e, m) in HAND.items()]
     run = ranked_result(nodes)

@@ -90,7 +90,7 @@ def test_run_that_does_not_fit_is_refused_with_the_batch_that_fits(smollm2_shape
 
 
 def test_smollm2_per_position_heads_and_neurons_512_tokens_batch_4_is_refused_up_front(smollm2_shaped):
-    """The issue's case: 4 pairs of 512 tokens, per-position heads and neurons (30 x (9 + 1536) x 512 = 23.7M
+    """The case that once ended in exit 3 after 7 minutes: 4 pairs of 512 tokens, per-position heads and neurons (30 x (9 + 1536) x 512 = 23.7M
     nodes). The per-node records alone pass an 8 GB budget, so no batch fits: refused before any loading."""
     text = _spec(str(smollm2_shaped), 'memory "8GB"', "batch 4", "heads per position\n neurons per position", pairs=4,
                  words=509)

@@ -16,7 +16,7 @@ from atpdsl.plan import Selection
 
 @pytest.fixture
 def res(tmp_path):
-    """The issue's node: L0.N134 estimated +0.167 but measured -0.278; L4.H2 estimated big, measured tiny."""
+    """The node the figures once drew by its estimate's sign: L0.N134 estimated +0.167 but measured -0.278; L4.H2 estimated big, measured tiny."""
     scores = verified(
         [score("L0.N134", (0.2, 0.134)), score("L4.H2", (0.5, 0.4)), score("L1.H0", (-0.3, -0.1)),
          score("L2.N7", (0.05, 0.01))],
