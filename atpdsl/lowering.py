@@ -15,7 +15,8 @@ from atpdsl.arch import Geometry
 from atpdsl.plan import Diagnosis, EdgeSettings, MethodSpec, NodeGroup, Plan, Step, Verification
 
 __all__ = ["StepKind", "STEP_KINDS", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps", "computes_edges",
-           "graddrop_terms", "plan_total", "node_count", "steps_for", "relower", "replan", "same_program", "edges_allowed"]
+           "graddrop_terms", "plan_total", "node_count", "steps_for", "workload_of", "workload_extra", "relower",
+           "replan", "same_program", "edges_allowed"]
 
 NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
 """Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
@@ -100,7 +101,8 @@ def graddrop_terms(n_layers: int, mode: str) -> list[tuple[int, str]]:
 
 
 def _step(kind: str, name: str, cost: float, description: str, **params) -> Step:
-    return Step(kind, name, STEP_KINDS[kind].scope, round(cost, 6), description, tuple(params.items()))
+    """A step with its cost to 3 significant digits (the cost model is good to tens of percent, not better)."""
+    return Step(kind, name, STEP_KINDS[kind].scope, float(f"{cost:.3g}"), description, tuple(params.items()))
 
 
 def _layers_with(groups: Sequence[NodeGroup], kinds: frozenset[str], n_layers: int) -> int:
@@ -125,15 +127,14 @@ def _atp_star_steps(method: MethodSpec, groups: Sequence[NodeGroup], n_layers: i
     fixed = NORM_FIX_KINDS | (QK_KINDS if method.qk_fix else frozenset())
     norm = method.norm_fix and bool(kinds & fixed)
     if norm:
-        steps.append(_step("norm_fix", "norm fix", costs.norm_fix_cost(w, n_layers),
+        steps.append(_step("norm_fix", "norm fix", costs.norm_fix_cost(w, n_layers, kinds=kinds & fixed),
                            f"exact block-input and final norms on every node's own write, {n_layers} layers{note}"))
     if method.graddrop:
         for layer, side in graddrop_terms(n_layers, method.graddrop_mode):
             cost = costs.graddrop_term_cost(w, layer, side, n_layers, sites_below=2 * layer)
-            if qk_layers:
-                cost += costs.qk_fix_cost(w, min(layer, qk_layers))
             if norm:
-                cost += costs.norm_fix_cost(w, n_layers, below=2 * layer + (2 if side in ("layer", "mlp") else 1))
+                cost += costs.norm_fix_cost(w, n_layers, below=2 * layer + (2 if side in ("layer", "mlp") else 1),
+                                            kinds=kinds & fixed)
             where = f"L{layer}" if side == "layer" else f"L{layer}.{side}"
             cut = "both block writes" if side == "layer" else f"the {side} write"
             steps.append(_step("graddrop_term", f"graddrop {where}", cost,
@@ -149,7 +150,8 @@ def _check_steps(method: MethodSpec, verification: Verification | None, diagnosi
     if verification is not None and verification.adaptive:
         budget = verification.budget or 200
         samples = diagnosis.samples if diagnosis is not None else 200
-        steps.append(_step("verify_adaptive", "verify until confident", costs.patched_cost(w, budget + samples),
+        steps.append(_step("verify_adaptive", "verify until confident",
+                           costs.patched_cost(w, budget + int(samples * (1 + costs.DIAGNOSE_EXTRA))),
                            f"verify in ranking order, diagnose, patch the suspects; at most {budget} exact patches",
                            budget=budget, first=verification.top))
     elif verification is not None and not reuse_exact:
@@ -161,41 +163,75 @@ def _check_steps(method: MethodSpec, verification: Verification | None, diagnosi
                            f"the {verification.top} best-ranked nodes: their exact effects are already measured",
                            top=verification.top))
     if diagnosis is not None and not (verification is not None and verification.adaptive):
-        steps.append(_step("diagnose", "diagnose", costs.patched_cost(w, diagnosis.samples),
+        steps.append(_step("diagnose", "diagnose",
+                           costs.patched_cost(w, int(diagnosis.samples * (1 + costs.DIAGNOSE_EXTRA))),
                            f"{diagnosis.samples} forwards with random node subsets patched (inclusion"
                            f" {diagnosis.inclusion}) to bound false negatives at confidence {diagnosis.confidence}"))
     return steps
 
 
+def _exact_steps(nodes: int | None, patches: int, per_position: bool, sites: int,
+                 w: costs.Workload | None) -> list[Step]:
+    what = f"{nodes} nodes" if nodes is not None else "node count unknown until the model config is read"
+    if per_position:
+        what += "; per-position nodes once per token position"
+    return [_step("clean_forward", "clean forward", costs.forward_cost(w, sites),
+                  "run the clean prompts: the metric's baseline"),
+            _step("exact_patch", "patched forwards", costs.patched_cost(w, patches, references=0),
+                  f"one clean forward per node with it set to its corrupt value ({what})")]
+
+
+def _edges_cost(method: MethodSpec, groups: Sequence[NodeGroup], layers: int, w: costs.Workload | None,
+                sources: int = 20) -> float:
+    """The edges step: products of the selected nodes (the default selection's 20) with every reader, and under
+    `atp*` the QK and norm fixes again (atpdsl.engine.edge_reads.edge_fixes)."""
+    star = method.name == "atp*"
+    qk = _layers_with(groups, QK_KINDS, layers) if star and method.qk_fix else 0
+    fixed = NORM_FIX_KINDS | (QK_KINDS if qk else frozenset())
+    norm = frozenset(g.kind for g in groups) & fixed if star and method.norm_fix else None
+    return costs.edge_products_cost(w, 2 * layers + 1, sources, qk, norm or None)
+
+
+def _ranked_nodes(groups: Sequence[NodeGroup], nodes: int | None, w: costs.Workload | None) -> int:
+    """Nodes ranked (and patched by exact patching): per-position groups once per position when it is known."""
+    if w is None:
+        return nodes or 0
+    summed = node_count([g for g in groups if not g.per_position], w.geom) or 0
+    return summed + (node_count([g for g in groups if g.per_position], w.geom) or 0) * w.positions
+
+
+def _streamed_cost(steps: list[Step], w: costs.Workload | None, sites: int) -> list[Step]:
+    """The clean backward costed as streamed when no other batch step reads the node sites (the engine's rule:
+    atpdsl.memory.STREAMING_KINDS)."""
+    if w is None or any(s.scope == "batch" and s.kind not in ("corrupt_forward", "clean_backward", "edge_reads")
+                        for s in steps):
+        return steps
+    cost = float(f"{costs.clean_backward_cost(w, sites, streamed=True):.3g}")
+    return [replace(s, cost=cost) if s.kind == "clean_backward" else s for s in steps]
+
+
 def lower_steps(method: MethodSpec, groups: Sequence[NodeGroup], *, n_layers: int | None, nodes: int | None,
                 verification: Verification | None, diagnosis: Diagnosis | None,
                 metric_kind: str = "logit_diff", eval_metric: bool = False, edges_ok: bool = True,
-                edge_settings: EdgeSettings | None = None, workload: costs.Workload | None = None
-                ) -> tuple[Step, ...]:
+                edge_settings: EdgeSettings | None = None, workload: costs.Workload | None = None,
+                edge_sources: int = 20) -> tuple[Step, ...]:
     """The steps a run of this spec executes, in order, each with its cost per batch.
 
     `eval_metric`: the spec has an `eval metric` (exact patching's own effects are then not the verified ones).
     `n_layers` is None when the model's config is not on disk (a hub id offline): the depth is then estimated
     from the node groups, and the engine lowers again with the real depth once the config is read. `workload`
-    (the model's sizes and the batch's shape) makes the costs follow the model; without it they are their
-    large-model limits.
+    (the model's sizes and the batch's shape, atpdsl.costs) makes the costs follow the model; without it they
+    are their large-model limits. `edge_sources`: the nodes the edges are computed among (the selection's K).
     """
     layers = n_layers if n_layers is not None else max((g.layers[1] + 1 for g in groups if g.layers), default=1)
     note = "" if n_layers is not None else " (model depth unknown offline: estimated from the node groups)"
-    per_position = any(g.per_position for g in groups)
     sites = 2 * layers * len({g.kind for g in groups})
+    workload = replace(workload, sites=sites) if workload is not None else None
+    ranked = _ranked_nodes(groups, nodes, workload)
     steps = [_step("corrupt_forward", "corrupt forward", costs.forward_cost(workload, sites),
                    "run the corrupt prompts; keep the node values")]
     if method.name == "exact":
-        count = nodes if nodes is not None else 0
-        what = f"{nodes} nodes" if nodes is not None else "node count unknown until the model config is read"
-        if per_position:
-            what += "; per-position nodes once per token position"
-        steps.append(_step("clean_forward", "clean forward", costs.forward_cost(workload, sites),
-                           "run the clean prompts: the metric's baseline"))
-        steps.append(_step("exact_patch", "patched forwards", costs.patched_cost(workload, count) - 2 * costs.FORWARD
-                           if workload is None else costs.patched_cost(workload, count) - 2 * costs.forward_cost(workload),
-                           f"one clean forward per node with it set to its corrupt value ({what})"))
+        steps += _exact_steps(nodes, ranked, any(g.per_position for g in groups), sites, workload)
     else:
         rule = "relp" if method.name == "relp" else "gradient"
         what = ("relevance (LRP rules) at every node (RelP)" if rule == "relp" else "gradient of the metric at every"
@@ -213,15 +249,16 @@ def lower_steps(method: MethodSpec, groups: Sequence[NodeGroup], *, n_layers: in
                                f" the corrupt and the clean input", steps=es.ig_steps))
         steps.append(_step("edge_reads", "edge reads", costs.edge_reads_cost(workload, 2 * layers + 1),
                            "keep this batch's reader-block gradients and node differences for the edges"))
-    steps.append(_step("rank", "rank", 0.0, f"combine the batches ({method.aggregate}) and rank the nodes"))
+    steps.append(_step("rank", "rank", costs.rank_cost(workload, ranked),
+                       f"combine the batches ({method.aggregate}) and rank the nodes"))
     steps.extend(_check_steps(method, verification, diagnosis, method.name == "exact" and not eval_metric, workload))
     if edges:
-        steps.append(_step("edges", "edges", costs.edge_products_cost(workload, 2 * layers + 1),
+        steps.append(_step("edges", "edges", _edges_cost(method, groups, layers, workload, edge_sources),
                            "edge attribution among the selected nodes (at most 200), from the kept reads"))
         if es.verify:
             steps.append(_step("verify_edges", "verify edges", costs.patched_cost(workload, es.verify),
                                f"exact path patching of the {es.verify} strongest edges", top=es.verify))
-    return tuple(steps)
+    return tuple(_streamed_cost(steps, workload, sites))
 
 
 def node_count(groups: Sequence[NodeGroup], geom: Geometry | None) -> int | None:
@@ -246,6 +283,34 @@ def node_count(groups: Sequence[NodeGroup], geom: Geometry | None) -> int | None
     return total
 
 
+def workload_of(plan: Plan, geom: Geometry | None = None) -> costs.Workload | None:
+    """The batch shape the plan's costs follow: the model's sizes and the plan's `workload` extra (positions per
+    batch, model rows per pair, vocabulary; written by the compiler or the engine), None without either."""
+    geom = geom or plan.geometry
+    shape = dict(plan.extras).get("workload")
+    if geom is None or not shape:
+        return None
+    pairs = max(1, min(plan.batch, len(plan.pairs) or plan.batch))
+    return costs.Workload(geom, rows=pairs * int(shape["rows_per_pair"]), positions=int(shape["positions"]),
+                          vocab=int(shape["vocab"]), device=str(plan.model.device))
+
+
+def workload_extra(lengths: Sequence[int], batch: int, rows_per_pair: int, vocab: int) -> dict[str, int]:
+    """The plan's `workload` extra from each pair's token count (in pair order): positions per batch is the mean
+    over batches of the batch's longest pair (every row is padded to it)."""
+    batch = max(1, batch)
+    longest = [max(lengths[i: i + batch]) for i in range(0, len(lengths), batch)] or [1]
+    return {"positions": max(1, round(sum(longest) / len(longest))), "rows_per_pair": max(1, rows_per_pair),
+            "vocab": max(1, vocab)}
+
+
+def _edge_sources(plan: Plan) -> int:
+    """How many nodes the edges are computed among: the selection's K (`select top K`), else 20 (the default
+    selection; a threshold's count is only known after ranking), at most the engine's limit of 200."""
+    sel = plan.selection
+    return min(200, int(sel.value)) if sel is not None and sel.kind == "top" and sel.value >= 1 else 20
+
+
 def steps_for(plan: Plan, geom: Geometry | None = None, edges_ok: bool | None = None) -> tuple[Step, ...]:
     """The steps a plan's own settings lower to, for the model sizes `geom` (default: the plan's); `edges_ok`
     whether the architecture allows edges (default: the compiler's answer, kept in the plan's extras)."""
@@ -255,7 +320,8 @@ def steps_for(plan: Plan, geom: Geometry | None = None, edges_ok: bool | None = 
     return lower_steps(plan.method, plan.nodes, n_layers=geom.n_layers if geom else None,
                        nodes=node_count(plan.nodes, geom), verification=plan.verification,
                        diagnosis=plan.diagnosis, metric_kind=plan.metric.kind, eval_metric=plan.eval_metric is not None,
-                       edges_ok=edges_ok, edge_settings=plan.edges)
+                       edges_ok=edges_ok, edge_settings=plan.edges, workload=workload_of(plan, geom),
+                       edge_sources=_edge_sources(plan))
 
 
 def relower(plan: Plan, geom: Geometry | None = None) -> Plan:

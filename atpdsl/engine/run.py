@@ -17,6 +17,7 @@ from atpdsl.engine.placement import check_attention, check_fits, memory_guard
 from atpdsl.engine.result import build_result
 from atpdsl.engine.state import Progress
 from atpdsl.engine.steps import execute_steps, new_state
+from atpdsl.engine.workload import with_workload
 
 __all__ = ["execute", "complete_plan"]
 
@@ -28,6 +29,7 @@ def complete_plan(plan: Plan, loaded: Loaded) -> Plan:
     model's config (a hub id offline: the depth, and with it GradDrop's terms, were only estimated) is lowered
     again with the real sizes. A plan whose steps do not say what its settings ask for (changed with
     `dataclasses.replace` instead of `atpdsl.lowering.replan`) is refused: the plan must be the program."""
+    plan = with_workload(plan, loaded)  # the costs follow the loaded model (atpdsl.engine.workload)
     edges_ok = bool(dict(plan.extras).get("edges_allowed", True)) and edges_allowed(loaded.arch, loaded.config,
                                                                                     plan.method.name)
     expected = steps_for(plan, loaded.geom, edges_ok)

@@ -19,8 +19,8 @@ from atpdsl.plan import (
     Diagnosis, ExportTarget, MethodSpec, ModelRef, NodeGroup, Plan, Selection,
     SourceRef, Verification,
 )
-from atpdsl.lowering import edges_allowed, lower_steps, node_count
-from atpdsl.language.checker_memory import with_memory_plan
+from atpdsl.lowering import edges_allowed, lower_steps, node_count, steps_for, workload_extra
+from atpdsl.language.checker_memory import pair_lengths, with_memory_plan
 from atpdsl.memory import parse_size
 from atpdsl.registry import DIAGNOSE_SETTINGS, DTYPES, SWITCHES, VERIFY_BUDGET_DEFAULT
 
@@ -230,7 +230,24 @@ def build_plan(result: CheckResult) -> Plan:
         geometry=geom, edges=edge_plan,
         warnings=tuple(render_concise([d]) for d in result.warnings),
     )
-    return with_memory_plan(result, plan)  # the memory plan; `batch auto` resolved (language.checker_memory)
+    return _with_workload(result, with_memory_plan(result, plan))  # memory plan, `batch auto` (checker_memory)
+
+
+def _with_workload(result: CheckResult, plan: Plan) -> Plan:
+    """The plan with its batch shape in the extras (`workload`: positions from the prompts' token lengths, or a
+    character estimate without a tokenizer file) and its steps costed for it; unchanged without the model's
+    config (the costs then stay at their large-model limits until the engine lowers with the real model)."""
+    from dataclasses import replace
+
+    config = result.model.config if result.model is not None else None
+    vocab = (config or {}).get("vocab_size") or ((config or {}).get("text_config") or {}).get("vocab_size")
+    if plan.geometry is None or not vocab or not plan.pairs:
+        return plan
+    lengths, _ = pair_lengths(result)
+    rows = sum(1 for a in plan.metric.args if a.sequence)
+    extras = tuple((k, v) for k, v in plan.extras if k != "workload")
+    plan = replace(plan, extras=extras + (("workload", workload_extra(lengths, plan.batch, rows, int(vocab))),))
+    return replace(plan, steps=steps_for(plan))
 
 
 def compile_text(text: str, *, filename: str = "<string>", base_dir: str | Path = ".",
