@@ -14,7 +14,7 @@ from typing import Any
 
 from atpdsl.language import syntax as n
 from atpdsl.language.checker_memory import model_setting_problems, remote_method_problems
-from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote, warning
+from atpdsl.language.diagnostics import Diagnostic, error, guess_hint, quote, warning
 from atpdsl.language.edge_check import check_edges
 from atpdsl.language.export_check import check_exports
 from atpdsl.language.metric_check import check_metric, metric_fields
@@ -67,14 +67,6 @@ def _head(stmt: Any, word: str | None = None) -> Span:
     word = word or getattr(stmt, "keyword", "")
     span = stmt.span
     return span.source.span(span.start, span.start + len(word.split()[0]))
-
-
-def _guess_hint(word: str, candidates: Iterable[str], what: str) -> str:
-    candidates = list(candidates)
-    guess = did_you_mean(word, candidates)
-    if guess is not None and guess != word:
-        return f"did you mean {quote(guess)}?"
-    return f"{what}: {cap_list([quote(x) for x in candidates])}"
 
 
 class _Checker:
@@ -190,7 +182,7 @@ class _Checker:
                 span = stmt.name.span
                 if stmt.star:
                     span = span.source.span(span.start, span.source.text.index("*", span.end) + 1)
-                self.add(error("E701", f"unknown method {quote(name)}", span, _guess_hint(name, METHODS, "methods")))
+                self.add(error("E701", f"unknown method {quote(name)}", span, guess_hint(name, METHODS, "methods")))
             elif stmt.settings and not info.settings:
                 belongs = any(s.key.name in METHOD_SETTINGS for s in stmt.settings)
                 self.add(error("E702", f"`method {name}` takes no settings", stmt.settings[0].key.span,
@@ -202,11 +194,11 @@ class _Checker:
         for stmt in self.spec.of(n.Aggregate)[:1]:
             if stmt.value.name not in AGGREGATES:
                 self.add(error("E703", f"unknown aggregate {quote(stmt.value.name)}", stmt.value.span,
-                               _guess_hint(stmt.value.name, AGGREGATES, "expected one of")))
+                               guess_hint(stmt.value.name, AGGREGATES, "expected one of")))
         for stmt in self.spec.of(n.Keep)[:1]:
             if stmt.value.name not in KEEP_OPTIONS:
                 self.add(error("E704", f"unknown `keep` option {quote(stmt.value.name)}", stmt.value.span,
-                               _guess_hint(stmt.value.name, KEEP_OPTIONS, "expected")))
+                               guess_hint(stmt.value.name, KEEP_OPTIONS, "expected")))
 
     def check_support(self, stmt: n.Method, name: str, values: Mapping[str, Any]) -> None:
         """E705: what the model's architecture record cannot run with this method (atpdsl.arch.support_problems)."""
@@ -236,7 +228,7 @@ class _Checker:
             info = SELECT_KINDS.get(stmt.kind.name)
             if info is None:
                 self.add(error("E801", f"unknown selection {quote(stmt.kind.name)}", stmt.kind.span,
-                               _guess_hint(stmt.kind.name, SELECT_KINDS, "expected")))
+                               guess_hint(stmt.kind.name, SELECT_KINDS, "expected")))
             elif not info.bound.accepts(stmt.value.value):
                 self.add(error("E106", f"`select {info.key}` needs {info.bound.describe(stmt.value.value)}, got {stmt.value.shown}",
                                stmt.value.span))
@@ -249,7 +241,7 @@ class _Checker:
         kind, value = stmt.kind.name, stmt.value
         if kind not in VERIFY_KINDS:
             self.add(error("E802", f"`verify` takes `top K` or `until confident`, got {quote(kind)}", stmt.kind.span,
-                           _guess_hint(kind, VERIFY_KINDS, "expected")))
+                           guess_hint(kind, VERIFY_KINDS, "expected")))
         elif kind == "top":
             if not isinstance(value, n.Num):
                 self.add(error("E802", f"`verify top` needs a number, got {quote(value.name)}", value.span,
@@ -269,7 +261,7 @@ class _Checker:
     def check_diagnose(self, stmt: n.Diagnose) -> None:
         if stmt.target.name not in DIAGNOSE_TARGETS:
             self.add(error("E805", f"unknown diagnosis {quote(stmt.target.name)}", stmt.target.span,
-                           _guess_hint(stmt.target.name, DIAGNOSE_TARGETS, "expected")))
+                           guess_hint(stmt.target.name, DIAGNOSE_TARGETS, "expected")))
             return
         values = self.settings("diagnose", stmt.settings, DIAGNOSE_SETTINGS)
         samples = float(values.get("samples", 200))

@@ -10,6 +10,7 @@ from enum import Enum
 from atpdsl.language.span import Span
 
 __all__ = [
+    "guess_hint",
     "Severity",
     "Diagnostic",
     "error",
@@ -204,3 +205,12 @@ def render(diagnostics: Iterable[Diagnostic], output_format: str = "full") -> st
     if output_format == "full":
         return render_full(diagnostics)
     raise ValueError(f"unknown output format {output_format!r} (expected {', '.join(OUTPUT_FORMATS)})")
+
+
+def guess_hint(word: str, candidates: Iterable[str], what: str) -> str:
+    """A help line for an unknown word: the closest candidate, else the (capped) list of what is known."""
+    candidates = list(candidates)
+    guess = did_you_mean(word, candidates)
+    if guess is not None and guess != word:
+        return f"did you mean {quote(guess)}?"
+    return f"{what}: {cap_list([quote(x) for x in candidates])}"

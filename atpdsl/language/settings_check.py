@@ -2,24 +2,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from atpdsl.language import syntax as n
-from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote
+from atpdsl.language.diagnostics import Diagnostic, error, guess_hint, quote
 from atpdsl.registry import GRADDROP_MODES, SWITCHES, SettingInfo
 
 __all__ = ["check_settings", "shown_value"]
 
 _DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:[0-9]+)?)$")
-
-
-def _guess_hint(word: str, candidates: Iterable[str], what: str) -> str:
-    candidates = list(candidates)
-    guess = did_you_mean(word, candidates)
-    if guess is not None and guess != word:
-        return f"did you mean {quote(guess)}?"
-    return f"{what}: {cap_list([quote(x) for x in candidates])}"
 
 
 def shown_value(v: n.Value) -> str:
@@ -37,7 +29,7 @@ def _per(info: SettingInfo, s: n.Setting) -> tuple[Any, Diagnostic | None]:
         return None, error("E104", f"{quote(info.key)} takes a value, not `per ...`", s.span)
     if s.per.name not in GRADDROP_MODES:
         return None, error("E104", f"`graddrop per` takes `layer` or `sublayer`, got {quote(s.per.name)}",
-                           s.per.span, _guess_hint(s.per.name, GRADDROP_MODES, "modes"))
+                           s.per.span, guess_hint(s.per.name, GRADDROP_MODES, "modes"))
     return (True, s.per.name), None
 
 
@@ -63,7 +55,7 @@ def _value(info: SettingInfo, s: n.Setting) -> tuple[Any, Diagnostic | None]:
         return None, error("E104", f"{quote(key)} takes a word or a string, got {shown_value(v)}", v.span)
     if info.kind == "choice" and text not in info.choices:
         return None, error("E104", f"unknown {key} {quote(text)}", v.span,
-                           _guess_hint(text, info.choices, "expected one of"))
+                           guess_hint(text, info.choices, "expected one of"))
     if info.kind == "device" and not _DEVICE.match(text):
         return None, error("E104", f"unknown device {quote(text)}", v.span,
                            'expected cpu, cuda, cuda:N, mps or auto (quote it: device "cuda:1")')
@@ -83,7 +75,7 @@ def check_settings(block: str, settings: tuple[n.Setting, ...], table: Mapping[s
         info = table.get(key)
         if info is None:
             diags.append(error("E103", f"unknown {block} setting {quote(key)}", s.key.span,
-                               _guess_hint(key, table, f"{block} settings")))
+                               guess_hint(key, table, f"{block} settings")))
             continue
         if key in first:
             diags.append(error("E105", f"duplicate setting {quote(key)}", s.key.span,
