@@ -54,7 +54,7 @@ STATEMENTS: dict[str, StatementInfo] = {
         StatementInfo("select", False, "select top K | threshold X | cumulative F", "which nodes form the circuit"),
         StatementInfo("verify", False, "verify top K | verify until confident [{ budget B }]",
                       "exactly patch the K best-ranked nodes, or verify adaptively until the diagnostic is confident"),
-        StatementInfo("select edges", False, "select edges top K | threshold X | cumulative F [{ ig_steps N }]",
+        StatementInfo("select edges", False, "select edges top K | threshold X | cumulative F [{ ig_steps N }] | none",
                       "the circuit as its best edges and the nodes they touch"),
         StatementInfo("verify edges", False, "verify edges top K", "exact path patching of the K strongest edges"),
         StatementInfo("diagnose", False, "diagnose false_negatives [{ samples N confidence P inclusion p }]",

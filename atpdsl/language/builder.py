@@ -273,6 +273,10 @@ class Builder:
         target, kind, value, settings = children
         return n.SelectEdges(self._ident(target), self._ident(kind), value, settings or (), self._span(meta))
 
+    def select_edges_word(self, meta, children):
+        target, kind = children
+        return n.SelectEdges(self._ident(target), self._ident(kind), None, (), self._span(meta))
+
     def verify_edges(self, meta, children):
         target, kind, value = children
         return n.VerifyEdges(self._ident(target), self._ident(kind), value, self._span(meta))

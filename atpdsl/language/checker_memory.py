@@ -194,6 +194,11 @@ def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, 
     if budget is not None and est.peak * RESERVE > budget and not model.remote:
         hint = (f"batch {fit} fits (`batch {fit}` or `batch auto`)" if fit else
                 "no batch fits: score fewer nodes (per-position groups, layers) or use a smaller dtype")
+        # under plain AtP the step sites are the edges' alone; with corrections they are shared
+        edge_parts = ("edge reads", "step sites") if plan.method.name == "atp" else ("edge reads",)
+        edge_bytes = sum(p.bytes for p in est.parts if p.name in edge_parts)
+        if any(s.kind == "edge_reads" for s in plan.steps) and edge_bytes * 4 >= est.peak:
+            hint += f"; the edges take {format_bytes(edge_bytes)} of it: `select edges none` computes none"
         diags.append(error(MEMORY_CODE, _fits_text(est, budget), span, hint))
     summary = {"device": model.device, "budget": budget, "budget_source": source, "devices": devices,
                "attention": attention, "batch": batch, "largest_batch": fit, "tokens": est.tokens,

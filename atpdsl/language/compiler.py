@@ -9,7 +9,7 @@ from typing import Any
 from atpdsl.language import syntax as n
 from atpdsl.language.checker import CheckResult, check, group_indices
 from atpdsl.language.diagnostics import render_concise
-from atpdsl.language.edge_check import edge_settings
+from atpdsl.language.edge_check import edge_settings, edges_off
 from atpdsl.language.export_check import export_path
 from atpdsl.outputs.formats import format_of
 from atpdsl.language.metric_check import metric_spec
@@ -202,7 +202,7 @@ def build_plan(result: CheckResult) -> Plan:
     batch = 8 if batch_stmt is None or isinstance(batch_stmt.value, n.Ident) else int(batch_stmt.value.value)
     extras = _extras(result, batch, n_layers, nodes)
     edges_ok = edges_allowed(info.arch if info else None, info.config if info else None, method.name) and not \
-        _model(result, model_stmt).remote  # NDIF: the edges read weights, and a remote model's are not here
+        _model(result, model_stmt).remote and not edges_off(spec)  # NDIF: edges read weights not here
     extras.append(("edges_allowed", edges_ok))
     text = spec.source.text
     plan = Plan(

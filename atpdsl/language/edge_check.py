@@ -1,4 +1,4 @@
-"""Check the edge statements: `select edges top K | threshold X | cumulative F [{ ig_steps N }]` and
+"""Check the edge statements: `select edges top K | threshold X | cumulative F [{ ig_steps N }] | none` and
 `verify edges top K` (E807 for an unknown rule, E808 when the run computes no edges to select or verify), and turn
 them into the plan's EdgeSettings."""
 from __future__ import annotations
@@ -10,15 +10,33 @@ from atpdsl.language.settings_check import check_settings
 from atpdsl.plan import EdgeSettings, Selection
 from atpdsl.registry import EDGE_SETTINGS, SELECT_KINDS, VERIFY_TOP
 
-__all__ = ["check_edges", "edge_settings", "EDGE_METHODS"]
+__all__ = ["check_edges", "edge_settings", "edges_off", "EDGE_METHODS", "NO_EDGES"]
 
 EDGE_METHODS = ("atp", "atp*", "relp")
 """The methods whose runs attribute edges (they read gradients); `exact` patches nodes only."""
 
 
+NO_EDGES = "none"
+"""`select edges none`: the run computes no edges (no reads kept during the passes, no edge step)."""
+
+
+def edges_off(spec: n.Spec) -> bool:
+    """Whether the spec asks for no edges (`select edges none`)."""
+    select = next(iter(spec.of(n.SelectEdges)), None)
+    return select is not None and select.kind.name == NO_EDGES and select.value is None
+
+
 def _select(stmt: n.SelectEdges) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     info = SELECT_KINDS.get(stmt.kind.name)
+    if stmt.kind.name == NO_EDGES or stmt.value is None:
+        if stmt.kind.name != NO_EDGES:
+            out.append(error("E106", f"`select edges {stmt.kind.name}` needs a number", stmt.kind.span,
+                             f"e.g. `select edges {stmt.kind.name} 20`, or `select edges none` for no edges"))
+        elif stmt.value is not None:
+            out.append(error("E106", "`select edges none` takes no number", stmt.value.span,
+                             "`select edges none` computes no edges; `select edges top K` keeps the K best"))
+        return out
     if info is None:
         guess = did_you_mean(stmt.kind.name, list(SELECT_KINDS))
         hint = f"did you mean {quote(guess)}?" if guess else f"expected: {cap_list([quote(k) for k in SELECT_KINDS])}"
@@ -65,8 +83,12 @@ def check_edges(spec: n.Spec, model: ModelInfo | None) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     for stmt in stmts:
         out.extend(_select(stmt) if isinstance(stmt, n.SelectEdges) else _verify(stmt))
-    why = _why_no_edges(spec, model) if stmts else None
-    if why is not None:
+    why = _why_no_edges(spec, model) if stmts and not edges_off(spec) else None
+    verify = next(iter(spec.of(n.VerifyEdges)), None)
+    if edges_off(spec) and verify is not None:
+        out.append(error("E808", "`verify edges`: this run computes no edges: the spec says `select edges none`",
+                         verify.span, "drop one of the two statements"))
+    elif why is not None:
         out.append(error("E808", f"`{stmts[0].keyword}`: this run computes no edges: {why}", stmts[0].span))
     return out
 
@@ -75,7 +97,7 @@ def edge_settings(spec: n.Spec) -> EdgeSettings | None:
     """The plan's edge settings from a checked spec's edge statements (None without any)."""
     select = next(iter(spec.of(n.SelectEdges)), None)
     verify = next(iter(spec.of(n.VerifyEdges)), None)
-    if select is None and verify is None:
+    if (select is None and verify is None) or edges_off(spec):
         return None
     rule = Selection(select.kind.name, select.value.value) if select is not None else None
     values = check_settings("select edges", select.settings, EDGE_SETTINGS)[0] if select is not None else {}

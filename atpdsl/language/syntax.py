@@ -341,12 +341,13 @@ class Verify:
 
 @dataclass(frozen=True, slots=True)
 class SelectEdges:
-    """`select edges top K | threshold X | cumulative F [{ ig_steps N }]`: `target` is the word after `select`."""
+    """`select edges top K | threshold X | cumulative F [{ ig_steps N }]`, or `select edges none` (value None):
+    `target` is the word after `select`."""
 
     keyword: ClassVar[str] = "select edges"
     target: Ident
     kind: Ident
-    value: Num
+    value: Num | None
     settings: tuple[Setting, ...]
     span: Span
 

@@ -52,6 +52,9 @@ def test_edge_statements_compile_to_the_plan_and_its_steps():
     ("select edges top 3 { ig_step 4 }", "E103", "did you mean `ig_steps`"),
     ("select edges top 3 { ig_steps 0 }", "E106", "1 to 1000"),
     ("select edges top 3\nselect edges top 4", "E101", "duplicate `select edges`"),
+    ("select edges top", "E106", "needs a number"),
+    ("select edges none 3", "E106", "takes no number"),
+    ("select edges none\nverify edges top 3", "E808", "`select edges none`"),
 ])
 def test_edge_statement_mistakes_are_reported_with_their_place(text, code, words):
     errors = _check(text + "\n").errors
@@ -68,6 +71,36 @@ def test_edges_need_a_run_that_computes_them(method, metric, why):
     errors = _check("verify edges top 3\n", method=method, metric=metric).errors
     e808 = [e for e in errors if e.code == "E808"]
     assert len(e808) == 1 and why in e808[0].message
+
+
+def test_select_edges_none_plans_and_runs_no_edges_and_the_same_node_scores(tmp_path):
+    """`select edges none`: no edge reads in the passes and no edge step; the node scores are those of the default
+    run (which computes edges from the same passes); the graph falls back to the residual-stream order."""
+    import torch
+
+    import atpdsl
+
+    torch.set_num_threads(1)
+    root = Path(__file__).resolve().parents[2]
+    base = ('model zoo "induction-2l"\npairs from "' + str(root) + '/examples/data/induction-prev.jsonl"\n'
+            "metric logit_diff(answer, wrong) at last\nnodes { heads per position }\nmethod atp\nbatch 16\n"
+            "select top 6\n")
+    off = compile_text(base + "select edges none\n", base_dir=".")
+    on = compile_text(base, base_dir=".")
+    assert off.edges is None and dict(off.extras)["edges_allowed"] is False
+    assert [s.kind for s in off.steps] == [s.kind for s in on.steps if s.kind not in ("edge_reads", "edges")]
+    assert {"edge_reads", "edges"} <= {s.kind for s in on.steps}
+    res_off = atpdsl.run(text=base + "select edges none\n", out_dir=tmp_path / "off")
+    res_on = atpdsl.run(text=base, out_dir=tmp_path / "on")
+    assert not res_off.result.edges and res_on.result.edges
+    # the same estimates and selection (to float32 rounding: without edges nothing reads the pattern, so `attention
+    # auto` takes sdpa instead of eager)
+    estimates_off = {n.name: n.estimate for n in res_off.result.nodes}
+    estimates_on = {n.name: n.estimate for n in res_on.result.nodes}
+    assert estimates_off.keys() == estimates_on.keys()
+    assert [estimates_off[k] for k in estimates_on] == pytest.approx(list(estimates_on.values()), abs=1e-5)
+    assert res_off.selection.selected == res_on.selection.selected
+    assert res_off.graph.graph["edge_rule"] == "residual"
 
 
 def _run_with_edges():
