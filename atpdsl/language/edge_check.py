@@ -4,7 +4,7 @@ them into the plan's EdgeSettings."""
 from __future__ import annotations
 
 from atpdsl.language import syntax as n
-from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote
+from atpdsl.language.diagnostics import Diagnostic, error, guess_hint, quote
 from atpdsl.language.model_check import ModelInfo
 from atpdsl.language.settings_check import check_settings
 from atpdsl.plan import EdgeSettings, Selection
@@ -38,9 +38,8 @@ def _select(stmt: n.SelectEdges) -> list[Diagnostic]:
                              "`select edges none` computes no edges; `select edges top K` keeps the K best"))
         return out
     if info is None:
-        guess = did_you_mean(stmt.kind.name, list(SELECT_KINDS))
-        hint = f"did you mean {quote(guess)}?" if guess else f"expected: {cap_list([quote(k) for k in SELECT_KINDS])}"
-        out.append(error("E807", f"unknown edge selection {quote(stmt.kind.name)}", stmt.kind.span, hint))
+        out.append(error("E807", f"unknown edge selection {quote(stmt.kind.name)}", stmt.kind.span,
+                         guess_hint(stmt.kind.name, SELECT_KINDS, "expected")))
     elif not info.bound.accepts(stmt.value.value):
         out.append(error("E106", f"`select edges {info.key}` needs {info.bound.describe(stmt.value.value)}, got "
                                  f"{stmt.value.shown}", stmt.value.span))

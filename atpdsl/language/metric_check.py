@@ -2,10 +2,10 @@
 MetricSpec (the compiler and the token checks share this one lowering)."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from atpdsl.language import syntax as n
-from atpdsl.language.diagnostics import Diagnostic, cap_list, did_you_mean, error, quote
+from atpdsl.language.diagnostics import Diagnostic, error, guess_hint, quote
 from atpdsl.language.pair_files import PROMPT_FIELDS
 from atpdsl.plan import MetricArg, MetricSpec, PromptPair, SourceRef
 from atpdsl.registry import ARG_FUNCTIONS, LAST, METRICS
@@ -13,14 +13,6 @@ from atpdsl.registry import ARG_FUNCTIONS, LAST, METRICS
 __all__ = ["metric_spec", "metric_fields", "check_metric", "GRADIENT_METHODS"]
 
 GRADIENT_METHODS = ("atp", "atp*", "relp")  # methods that differentiate the metric at the clean run
-
-
-def _hint(word: str, candidates: Iterable[str], what: str) -> str:
-    candidates = list(candidates)
-    guess = did_you_mean(word, candidates)
-    if guess is not None and guess != word:
-        return f"did you mean {quote(guess)}?"
-    return f"{what}: {cap_list([quote(c) for c in candidates])}"
 
 
 def _where(span) -> SourceRef:
@@ -64,7 +56,7 @@ def _arity(stmt: n.Metric) -> list[Diagnostic]:
     func = call.func.name
     info = METRICS.get(func)
     if info is None:
-        return [error("E501", f"unknown metric {quote(func)}", call.func.span, _hint(func, METRICS, "metrics"))]
+        return [error("E501", f"unknown metric {quote(func)}", call.func.span, guess_hint(func, METRICS, "metrics"))]
     got = len(call.args) if call.args is not None else 0
     if got in info.arities:
         return []
@@ -83,7 +75,7 @@ def _field_problem(name: str, span, pairs: Sequence[PromptPair]) -> Diagnostic |
     common = set.intersection(*(set(k for k, _ in p.fields) for p in pairs))
     where = "any pair" if len(missing) == len(pairs) else \
         f"{len(missing)} of {len(pairs)} pairs (first: {missing[0].origin})"
-    hint = _hint(name, sorted(common), "fields in every pair") if common else "the pairs have no other fields"
+    hint = guess_hint(name, sorted(common), "fields in every pair") if common else "the pairs have no other fields"
     return error("E503", f"no field {quote(name)} in {where}", span, hint)
 
 
@@ -92,7 +84,7 @@ def _check_arg(arg: n.Arg, pairs: Sequence[PromptPair] | None) -> list[Diagnosti
         out = []
         if arg.func.name not in ARG_FUNCTIONS:
             out.append(error("E504", f"unknown function {quote(arg.func.name)}", arg.func.span,
-                             _hint(arg.func.name, ARG_FUNCTIONS, "functions")))
+                             guess_hint(arg.func.name, ARG_FUNCTIONS, "functions")))
         return out + _check_arg(arg.arg, pairs)
     if isinstance(arg, n.ArgLiteral):
         return [error("E503", "empty answer string", arg.span)] if not arg.value.value else []
@@ -118,7 +110,7 @@ def _check_position(at: n.Ident, pairs: Sequence[PromptPair] | None) -> list[Dia
                       "only template pairs have slots; use `at last` for pairs from files and `pair` blocks")]
     if len(missing) == len(pairs):
         return [error("E505", f"position {quote(at.name)} is not a template slot", at.span,
-                      _hint(at.name, names + [LAST], "positions"))]
+                      guess_hint(at.name, names + [LAST], "positions"))]
     return [error("E505", f"position {quote(at.name)} is missing from {len(missing)} of {len(pairs)} pairs (first:"
                           f" {missing[0].origin})", at.span,
                   "every pair needs the slot: pairs from files and `pair` blocks have none")]
