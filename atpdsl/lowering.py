@@ -14,7 +14,7 @@ from atpdsl import costs
 from atpdsl.arch import Geometry
 from atpdsl.plan import Diagnosis, EdgeSettings, MethodSpec, NodeGroup, Plan, Step, Verification
 
-__all__ = ["StepKind", "STEP_KINDS", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps", "computes_edges",
+__all__ = ["StepKind", "STEP_KINDS", "STREAMING_KINDS", "streams", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps", "computes_edges",
            "graddrop_terms", "plan_total", "node_count", "steps_for", "workload_of", "workload_extra", "relower",
            "replan", "same_program", "edges_allowed"]
 
@@ -75,6 +75,17 @@ STEP_KINDS: dict[str, StepKind] = {
 }
 
 
+STREAMING_KINDS = frozenset({"corrupt_forward", "clean_backward", "edge_reads"})
+"""Batch steps that read no node site's clean value or gradient after the clean backward (the edges keep only the
+node sites' differences): with only these (and any run-scope steps), the clean backward reduces each node site to
+its estimates as the gradient reaches it (atpdsl.engine.atp) instead of holding every site's value and gradient."""
+
+
+def streams(kinds: Sequence[str] | frozenset[str]) -> bool:
+    """Whether the clean backward may reduce each site to its estimates at once (no later batch step reads it)."""
+    return all(k in STREAMING_KINDS or (k in STEP_KINDS and STEP_KINDS[k].scope == "run") for k in kinds)
+
+
 def computes_edges(method: MethodSpec, metric_kind: str, arch_allows: bool = True) -> bool:
     """Whether a run computes edge attributions among its selected nodes: gradient methods only, not for `kl`,
     whose gradient at the clean run is zero, and not where the architecture record refuses edges (e.g. a norm
@@ -100,9 +111,13 @@ def graddrop_terms(n_layers: int, mode: str) -> list[tuple[int, str]]:
     return [(layer, side) for layer in range(n_layers) for side in ("attn", "mlp")]
 
 
+def _rounded(cost: float) -> float:
+    """A cost to 3 significant digits (the cost model is good to tens of percent, not better)."""
+    return float(f"{cost:.3g}")
+
+
 def _step(kind: str, name: str, cost: float, description: str, **params) -> Step:
-    """A step with its cost to 3 significant digits (the cost model is good to tens of percent, not better)."""
-    return Step(kind, name, STEP_KINDS[kind].scope, float(f"{cost:.3g}"), description, tuple(params.items()))
+    return Step(kind, name, STEP_KINDS[kind].scope, _rounded(cost), description, tuple(params.items()))
 
 
 def _layers_with(groups: Sequence[NodeGroup], kinds: frozenset[str], n_layers: int) -> int:
@@ -201,12 +216,10 @@ def _ranked_nodes(groups: Sequence[NodeGroup], nodes: int | None, w: costs.Workl
 
 
 def _streamed_cost(steps: list[Step], w: costs.Workload | None, sites: int) -> list[Step]:
-    """The clean backward costed as streamed when no other batch step reads the node sites (the engine's rule:
-    atpdsl.memory.STREAMING_KINDS)."""
-    if w is None or any(s.scope == "batch" and s.kind not in ("corrupt_forward", "clean_backward", "edge_reads")
-                        for s in steps):
+    """The clean backward costed as streamed when the engine streams it (`streams`)."""
+    if w is None or not streams([s.kind for s in steps]):
         return steps
-    cost = float(f"{costs.clean_backward_cost(w, sites, streamed=True):.3g}")
+    cost = _rounded(costs.clean_backward_cost(w, sites, streamed=True))
     return [replace(s, cost=cost) if s.kind == "clean_backward" else s for s in steps]
 
 

@@ -26,13 +26,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from atpdsl.lowering import streams
 from atpdsl.memory_sizes import (
     ELEMENT_BYTES, GATED, ModelSizes, forward_transient_per_token, format_bytes, model_sizes, parse_size,
     saved_per_token,
 )
 
 __all__ = ["RunShape", "MemoryPart", "MemoryEstimate", "estimate", "largest_batch", "patch_rows", "shape_for",
-           "NODE_BYTES", "RESERVE", "STREAMING_KINDS", "PATTERN_FREE_KINDS", "reads_pattern", "streams",
+           "NODE_BYTES", "RESERVE", "PATTERN_FREE_KINDS", "reads_pattern",
            "ModelSizes", "model_sizes", "parse_size", "format_bytes", "rows_per_patch"]
 
 NODE_BYTES = 260
@@ -48,11 +49,6 @@ KEPT_LIMIT = 1 << 30
 
 PATCH_FLOATS = 250_000_000
 """The engine's budget for one patched forward, in floats of its per-row count (atpdsl.engine.exact.chunk_rows)."""
-
-STREAMING_KINDS = frozenset({"corrupt_forward", "clean_backward", "edge_reads"})
-"""Batch steps that read no node site's clean value or gradient after the clean backward (the edges keep only the
-node sites' differences): with only these (and any run-scope steps), the clean backward reduces each node site to
-its estimates as the gradient reaches it (atpdsl.engine.atp) instead of holding every site's value and gradient."""
 
 PATTERN_FREE_KINDS = frozenset({"corrupt_forward", "clean_backward", "clean_forward", "exact_patch", "graddrop_term",
                                 "rank", "verify", "verify_adaptive", "diagnose"})
@@ -174,13 +170,6 @@ def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, 
 def reads_pattern(kinds: Sequence[str] | frozenset[str]) -> bool:
     """Whether a step of these kinds reads the attention pattern (then attention must be eager)."""
     return not set(kinds) <= PATTERN_FREE_KINDS
-
-
-def streams(kinds: Sequence[str] | frozenset[str]) -> bool:
-    """Whether the clean backward may reduce each site to its estimates at once (no later batch step reads it)."""
-    from atpdsl.lowering import STEP_KINDS
-
-    return all(k in STREAMING_KINDS or (k in STEP_KINDS and STEP_KINDS[k].scope == "run") for k in kinds)
 
 
 def rows_per_patch(hidden: int, mlp: int, n_heads: int, n_layers: int, vocab: int, seq: int, rows: int) -> int:

@@ -24,7 +24,7 @@ from atpdsl.engine import trace
 from atpdsl.engine.placement import remote_of
 from atpdsl.engine.trace import Backward, TraceSite, run_trace
 from atpdsl.engine.trace_stream import run_streamed
-from atpdsl.memory import streams
+from atpdsl.lowering import streams
 
 __all__ = ["MAIN", "trace_sites", "corrupt_forward", "clean_forward_backward", "site_delta", "site_estimates",
            "atp_estimates"]
