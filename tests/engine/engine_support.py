@@ -85,7 +85,19 @@ def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 __all__ = ["tm", "STORIES", "PRONOUN", "SHARED", "LOGIT_DIFF", "pair", "stories_pairs", "make_plan", "with_",
            "tiny_folder", "per_pair", "max_abs_diff", "NodeGroup", "MetricSpec", "MetricArg", "Verification",
-           "SourceRef"]
+           "SourceRef", "planted_neuron_model", "first_batch"]
+
+
+def planted_neuron_model():
+    """A tiny 2-layer GPT-NeoX with no final norm (every node enters the logits linearly) and one planted neuron,
+    L1.N13, whose output weights are x6 (mean effect about -1.44 on TINY_PAIRS; every other |effect| < 0.27)."""
+    from atpdsl.engine.load import wrap_model
+
+    model = tm.make_neox(n_layer=2)
+    model.gpt_neox.final_layer_norm = torch.nn.Identity()
+    with torch.no_grad():
+        model.gpt_neox.layers[1].mlp.dense_4h_to_h.weight[:, 13] *= 6.0
+    return wrap_model(model, tm.make_tokenizer())
 
 
 def first_batch(ctx, kinds: set[str] | None = None):

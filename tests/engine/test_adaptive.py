@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
-from engine_support import NodeGroup, make_plan, tm, with_
+from engine_support import NodeGroup, make_plan, planted_neuron_model, tm, with_
 
 from atpdsl.engine import execute
 from atpdsl.engine.adaptive import STOP_REASONS, adaptive_verify
 from atpdsl.engine.context import make_context
-from atpdsl.engine.load import wrap_model
 from atpdsl.errors import EngineError
 from atpdsl.plan import Diagnosis, MethodSpec
 
@@ -23,11 +22,7 @@ PLANTED = "L1.N13"
 @pytest.fixture(scope="module")
 def planted():
     torch.set_num_threads(1)
-    model = tm.make_neox(n_layer=2)
-    model.gpt_neox.final_layer_norm = torch.nn.Identity()
-    with torch.no_grad():
-        model.gpt_neox.layers[1].mlp.dense_4h_to_h.weight[:, 13] *= 6.0
-    loaded = wrap_model(model, tm.make_tokenizer())
+    loaded = planted_neuron_model()
     plan = make_plan("tiny", tm.TINY_PAIRS, (NodeGroup("heads", (1, 1)), NodeGroup("neurons", (1, 1))), batch=3)
     exact = {n.name: n.estimate for n in execute(with_(plan, method=MethodSpec("exact")), loaded=loaded).nodes}
     ctx = make_context(plan, loaded)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_support import NodeGroup, make_plan, tm, with_
+from engine_support import NodeGroup, make_plan, planted_neuron_model, tm, with_
 
 from atpdsl.engine import execute
 from atpdsl.engine.context import make_context
@@ -42,11 +42,7 @@ def _exact(plan, loaded) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def planted():
     torch.set_num_threads(1)
-    model = tm.make_neox(n_layer=2)
-    model.gpt_neox.final_layer_norm = torch.nn.Identity()
-    with torch.no_grad():
-        model.gpt_neox.layers[1].mlp.dense_4h_to_h.weight[:, 13] *= 6.0
-    loaded = wrap_model(model, tm.make_tokenizer())
+    loaded = planted_neuron_model()
     plan = make_plan("tiny", tm.TINY_PAIRS, NODES, batch=3)
     return loaded, plan, _exact(plan, loaded)
 
