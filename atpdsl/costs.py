@@ -27,7 +27,7 @@ from atpdsl.arch import Geometry
 __all__ = [
     "Workload", "Device", "DEVICES", "FORWARD", "BACKWARD", "forward_cost", "clean_backward_cost", "qk_fix_cost",
     "norm_fix_cost", "graddrop_term_cost", "patched_cost", "edge_reads_cost", "edge_products_cost", "rank_cost",
-    "norm_reader_pairs", "norm_units", "NORM_UNITS", "patch_rows", "DIAGNOSE_EXTRA",
+    "norm_reader_pairs", "norm_units", "NORM_UNITS", "patch_rows", "DIAGNOSE_EXTRA", "CALIBRATED", "cost_basis",
 ]
 
 FORWARD = 1.0
@@ -56,6 +56,17 @@ DEVICES = {
     "cuda": Device(matmul_half=256.0, elem=0.02, op=5.0e7, double_elem=4.0),
     "mps": Device(matmul_half=256.0, elem=0.05, op=2.0e7, double_elem=8.0),
 }
+
+CALIBRATED = frozenset({"cpu"})
+"""Device kinds whose constants were fitted to measured step times (the others are guesses)."""
+
+
+def cost_basis(device: str, shaped: bool) -> str:
+    """What a plan's costs rest on, for its printout: fitted or guessed constants, the batch shape or not."""
+    kind = device.split(":")[0]
+    basis = "fitted on one CPU thread" if kind in CALIBRATED else f"{kind}: constants not calibrated, a rough guide"
+    return basis if shaped else basis + "; model sizes or prompt lengths unknown: large-model limits"
+
 
 LAYER_OPS = 100  # operations of one transformer layer's forward (norms, projections, rotary, attention, MLP)
 HEAD_OPS = 100  # embedding, final norm, unembedding, the metric

@@ -110,3 +110,11 @@ def test_compiled_plan_costs_follow_the_model_and_never_make_it_stale(shared_dir
     limits = steps_for(bare)
     assert [s.cost for s in limits] != [s.cost for s in plan.steps]
     assert same_program(plan.steps, limits)  # costs aside, the same program
+
+
+def test_the_plan_says_what_its_costs_rest_on():
+    from atpdsl.costs import cost_basis
+
+    assert cost_basis("cpu", True) == "fitted on one CPU thread"
+    assert "not calibrated" in cost_basis("cuda:1", True) and "not calibrated" in cost_basis("mps", True)
+    assert "large-model limits" in cost_basis("cpu", False)

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from atpdsl.costs import cost_basis
+from atpdsl.lowering import workload_of
 from atpdsl.plan import Plan
 
 __all__ = ["print_plan", "plan_text"]
@@ -126,8 +128,9 @@ def _nodes(plan: Plan) -> Table:
 
 
 def _steps(plan: Plan, batches: int) -> Table:
-    steps = Table(title="steps, in the order they run (cost in forward-equivalents per batch)", box=box.SIMPLE_HEAD,
-                  title_justify="left", pad_edge=False, show_footer=True)
+    basis = cost_basis(plan.model.device, workload_of(plan) is not None)
+    steps = Table(title=f"steps, in the order they run (cost in forward-equivalents per batch; {basis})",
+                  box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, show_footer=True)
     steps.add_column("step", footer="total")
     steps.add_column("runs")
     total = sum(st.cost for st in plan.steps)

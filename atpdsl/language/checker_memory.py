@@ -198,7 +198,7 @@ def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, 
         edge_parts = ("edge reads", "step sites") if plan.method.name == "atp" else ("edge reads",)
         edge_bytes = sum(p.bytes for p in est.parts if p.name in edge_parts)
         if any(s.kind == "edge_reads" for s in plan.steps) and edge_bytes * 4 >= est.peak:
-            hint += f"; the edges take {format_bytes(edge_bytes)} of it: `select edges none` computes none"
+            hint += f"; the edges take about {format_bytes(edge_bytes)} of it: `select edges none` computes none"
         diags.append(error(MEMORY_CODE, _fits_text(est, budget), span, hint))
     summary = {"device": model.device, "budget": budget, "budget_source": source, "devices": devices,
                "attention": attention, "batch": batch, "largest_batch": fit, "tokens": est.tokens,
