@@ -12,7 +12,8 @@ estimate does not fit stops before loading the model. Every figure is bytes, spl
 - logits: the [rows, positions, vocab] logits and their gradient;
 - atpdsl's own buffers: the node sites' corrupt values (and, on the path that keeps them, clean values and
   gradients), the estimates, the corrections' extra sites, the edges' kept reads;
-- node bookkeeping: the per-node records (names, table, ranking), NODE_BYTES per scored node;
+- node bookkeeping: ranking the nodes, NODE_BYTES per scored node beside the running sums (a phase of its own,
+  after the last backward: the nodes' names and records are made only when read);
 - patching: verify, diagnose and exact patching run `rows` patched copies of a batch per forward without a
   graph (`patch_rows`: as many as the engine puts in one forward).
 
@@ -36,10 +37,11 @@ __all__ = ["RunShape", "MemoryPart", "MemoryEstimate", "estimate", "largest_batc
            "NODE_BYTES", "RESERVE", "PATTERN_FREE_KINDS", "reads_pattern",
            "ModelSizes", "model_sizes", "parse_size", "format_bytes", "rows_per_patch"]
 
-NODE_BYTES = 260
-"""Resident bytes per scored node for its records (the node table's ids and attributes, the ranking and the result
-entries): measured on CPU with 5.9M per-position nodes of SmolLM2-135M (benchmarks/bench_scale.py --part memory:
-the peak with per-position nodes minus the summed run's, less their estimates, per node)."""
+NODE_BYTES = 48
+"""Bytes per scored node while the nodes are ranked, beside the running sums ("estimates"): the mean and the
+ranking score (float64 each) and the stable sort's key, values and order (int64), 8 bytes each; the result keeps
+them as columns and makes a node's record only when it is read (atpdsl.circuit.scored_nodes). Ranking runs after
+the last backward, so these bytes add to the peak only when they exceed what the backward held."""
 
 RESERVE = 1.10
 """Headroom on top of the estimate when it is compared with a budget (allocator caching and fragmentation)."""
@@ -77,6 +79,7 @@ class RunShape:
     kept_per_token: int = 0
     patched: int = 0  # nodes patched one by one per batch (verify top K, exact)
     devices: int = 1
+    keep_pairs: bool = False  # per-pair rows kept (exports, aggregate per_pair) or a correction's own magnitudes
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +163,12 @@ def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, 
     top = plan.verification.top if plan.verification is not None else 0
     patched = _nodes(plan.nodes, geom, positions) if plan.method.name == "exact" else top
     rows = max(1, sum(1 for a in plan.metric.args if a.sequence))
+    keep = plan.write_per_pair or plan.method.aggregate == "per_pair" or "graddrop_term" in kinds
     return RunShape(dtype=plan.model.dtype, attention=attention,
                     site_widths=_site_widths(arch, geom, plan.nodes, geom.n_layers), extra_widths=tuple(extra),
                     extra_patterns=patterns, nodes=_nodes(plan.nodes, geom, positions), kinds=kinds,
                     pairs=len(plan.pairs), rows_per_pair=rows, kept_per_token=kept, patched=patched,
-                    devices=devices)
+                    devices=devices, keep_pairs=keep)
 
 
 def reads_pattern(kinds: Sequence[str] | frozenset[str]) -> bool:
@@ -210,7 +214,9 @@ def _parts(m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, tu
         "node values": (tokens * sites * (f if stream else 3 * e),
                         "corrupt - clean per node site" + (" (reduced as the backward passes)" if stream else
                                                            ", clean values and gradients of every node site")),
-        "estimates": (3 * rows * shape.nodes * 4 + 2 * shape.nodes * 8, "per-pair estimates and the running sums"),
+        "estimates": ((3 if shape.keep_pairs else 1) * rows * shape.nodes * 4 + 2 * shape.nodes * 8,
+                      "per-pair estimates and the running sums" if shape.keep_pairs else
+                      "the batch's estimates and the running sums"),
     }
     if extra or shape.extra_patterns:
         patterns = shape.extra_patterns * rows * m.n_heads * seq * seq * 2 * e
@@ -222,22 +228,24 @@ def _parts(m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, tu
         batches = max(1, math.ceil(shape.pairs / max(batch, 1)))
         out["edge reads"] = (min(per_batch * batches, KEPT_LIMIT + per_batch),
                              f"the edges' kept reads ({batches} batch(es); beyond 1 GiB on disk)")
-    out["node records"] = (shape.nodes * NODE_BYTES, f"{shape.nodes:,} scored nodes' records")
+    out["node records"] = (shape.nodes * NODE_BYTES, f"ranking {shape.nodes:,} scored nodes (after the backward)")
     if shape.patched or "diagnose" in shape.kinds or "verify_adaptive" in shape.kinds:
         out["patching"] = (0, "")  # sized by patch_rows from what is left (see estimate)
     return out
 
 
 def _phases(parts: dict[str, tuple[int, str]], m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, int]:
-    """Peak bytes of each phase beside the resident parts (weights, records, kept edge reads)."""
+    """Peak bytes of each phase beside the resident parts (weights, kept edge reads)."""
     e = ELEMENT_BYTES.get(shape.dtype, 4)
     tokens = batch * shape.rows_per_pair * seq
     get = lambda name: parts.get(name, (0, ""))[0]  # noqa: E731 - local shorthand
     corrupt = (tokens * (forward_transient_per_token(m, shape.dtype, shape.attention, seq) / max(1, m.n_layers)
                          + m.vocab * e) + tokens * sum(shape.site_widths) * e)
     backward = sum(get(n) for n in ("activations", "logits", "node values", "estimates", "step sites"))
+    folding = batch * shape.rows_per_pair * shape.nodes * 4  # |estimate| while the batch is added to the sums
+    ranking = get("estimates") + get("node records") + folding
     return {"corrupt forward": int(corrupt), "clean forward + backward": int(backward),
-            "patching": get("patching")}
+            "patching": get("patching"), "ranking": int(ranking)}
 
 
 def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int]) -> MemoryEstimate:
@@ -250,7 +258,7 @@ def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int])
             if name in parts:
                 size, what = parts[name]
                 parts[name] = (math.ceil(size / shape.devices), f"{what} (1/{shape.devices} on each device)")
-    resident = parts["weights"][0] + parts["node records"][0] + parts.get("edge reads", (0, ""))[0]
+    resident = parts["weights"][0] + parts.get("edge reads", (0, ""))[0]
     if "patching" in parts:
         rows = patch_rows(m, seq, batch * shape.rows_per_pair)
         e = ELEMENT_BYTES.get(shape.dtype, 4)

@@ -269,6 +269,13 @@ def part_memory(model: Path) -> None:
         _row(f"  the same, every site kept (not streamed)", {**base, "run": "atp", "stream": False}, plain)
         _row(f"atpdsl AtP, {nodes} heads + neurons, with edges (default)", {**base, "run": "atp", "edges": True},
              plain)
+    # 23.7M per-position nodes at 512 tokens, as `select edges none` runs it (`attention auto` picks sdpa then)
+    base = {"model": str(model), "tokens": 512, "pairs": 4, "batch": 4, "nodes": "per_position", "edges": False,
+            "attention": "sdpa"}
+    plain = run_probe({**base, "run": "plain"})
+    print(f"| plain forward + backward, batch 4 x 512, sdpa | {plain['peak'] / 1e9:.2f} GB | | 1 | "
+          f"{plain['seconds']:.1f} s |")
+    _row("atpdsl AtP, per_position heads + neurons (23.7M nodes), no edges, sdpa", {**base, "run": "atp"}, plain)
 
 
 def part_grid(model: Path) -> None:

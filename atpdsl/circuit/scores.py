@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -223,7 +224,7 @@ class RunResult:
     spec_hash: str
     method: str
     metric: str
-    nodes: tuple[NodeScore, ...]  # sorted by rank
+    nodes: Sequence[NodeScore]  # sorted by rank: a tuple, or a run's ScoredNodes (made when read)
     n_pairs: int
     clean_metric: float  # mean over pairs
     corrupt_metric: float  # mean over pairs (metric on the corrupt prompt)
@@ -233,5 +234,7 @@ class RunResult:
     provenance: tuple[tuple[str, str | int | float | bool], ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def by_name(self) -> dict[str, NodeScore]:
-        return {n.name: n for n in self.nodes}
+    def by_name(self) -> Mapping[str, NodeScore]:
+        """Nodes by name (a run's ScoredNodes looks each name up instead of building a dict of every node)."""
+        lookup = getattr(self.nodes, "by_name", None)
+        return lookup() if lookup is not None else {n.name: n for n in self.nodes}

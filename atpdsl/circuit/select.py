@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Sequence
 
 from atpdsl.errors import AtpError
 from atpdsl.plan import Selection
+from atpdsl.circuit.scored_nodes import ScoredNodes
 from atpdsl.circuit.scores import EdgeScore, NodeScore, RunResult
 
 __all__ = [
@@ -111,9 +113,19 @@ def _magnitude(x: float | None) -> float:
     return abs(float(x))
 
 
-def ranked(nodes: Sequence[NodeScore]) -> list[NodeScore]:
-    """Nodes from the largest |score| down; ties broken by name so every run orders them the same."""
-    return sorted(nodes, key=lambda n: (-_magnitude(n.score), n.name))
+def ranked(nodes: Sequence[NodeScore]) -> Sequence[NodeScore]:
+    """Nodes from the largest |score| down; ties in rank order (the forward order), then by name, so every run
+    orders them the same. A run's own ScoredNodes are already in that order and are returned as they are."""
+    if isinstance(nodes, ScoredNodes):
+        return nodes
+    return sorted(nodes, key=lambda n: (-_magnitude(n.score), n.rank or math.inf, n.name))
+
+
+def verified_nodes(nodes: Sequence[NodeScore]) -> list[NodeScore]:
+    """The verified nodes, in rank order (a run's ScoredNodes finds them without reading every node)."""
+    if isinstance(nodes, ScoredNodes):
+        return nodes.verified_in_rank_order()
+    return [n for n in ranked(nodes) if n.verified_effect is not None]
 
 
 def _check_aggregate(aggregate: str) -> None:
@@ -154,7 +166,7 @@ def candidates(nodes: Sequence[NodeScore], selection: Selection) -> tuple[list[N
     elif kind == "threshold":
         if value < 0 or math.isnan(value):
             raise AtpError(f"select threshold {value:g}: X must be >= 0")
-        chosen = [n for n in order if _magnitude(n.score) >= value]
+        chosen = list(takewhile(lambda n: _magnitude(n.score) >= value, order))
         return chosen, value
     elif kind == "cumulative":
         if not 0.0 < value <= 1.0:
@@ -199,7 +211,7 @@ def select(
         else:
             kept.append(node.name)
     names = {n.name for n in chosen}
-    added = [n.name for n in ranked(result.nodes) if n.name not in names and chosen
+    added = [n.name for n in verified_nodes(result.nodes) if n.name not in names and chosen
              and (verified_magnitude(n, aggregate) or 0.0) >= cut > 0.0]
     return SelectionOutcome(selection.kind, float(selection.value), cut, tuple(kept + added), tuple(dropped),
                             aggregate, added=tuple(added))
@@ -308,6 +320,7 @@ def select_edges(result: RunResult, rule: Selection, *, aggregate: str = "mean_a
         e = pool[i]
         (dropped if e.verified is not None and abs(e.verified) < cut else kept).append((e.source, e.target, e.channel))
     touched = {name for s, t, _ in kept for name in (s, t)}
-    nodes = tuple(n.name for n in ranked(result.nodes) if n.name in touched)
+    by_name = result.by_name()
+    nodes = tuple(n.name for n in ranked([by_name[name] for name in touched if name in by_name]))
     return SelectionOutcome(rule.kind, float(rule.value), cut, nodes, aggregate=aggregate, of_edges=True,
                             edges=tuple(kept), dropped_edges=tuple(dropped))

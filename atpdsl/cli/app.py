@@ -212,15 +212,21 @@ def _print_diagnostics(diagnostics: Sequence[Diagnostic], fmt: str, stderr: bool
 
 def cmd_check(args: argparse.Namespace) -> int:
     """`atpdsl check`: every diagnostic of every spec; exit 1 if any is an error."""
-    from atpdsl.language.compiler import check_file
+    from atpdsl.language.compiler import build_plan, check_file
 
     all_diags: list[Diagnostic] = []
     oks: list[str] = []
     for spec in args.specs:
         result = check_file(spec, out_dir=args.out)
         all_diags.extend(result.diagnostics)
-        if result.ok:
-            oks.append(f"{spec}: ok ({len(result.pairs)} pairs)")
+        if not result.ok:
+            continue
+        try:  # what `plan` and `run` refuse up front (the memory plan) is a check error too
+            build_plan(result)
+        except SpecError as refused:
+            all_diags.extend(d for d in refused.diagnostics if d not in result.diagnostics)
+            continue
+        oks.append(f"{spec}: ok ({len(result.pairs)} pairs)")
     if args.output_format == "json":
         print(render(all_diags, "json"))
     else:

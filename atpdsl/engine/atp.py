@@ -26,8 +26,8 @@ from atpdsl.engine.trace import Backward, TraceSite, run_trace
 from atpdsl.engine.trace_stream import run_streamed
 from atpdsl.lowering import streams
 
-__all__ = ["MAIN", "trace_sites", "corrupt_forward", "clean_forward_backward", "site_delta", "site_estimates",
-           "atp_estimates"]
+__all__ = ["MAIN", "trace_sites", "corrupt_sites", "corrupt_forward", "clean_forward_backward", "site_delta",
+           "site_estimates", "atp_estimates"]
 
 MAIN = "main"  # name of the plain backward block
 
@@ -43,15 +43,22 @@ def trace_sites(state: RunState) -> list[TraceSite]:
     return sites
 
 
+def corrupt_sites(state: RunState) -> list[TraceSite]:
+    """The sites the corrupt run reads: every traced site but those the steps read only on the clean prompt."""
+    clean_only = state.extra.clean_only if state.extra is not None else set()
+    return [s for s in trace_sites(state) if s.key not in clean_only]
+
+
 def corrupt_forward(state: RunState, step: Step, work: BatchWork) -> None:
-    """Run the corrupt prompts without gradients, keeping every site's value and the logits at the metric."""
+    """Run the corrupt prompts without gradients, keeping the value of every site a step reads on the corrupt
+    prompt and the logits at the metric."""
     ctx, batch = state.ctx, work.batch
+    sites = corrupt_sites(state)
     with torch.no_grad():
-        work.corrupt = run_trace(ctx.model, batch.corrupt, trace_sites(state), last_pos=batch.reads.corrupt_pos)
+        work.corrupt = run_trace(ctx.model, batch.corrupt, sites, last_pos=batch.reads.corrupt_pos)
     if "sites_checked" not in state.parts:  # the first batch: every site has the shape its record promises
         check_trace(ctx, work.corrupt, batch.corrupt, "corrupt")
-        state.parts["sites_checked"] = True
-    check_values(ctx, batch, work.corrupt.acts, [s.key for s in trace_sites(state)], "corrupt run")
+    check_values(ctx, batch, work.corrupt.acts, [s.key for s in sites], "corrupt run")
 
 
 def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None:
@@ -72,6 +79,9 @@ def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None
                                    keep_graph=state.keep_graph)
     work.clean_rows = work.clean.metric
     work.corrupt_rows = metric_values(ctx.plan.metric, work.corrupt.last, batch.reads.corrupt())
+    if "sites_checked" not in state.parts:  # the first batch: the sites read only here have their shapes too
+        check_trace(ctx, work.clean, batch.clean, "clean")
+        state.parts["sites_checked"] = True
     keys = [s.key for s in trace_sites(state)]
     if not stream:
         check_values(ctx, batch, work.clean.acts, keys, "clean run")

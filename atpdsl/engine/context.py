@@ -119,14 +119,19 @@ class Accumulator:
 
     def add(self, est: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
         """Add a batch of per-pair estimates [b, N] (`magnitude` [b, N] overrides |est| for the score)."""
-        est64 = est.detach().double().cpu()
-        mag = est64.abs() if magnitude is None else magnitude.detach().double().cpu()
         if self.sum_est is None:
             self.sum_est = torch.zeros(self.n_nodes, dtype=torch.float64)
             self.sum_abs = torch.zeros(self.n_nodes, dtype=torch.float64)
+        self.n += est.shape[0]
+        if not self.keep_rows and magnitude is None:  # sums only: no float64 copy of the batch (it may be GBs)
+            est = est.detach()
+            self.sum_est += est.sum(0, dtype=torch.float64).cpu()
+            self.sum_abs += est.abs().sum(0, dtype=torch.float64).cpu()
+            return
+        est64 = est.detach().double().cpu()
+        mag = est64.abs() if magnitude is None else magnitude.detach().double().cpu()
         self.sum_est += est64.sum(0)
         self.sum_abs += mag.sum(0)
-        self.n += est.shape[0]
         if self.keep_rows:
             self.rows.append(est64)
             if magnitude is not None:

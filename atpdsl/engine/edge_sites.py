@@ -83,11 +83,11 @@ def _attn_sites(loaded: Loaded, extra: ExtraSites, layer: int) -> AttnSites:
     keys = []
     for kind, stage in (("queries", 10), ("keys", 11), ("values", 12)):
         t = arch.template(kind)
-        keys.append(extra.add(f"{t.path(layer)}.{t.attr}", t.path(layer), t.attr, (layer, stage)))
+        keys.append(extra.add(f"{t.path(layer)}.{t.attr}", t.path(layer), t.attr, (layer, stage), corrupt=False))
     heads = arch.template("heads")
-    z = extra.add(f"{heads.path(layer)}.{heads.attr}", heads.path(layer), heads.attr, (layer, 30))
+    z = extra.add(f"{heads.path(layer)}.{heads.attr}", heads.path(layer), heads.attr, (layer, 30), corrupt=False)
     attn = heads.path(layer).rsplit(".", 1)[0]
-    pattern = extra.add(f"{attn}.output.1", attn, "output", (layer, 32), 1, grad=False)
+    pattern = extra.add(f"{attn}.output.1", attn, "output", (layer, 32), 1, grad=False, corrupt=False)
     scale = float(getattr(loaded.hf.get_submodule(attn), "scaling", loaded.geom.head_dim ** -0.5))
     return AttnSites(layer, keys[0], keys[1], keys[2], pattern, z, scale)
 
@@ -104,13 +104,14 @@ def _mlp_sites(loaded: Loaded, extra: ExtraSites, layer: int) -> MlpSites:
         out = mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.weight.shape[0]
         if out % loaded.geom.mlp:
             return MlpSites(layer, (), ())
-        pieces.append(extra.add(f"{module}.output", module, "output", (layer, 45)))
+        pieces.append(extra.add(f"{module}.output", module, "output", (layer, 45), corrupt=False))
         modules.append(module)
     return MlpSites(layer, tuple(pieces), tuple(modules))
 
 
 def add_edge_sites(loaded: Loaded, extra: ExtraSites, table=None) -> EdgeSites:
-    """Add every site the edges read to the run's extra sites (once each): the attention reads only in the layers
+    """Add every site the edges read to the run's extra sites (once each; all but the embedding on the clean prompt
+    only, so the corrupt run does not read them): the attention reads only in the layers
     where `table` (a NodeTable: the run's nodes, every possible target) has attention-side nodes, the MLP input
     projections only where it has neurons (every layer without a table)."""
     blocks = readers(loaded)
@@ -118,14 +119,14 @@ def add_edge_sites(loaded: Loaded, extra: ExtraSites, table=None) -> EdgeSites:
     in_keys, out_keys = [], []
     for r in blocks:
         stage = 0 if r.layer == n_layers else _STAGE[r.name.rsplit(".", 1)[-1]]
-        in_keys.append(extra.add(f"{r.module}.input", r.module, "input", (r.layer, stage), grad=False))
-        out_keys.append(extra.add(f"{r.module}.output", r.module, "output", (r.layer, stage + 1)))
+        in_keys.append(extra.add(f"{r.module}.input", r.module, "input", (r.layer, stage), grad=False, corrupt=False))
+        out_keys.append(extra.add(f"{r.module}.output", r.module, "output", (r.layer, stage + 1), corrupt=False))
     embed = loaded.arch.embed
     sites = EdgeSites(blocks, in_keys, out_keys, extra.add(f"{embed}.output", embed, "output", (-1, 0), grad=False))
     rotary = loaded.arch.rotary
     if rotary is not None:
-        sites.rotary = (extra.add(f"{rotary.module}.output.0", rotary.module, "output", (0, 0), 0, False),
-                        extra.add(f"{rotary.module}.output.1", rotary.module, "output", (0, 1), 1, False))
+        sites.rotary = tuple(extra.add(f"{rotary.module}.output.{i}", rotary.module, "output", (0, i), i, False,
+                                       corrupt=False) for i in (0, 1))
     attn, mlp = _target_layers(table, n_layers)
     for layer in range(n_layers):
         if layer in attn:

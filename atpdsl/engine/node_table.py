@@ -6,7 +6,8 @@ engine does per node is vectorized per block: AtP estimates are one strided sum 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,14 +18,17 @@ from atpdsl.names import NodeId, NodeKind
 from atpdsl.plan import NodeGroup
 from atpdsl.engine.data import where_text
 
-__all__ = ["Block", "NodeTable", "SCORED_KINDS", "build_table", "unit_columns", "unit_values", "block_estimates"]
+__all__ = ["Block", "NodeList", "NodeTable", "WHOLE_KINDS", "SCORED_KINDS", "build_table", "unit_columns",
+           "unit_values", "block_estimates"]
 
 SCORED_KINDS = ("heads", "queries", "keys", "values", "neurons", "attn", "mlp", "resid")
+WHOLE_KINDS = ("attn", "mlp", "resid")  # one node per layer: no unit index
 
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """Nodes of one kind at one site: `units` x (`positions` or summed), in unit-major order."""
+    """Nodes of one kind at one site: `units` x (`positions` or summed), in unit-major order. `layer`, `site_name`
+    and `group_size` (heads per KV group for grouped keys and values, else 0) name its nodes."""
 
     site: int  # index into NodeTable.sites
     kind: str
@@ -33,6 +37,9 @@ class Block:
     per_position: bool
     first: int  # column of the first node in the table
     n_positions: int  # 1 when summed
+    layer: int = 0
+    site_name: str = ""
+    group_size: int = 0
 
     @property
     def size(self) -> int:
@@ -45,32 +52,102 @@ class Block:
         return unit, (j % self.n_positions) if self.per_position else None
 
 
+class NodeList(Sequence[NodeId]):
+    """The table's nodes in column order, made on demand from its blocks: a run may score tens of millions of
+    per-position nodes, and a record per node would cost more memory than the model's own backward."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: "NodeTable") -> None:
+        self._table = table
+
+    def __len__(self) -> int:
+        return self._table.size
+
+    def __getitem__(self, column):  # type: ignore[override]
+        if isinstance(column, slice):
+            return [self._table.node(c) for c in range(*column.indices(len(self)))]
+        column = int(column)
+        return self._table.node(column + len(self) if column < 0 else column)
+
+    def __iter__(self) -> Iterator[NodeId]:
+        for block in self._table.blocks:
+            yield from (self._table.node(c) for c in range(block.first, block.first + block.size))
+
+
 @dataclass(slots=True)
 class NodeTable:
-    """Every scored node, its site and block; columns of estimate matrices follow `nodes`."""
+    """Every scored node, its site and block; columns of estimate matrices follow the blocks' order. Nodes, their
+    attributes and their columns are computed from the blocks (see NodeList)."""
 
     sites: list[Site]
     blocks: list[Block]
-    nodes: list[NodeId] = field(default_factory=list)
-    attrs: list[tuple[tuple[str, str | int | float | bool], ...]] = field(default_factory=list)
     positions: tuple[str, list[int | str]] | None = None
+    _starts: list[int] = field(default_factory=list)
+    _lookup: dict[tuple[int, str, bool], Block] = field(default_factory=dict)
+    _position_index: dict[int | str, int] = field(default_factory=dict)
+
+    def add(self, block: Block) -> None:
+        """Append a block (its `first` must be the table's size)."""
+        if block.first != self.size:
+            raise EngineError("internal: a node block out of column order")
+        self.blocks.append(block)
+        self._starts.append(block.first)
+        self._lookup[(block.layer, block.kind, block.per_position)] = block
+        if block.per_position and not self._position_index and self.positions is not None:
+            self._position_index.update({p: i for i, p in enumerate(self.positions[1])})
 
     def blocks_at(self, site: int) -> list[Block]:
         return [b for b in self.blocks if b.site == site]
 
     def block_of(self, column: int) -> Block:
-        for b in self.blocks:
-            if b.first <= column < b.first + b.size:
-                return b
-        raise IndexError(column)
+        if not 0 <= column < self.size:
+            raise IndexError(column)
+        return self.blocks[bisect_right(self._starts, column) - 1]
 
     @property
     def size(self) -> int:
-        return len(self.nodes)
+        return self.blocks[-1].first + self.blocks[-1].size if self.blocks else 0
+
+    @property
+    def nodes(self) -> NodeList:
+        """Every node in column order (made on demand)."""
+        return NodeList(self)
+
+    def node(self, column: int) -> NodeId:
+        """The node of one column."""
+        block = self.block_of(column)
+        unit, p = block.locate(column)
+        index = None if block.kind in WHOLE_KINDS else unit
+        position = self.positions[1][p] if p is not None and self.positions is not None else None
+        return NodeId(block.layer, NodeKind(block.kind), index, position, block.group_size > 0)
+
+    def attrs(self, column: int) -> tuple[tuple[str, str | int | float | bool], ...]:
+        """The extra facts of one column's node: its site, and the heads of a KV group."""
+        block = self.block_of(column)
+        if not block.group_size:
+            return (("site", block.site_name),)
+        unit, _ = block.locate(column)
+        gs = block.group_size
+        return (("site", block.site_name), ("heads", ",".join(str(h) for h in range(unit * gs, (unit + 1) * gs))))
+
+    def column_of(self, node: NodeId) -> int | None:
+        """The column of a node, None when the table does not score it."""
+        block = self._lookup.get((node.layer, node.kind.value, node.position is not None))
+        if block is None:
+            return None
+        unit = 0 if node.kind.value in WHOLE_KINDS else node.index
+        at = bisect_left(block.units, unit)
+        if at == len(block.units) or block.units[at] != unit:
+            return None
+        if not block.per_position:
+            return block.first + at * block.n_positions
+        p = self._position_index.get(node.position)
+        return None if p is None else block.first + at * block.n_positions + p
 
 
 def _units(kind: str, geom: Geometry, layout: Layout, group: NodeGroup) -> tuple[int, ...]:
-    if kind in ("attn", "mlp", "resid"):
+    if kind in WHOLE_KINDS:
         return (0,)
     if group.heads is None:
         return tuple(range(layout.count))
@@ -118,24 +195,14 @@ def build_table(arch: Arch, geom: Geometry, groups: Sequence[NodeGroup],
     for si, site in enumerate(sites):
         for kind in site.kinds:
             layout = arch.template(kind).resolve(geom)
+            grouped = kind in ("keys", "values") and geom.grouped
             for per_position in (False, True):
                 units = wanted.get((site.layer, kind, per_position))
                 if not units:
                     continue
-                pos_names = positions[1] if per_position and positions else [None]
-                block = Block(si, kind, layout, tuple(sorted(units)), per_position, table.size, len(pos_names))
-                table.blocks.append(block)
-                nk = NodeKind(kind)
-                grouped = kind in ("keys", "values") and geom.grouped
-                for u in block.units:
-                    attrs: list[tuple[str, str | int | float | bool]] = [("site", site.name)]
-                    if grouped:
-                        gs = geom.group_size
-                        attrs.append(("heads", ",".join(str(h) for h in range(u * gs, (u + 1) * gs))))
-                    for p in pos_names:
-                        index = None if kind in ("attn", "mlp", "resid") else u
-                        table.nodes.append(NodeId(site.layer, nk, index, p, grouped))
-                        table.attrs.append(tuple(attrs))
+                n_positions = len(positions[1]) if per_position and positions else 1
+                table.add(Block(si, kind, layout, tuple(sorted(units)), per_position, table.size, n_positions,
+                                site.layer, site.name, geom.group_size if grouped else 0))
     return table
 
 

@@ -6,6 +6,7 @@ when the plan has GradDrop), `abs_mean` = |mean over pairs of the estimate| (per
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from atpdsl.errors import EngineError
@@ -18,10 +19,10 @@ AGGREGATES = ("mean_abs", "abs_mean", "per_pair")
 PAIR_TOP = 20  # names listed per pair in extras["per_pair_ranks"]["top"]
 
 
-def rank(score: torch.Tensor) -> list[int]:
-    """Columns by descending score; ties keep table order (forward order)."""
-    values = score.tolist()
-    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+def rank(score: torch.Tensor) -> np.ndarray:
+    """Columns by descending score; ties keep table order (forward order). An int64 array, not a list: a run may
+    rank tens of millions of nodes."""
+    return torch.sort(-score.double(), stable=True).indices.numpy()
 
 
 def pair_ranks(mags: torch.Tensor) -> torch.Tensor:

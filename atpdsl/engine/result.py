@@ -5,9 +5,11 @@ from __future__ import annotations
 import platform
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from atpdsl.version import __version__
+from atpdsl.circuit.scored_nodes import NodeColumns, ScoredNodes
 from atpdsl.circuit.scores import SIGN_CONVENTION, NodeScore, RunResult
 from atpdsl.plan import Plan
 from atpdsl.engine.load import Loaded
@@ -17,30 +19,25 @@ from atpdsl.engine.state import RunState
 __all__ = ["build_result", "node_scores", "provenance", "executed_steps", "verification_summary"]
 
 
-def node_scores(state: RunState) -> list[NodeScore]:
-    """Every node's numbers in rank order (per-pair rows when the plan keeps them)."""
+def node_scores(state: RunState) -> ScoredNodes:
+    """Every node's numbers in rank order (per-pair rows when the plan keeps them), as columns that make each
+    NodeScore when it is read."""
     table, acc = state.ctx.table, state.acc
     keep = state.plan.write_per_pair or state.plan.method.aggregate == "per_pair"
-    rows = acc.per_pair() if keep else None
-    mags = acc.per_pair_magnitude() if keep else None  # per-pair ranking scores: |estimate|, or GradDrop's
-    columns = rows.T.tolist() if rows is not None else None
-    mag_columns = mags.T.tolist() if mags is not None else None
     ranks = state.parts.get("pair_ranks")
-    means, scores = state.mean.tolist(), state.score.tolist()
-    label = _label(state.plan)
-    nodes = []
-    for r, col in enumerate(state.order, start=1):
-        attrs = table.attrs[col]
-        if ranks is not None:
-            attrs = attrs + (("best_pair_rank", int(ranks[:, col].min())),)
-        ns = NodeScore(node=table.nodes[col], estimate=means[col], score=scores[col], method=label, rank=r,
-                       per_pair=tuple(columns[col]) if columns is not None else None, attrs=attrs,
-                       per_pair_score=tuple(mag_columns[col]) if mag_columns is not None else None)
-        eff = state.verified.get(col)
-        if eff is not None:
-            ns = ns.with_verification(float(eff.mean()), tuple(eff.tolist()))
-        nodes.append(ns)
-    return nodes
+    verified = {int(c): (float(eff.mean()), tuple(eff.tolist())) for c, eff in state.verified.items()}
+    columns = NodeColumns(
+        estimate=_array(state.mean), score=_array(state.score), method=_label(state.plan), node=table.node,
+        attrs=table.attrs, column_of=table.column_of,
+        per_pair=_array(acc.per_pair()) if keep else None,
+        per_pair_score=_array(acc.per_pair_magnitude()) if keep else None,  # |estimate|, or GradDrop's
+        best_pair_rank=ranks.min(dim=0).values.numpy() if ranks is not None else None, verified=verified)
+    return ScoredNodes(columns, state.order)
+
+
+def _array(x: torch.Tensor) -> np.ndarray:
+    """A float64 numpy copy (NodeScore numbers are Python floats, as `tolist` gave them)."""
+    return x.detach().to("cpu", torch.float64).numpy()
 
 
 def _label(plan: Plan) -> str:
@@ -60,6 +57,7 @@ def provenance(plan: Plan, loaded: Loaded) -> tuple[tuple[str, str | int | float
         ("model_location", loaded.location),
         ("revision", plan.model.revision or ""),
         ("architecture", loaded.arch.name),
+        ("n_layers", loaded.geom.n_layers),
         ("dtype", plan.model.dtype),
         ("device", str(loaded.device)),
         ("threads", torch.get_num_threads()),
@@ -129,7 +127,7 @@ def build_result(state: RunState) -> RunResult:
         spec_hash=plan.spec_hash,
         method=_label(plan),
         metric=describe(plan.metric),
-        nodes=tuple(nodes),
+        nodes=nodes,
         n_pairs=acc.n,
         clean_metric=acc.clean_sum / acc.n,
         corrupt_metric=acc.corrupt_sum / acc.n,
@@ -143,14 +141,13 @@ def build_result(state: RunState) -> RunResult:
 
 def verification_summary(plan: Plan, nodes: Sequence[NodeScore]) -> dict:
     """How many verified nodes reach the selection cut with their measured effect, and their ranks."""
-    from atpdsl.circuit.select import DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude
+    from atpdsl.circuit.select import (DEFAULT_SELECTION, candidates, describe as describe_rule, verified_magnitude,
+                                       verified_nodes)
 
     selection = plan.selection or DEFAULT_SELECTION
     _, cut = candidates(nodes, selection)
     rows = []
-    for node in nodes:
-        if node.verified_effect is None:
-            continue
+    for node in verified_nodes(nodes):
         measured = verified_magnitude(node, plan.method.aggregate)
         rows.append({"node": node.name, "rank": node.rank, "estimate": node.estimate, "score": node.score,
                      "verified_effect": node.verified_effect, "measured": measured,

@@ -103,25 +103,32 @@ class SpillList:
 
 
 class ExtraSites:
-    """Trace sites the steps add to the plan's node sites (each key once), read in both runs."""
+    """Trace sites the steps add to the plan's node sites (each key once), read in the clean run and, unless every
+    step that asked for a site said it reads only the clean value (`clean_only`), in the corrupt run too."""
 
     def __init__(self, have: set[str]):
         self.have = have
         self.sites: dict[str, TraceSite] = {}
         self.shared: set[str] = set()  # node sites a step asked for too (their values and gradients are kept)
+        self.clean_only: set[str] = set()  # added sites no step reads in the corrupt run
 
     def add(self, key: str, module: str, attr: str, order: tuple[int, int], item: int | None = None,
-            grad: bool = True) -> str:
-        """Add a site unless the plan or an earlier step has it (then only ask for its gradient too, if `grad`);
-        returns its key."""
+            grad: bool = True, corrupt: bool = True) -> str:
+        """Add a site unless the plan or an earlier step has it (then only ask for its gradient too, if `grad`, and
+        its corrupt value, if `corrupt`); returns its key."""
         if key in self.have:
             self.shared.add(key)
             return key
         old = self.sites.get(key)
         if old is None:
             self.sites[key] = TraceSite(key=key, module=module, attr=attr, item=item, grad=grad, order=order)
-        elif grad and not old.grad:
-            self.sites[key] = replace(old, grad=True)
+            if not corrupt:
+                self.clean_only.add(key)
+        else:
+            if grad and not old.grad:
+                self.sites[key] = replace(old, grad=True)
+            if corrupt:
+                self.clean_only.discard(key)
         return key
 
 
@@ -138,7 +145,7 @@ class RunState:
     parts: dict[str, Any] = field(default_factory=dict)  # step helpers built once: "qk", "norm", "graddrop", ...
     mean: torch.Tensor | None = None  # [N] mean signed estimate (or exact effect)
     score: torch.Tensor | None = None  # [N] ranking score
-    order: list[int] | None = None  # columns by descending score
+    order: Any = None  # columns by descending score (an int64 numpy array, see ranking.rank)
     verified: dict[int, torch.Tensor] = field(default_factory=dict)  # column -> per-pair exact effects
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # run-level sums the batches add to
     kept: dict[str, SpillList] = field(default_factory=dict)  # per-batch items kept for run-scope steps

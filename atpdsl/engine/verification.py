@@ -51,7 +51,7 @@ def verify(ctx: Context, columns: Sequence[int], *, progress: Progress | None = 
 
 def verify_step(state: RunState, step: Step, work: BatchWork | None = None) -> None:
     """Exact effects of the `top` best-ranked nodes (reused from `method exact` when they are already measured)."""
-    top = state.order[: int(step.param("top"))]
+    top = state.order[: int(step.param("top"))].tolist()
     rows = state.acc.per_pair() if state.plan.method.name == "exact" and state.plan.eval_metric is None else None
     effects = rows[:, top] if rows is not None else verify(state.ctx, top, progress=state.progress,
                                                            checkpoint=state.checkpoint)
@@ -83,7 +83,8 @@ def verify_adaptive_step(state: RunState, step: Step, work: BatchWork | None = N
     from atpdsl.engine.adaptive import adaptive_verify
 
     plan = state.plan
-    out = adaptive_verify(state.ctx, state.order, cut_fn=_selection_cut(state), budget=int(step.param("budget")),
+    out = adaptive_verify(state.ctx, state.order.tolist(), cut_fn=_selection_cut(state),
+                          budget=int(step.param("budget")),
                           first=int(step.param("first")), diagnosis=plan.diagnosis, seed=plan.seed,
                           quantity=bounded_quantity(plan), progress=state.progress)
     state.verified.update(out.verified)
@@ -100,7 +101,7 @@ def diagnose_step(state: RunState, step: Step, work: BatchWork | None = None) ->
     from atpdsl.engine.diagnose import diagnose
 
     d = state.plan.diagnosis
-    unverified = [c for c in state.order if c not in state.verified]
+    unverified = [c for c in state.order.tolist() if c not in state.verified]
     state.diagnosis = diagnose(state.ctx, unverified, samples=d.samples, confidence=d.confidence,
                                inclusion=d.inclusion, seed=state.plan.seed, quantity=bounded_quantity(state.plan),
                                progress=state.progress)

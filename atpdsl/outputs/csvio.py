@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atpdsl.circuit.scores import SIGN_CONVENTION
-from atpdsl.outputs.table import Table, edges_table, pairs_table
+from atpdsl.outputs.table import SCORE_COLUMNS, Table, edges_table, pairs_table, score_rows, write_rows_csv
 
 if TYPE_CHECKING:  # pragma: no cover
     from atpdsl.outputs.result import Result
@@ -37,7 +37,8 @@ def wants_pairs(res: "Result") -> bool:
 def write_csv(res: "Result", path: str | Path) -> list[Path]:
     """Write the scores table and its companions (each file atomically); returns every file written."""
     path = Path(path)
-    res.scores.to_csv(path, extra={"sign_convention": SIGN_CONVENTION})
+    write_rows_csv(path, SCORE_COLUMNS, score_rows(res.result, res.selection),
+                   extra={"sign_convention": SIGN_CONVENTION})
     written = [path]
     if res.result.edges:
         edges = companion(path, "edges")

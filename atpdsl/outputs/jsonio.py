@@ -109,7 +109,6 @@ def document(res: "Result") -> dict[str, Any]:
 
     result, plan = res.result, res.plan
     table = res.scores
-    by_name = result.by_name()
     bound = result.false_negatives
     plan_dict = plan.to_dict() if plan is not None else res.plan_dict
     revision = plan.model.revision if plan is not None else res.graph.graph.get("model_revision")
@@ -147,7 +146,7 @@ def document(res: "Result") -> dict[str, Any]:
         "versions": package_versions(),
         "scores": {
             "columns": [*SCORE_COLUMNS, *_EXTRA_SCORE_COLUMNS],
-            "rows": [_score_row(row, by_name[row["node"]]) for row in table.rows],
+            "rows": [_score_row(row, score) for row, score in zip(table.rows, result.nodes, strict=True)],
         },
         "edges": {"columns": list(EDGE_COLUMNS), "rows": edges_table(result, res.graph.edges).rows},
         "resolved_tokens": result.extras.get("resolved_tokens"),

@@ -15,6 +15,8 @@ __all__ = [
     "PAIR_COLUMNS",
     "Table",
     "scores_table",
+    "score_rows",
+    "write_rows_csv",
     "edges_table",
     "pairs_table",
 ]
@@ -170,29 +172,49 @@ def scores_table(result: RunResult, selection: SelectionOutcome | Iterable[str] 
     `selection` is the SelectionOutcome (or just the names in the circuit). `rank` is the engine's
     rank, or the position by |score| when the engine left it 0.
     """
+    return Table(SCORE_COLUMNS, score_rows(result, selection))
+
+
+def score_rows(result: RunResult, selection: SelectionOutcome | Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    """The scores table's rows one at a time (the CSV writer streams them: a run may score millions of nodes)."""
     decision, aggregate = _decisions(result, selection)
-    order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
-    rows = []
+    order: dict[str, int] = {}  # positions by |score|, built only when some node has no engine rank
     for score in result.nodes:
         node = score.node
-        rows.append(
-            {
-                "node": score.name,
-                "layer": node.layer,
-                "kind": node.kind.value,
-                "index": node.index,
-                "position": None if node.position is None else str(node.position),
-                "estimate": float(score.estimate),
-                "score": float(score.score),
-                "method": score.method,
-                "rank": int(score.rank or order[score.name]),
-                "verified_effect": None if score.verified_effect is None else float(score.verified_effect),
-                "in_circuit": decision.get(score.name) in ("kept", "added_verified"),
-                "selection_value": float(selection_value(score, aggregate)),
-                "decision": decision.get(score.name, "not_selected"),
-            }
-        )
-    return Table(SCORE_COLUMNS, rows)
+        if not score.rank and not order:
+            order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
+        yield {
+            "node": score.name,
+            "layer": node.layer,
+            "kind": node.kind.value,
+            "index": node.index,
+            "position": None if node.position is None else str(node.position),
+            "estimate": float(score.estimate),
+            "score": float(score.score),
+            "method": score.method,
+            "rank": int(score.rank or order[score.name]),
+            "verified_effect": None if score.verified_effect is None else float(score.verified_effect),
+            "in_circuit": decision.get(score.name) in ("kept", "added_verified"),
+            "selection_value": float(selection_value(score, aggregate)),
+            "decision": decision.get(score.name, "not_selected"),
+        }
+
+
+def write_rows_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, Any]], *,
+                   extra: dict[str, str] | None = None) -> Path:
+    """Write rows as CSV to `path` atomically, one row at a time (as Table.to_csv writes them)."""
+    from atpdsl.outputs.atomic import export_path, replacing
+
+    extra = extra or {}
+    with replacing(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=False)
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow([*columns, *extra])
+        for row in rows:
+            writer.writerow([_cell(row.get(c)) for c in columns] + list(extra.values()))
+        text.flush()
+        text.detach()
+    return export_path(path)
 
 
 def edges_table(result: RunResult, in_circuit: Iterable[tuple[str, str]] = ()) -> Table:

@@ -207,7 +207,9 @@ def test_program_is_plain_nnsight_without_atpdsl(tiny_runs):
     _, src, _ = tiny_runs["neox-atpstar-sublayer-norm"]
     imported = {a.name for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Import) for a in node.names}
     imported |= {node.module for node in ast.walk(ast.parse(src)) if isinstance(node, ast.ImportFrom)}
-    assert imported == {"__future__", "dataclasses", "json", "sys", "nnsight", "torch", "transformers"}
+    outside = {name for name in imported if name.split(".")[0] not in sys.stdlib_module_names}
+    assert outside <= {"nnsight", "torch", "transformers", "numpy"} and {"nnsight", "torch"} <= outside
+    assert not any(name.startswith("atpdsl") for name in imported)
     assert "with model.trace(dict(inputs), use_cache=False):" in src and ".backward():" in src
     assert src.count("\n# --- copied from atpdsl/engine/qkfix.py") == 1  # atpdsl's own QK fix, copied once
     compile(src, "emitted.py", "exec")

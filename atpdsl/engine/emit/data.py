@@ -9,7 +9,6 @@ from dataclasses import asdict
 import torch
 
 from atpdsl.arch import STAGES, Layout
-from atpdsl.names import NodeId, NodeKind
 from atpdsl.plan import MetricSpec
 from atpdsl.engine.atp import trace_sites
 from atpdsl.engine.context import merge_sites
@@ -24,7 +23,6 @@ PATTERN_MADE = 25
 """Where an attention pattern is made inside its layer (arch.STAGES numbering: after q, k and v, before the output
 projection), although its module hands it out after the output projection has run: its gradient comes earlier."""
 
-_SENTINEL = 987654321
 
 
 def _layout(layout: Layout) -> list[int]:
@@ -65,23 +63,10 @@ def _pairs(prep: Prepared) -> list[dict]:
 
 
 def _blocks(prep: Prepared) -> list[dict]:
-    """Node blocks, each with a name template; the names it gives are checked against the engine's."""
-    table, geom = prep.state.ctx.table, prep.loaded.geom
-    out, names = [], []
-    for b in table.blocks:
-        site = table.sites[b.site]
-        whole = b.kind in ("attn", "mlp", "resid")
-        grouped = b.kind in ("keys", "values") and geom.grouped
-        template = NodeId(site.layer, NodeKind(b.kind), None if whole else _SENTINEL, None, grouped).name
-        template = template.replace(str(_SENTINEL), "{unit}")
-        out.append({"site": b.site, "kind": b.kind, "layout": _layout(b.layout), "units": _ints(b.units),
-                    "per_position": b.per_position, "first": b.first, "n_positions": b.n_positions, "name": template})
-        for u in b.units:
-            base = template.replace("{unit}", str(u))
-            names += [f"{base}@{p}" for p in table.positions[1]] if b.per_position else [base]
-    if names != [n.name for n in table.nodes]:
-        raise RuntimeError("internal: the emitted node names differ from the engine's; this is a bug in atpdsl")
-    return out
+    """Node blocks as the engine's node table holds them (the program names nodes from them as the engine does)."""
+    return [{"site": b.site, "kind": b.kind, "layout": _layout(b.layout), "units": _ints(b.units),
+             "per_position": b.per_position, "first": b.first, "n_positions": b.n_positions, "layer": b.layer,
+             "site_name": b.site_name, "group_size": b.group_size} for b in prep.state.ctx.table.blocks]
 
 
 def _made(site: TraceSite, patterns: set[str]) -> tuple[int, int]:

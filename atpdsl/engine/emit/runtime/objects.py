@@ -71,13 +71,6 @@ class Site:
         return self.name
 
 
-@dataclass(frozen=True)
-class Node:
-    """A scored node's name, e.g. `L3.H5` or `L0.N12@4`."""
-
-    name: str
-
-
 @dataclass
 class Loaded:
     """The loaded model and what the steps read of it."""

@@ -11,7 +11,7 @@ from atpdsl.arch.sites import Layout
 from atpdsl.engine.context import Accumulator
 from atpdsl.engine.data import make_batches, pair_sum
 from atpdsl.engine.emit.runtime.loading import load_model, make_pairs
-from atpdsl.engine.emit.runtime.objects import BatchWork, Context, Node, Plan, RunState, Site, Step
+from atpdsl.engine.emit.runtime.objects import BatchWork, Context, Plan, RunState, Site, Step
 from atpdsl.engine.node_table import Block, NodeTable
 from atpdsl.plan import MethodSpec, MetricArg, MetricSpec
 
@@ -24,20 +24,14 @@ def metric_spec(data: dict | None) -> MetricSpec | None:
 
 
 def node_table(plan: dict) -> NodeTable:
-    """The node table: blocks of nodes per site, their columns in table order, and the nodes' names."""
+    """The node table: blocks of nodes per site, in table order (the nodes and their names follow from them)."""
     sites = [Site(s["module"], s["attr"], s["layer"]) for s in plan["node_sites"]]
-    blocks, nodes = [], []
-    for b in plan["blocks"]:
-        blocks.append(Block(b["site"], b["kind"], Layout(*b["layout"]), tuple(b["units"]), b["per_position"],
-                            b["first"], b["n_positions"]))
-        for unit in b["units"]:
-            name = b["name"].replace("{unit}", str(unit))
-            if b["per_position"]:
-                nodes.extend(Node(f"{name}@{p}") for p in plan["positions"]["names"])
-            else:
-                nodes.append(Node(name))
     positions = None if plan["positions"] is None else (plan["positions"]["mode"], plan["positions"]["names"])
-    return NodeTable(sites=sites, blocks=blocks, nodes=nodes, positions=positions)
+    table = NodeTable(sites=sites, blocks=[], positions=positions)
+    for b in plan["blocks"]:
+        table.add(Block(b["site"], b["kind"], Layout(*b["layout"]), tuple(b["units"]), b["per_position"], b["first"],
+                        b["n_positions"], b["layer"], b["site_name"], b["group_size"]))
+    return table
 
 
 def build_context(plan: dict) -> Context:
