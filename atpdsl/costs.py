@@ -263,14 +263,15 @@ def edge_products_cost(w: Workload | None, readers: int, sources: int = 20, qk_l
         return 0.1
     td = w.tokens * w.geom.hidden
     # per source and reader a [tokens, d] product; each operation here carries Python bookkeeping, ~3 ops' worth
-    plain = w.cost(2.2 * sources * readers * td, 2.5 * sources * readers * td, 3 * (80 * sources + 18 * readers))
+    plain = w.cost(2.2 * sources * readers * td, 0.9 * sources * readers * td, 3 * (58 * sources + 13 * readers))
     qk = EDGE_FIX_REPEAT * qk_fix_cost(w, qk_layers) if qk_layers else 0.0
     norm = EDGE_FIX_REPEAT * norm_fix_cost(w, w.geom.n_layers, kinds=norm_kinds) if norm_kinds else 0.0
     return plain + qk + norm
 
 
 def rank_cost(w: Workload | None, nodes: int) -> float:
-    """Combining the batches' scores and sorting `nodes` nodes (per-position nodes counted per position)."""
+    """Combining the batches' scores and sorting `nodes` nodes (per-position nodes counted per position): a few
+    tensor operations and one stable sort; the nodes' records are made only when read."""
     if w is None:
         return 0.0
-    return w.cost(0.0, 0.0, 10 + 0.07 * nodes)
+    return w.cost(0.0, 8.0 * nodes, 40)

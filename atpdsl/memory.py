@@ -223,19 +223,29 @@ def _parts(m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, tu
         out["step sites"] = (tokens * extra * 2 * e + patterns, "values and gradients of the sites the AtP*"
                                                                 " corrections and the edges read")
     if "edge_reads" in shape.kinds:
-        patterns = m.n_layers * rows * m.n_heads * seq * seq * e  # every layer's clean pattern
-        per_batch = tokens * (sites * f + shape.kept_per_token) + patterns
-        batches = max(1, math.ceil(shape.pairs / max(batch, 1)))
-        out["edge reads"] = (min(per_batch * batches, KEPT_LIMIT + per_batch),
-                             f"the edges' kept reads ({batches} batch(es); beyond 1 GiB on disk)")
+        step_sites = out.get("step sites", (0, ""))[0]
+        per_batch, batches = _edge_reads(m, shape, batch, seq, step_sites)
+        out["edge reads"] = (min(per_batch * batches, KEPT_LIMIT + per_batch) - step_sites,  # the last batch's
+                             f"the edges' kept reads ({batches} batch(es); beyond 1 GiB on disk)")  # are shown above
     out["node records"] = (shape.nodes * NODE_BYTES, f"ranking {shape.nodes:,} scored nodes (after the backward)")
     if shape.patched or "diagnose" in shape.kinds or "verify_adaptive" in shape.kinds:
         out["patching"] = (0, "")  # sized by patch_rows from what is left (see estimate)
     return out
 
 
+def _edge_reads(m: ModelSizes, shape: RunShape, batch: int, seq: int, step_sites: int) -> tuple[int, int]:
+    """Bytes one batch's kept edge reads hold, and the number of batches. The reads keep the step sites' clean
+    values and gradients they were taken from (views, not copies) beside the copies they make: the node sites'
+    differences, the stacked norm inputs and gradients, every layer's pattern."""
+    e = ELEMENT_BYTES.get(shape.dtype, 4)
+    rows = batch * shape.rows_per_pair
+    patterns = m.n_layers * rows * m.n_heads * seq * seq * e
+    copies = rows * seq * (sum(shape.site_widths) * max(4, e) + shape.kept_per_token) + patterns
+    return copies + step_sites, max(1, math.ceil(shape.pairs / max(batch, 1)))
+
+
 def _phases(parts: dict[str, tuple[int, str]], m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, int]:
-    """Peak bytes of each phase beside the resident parts (weights, kept edge reads)."""
+    """Peak bytes of each phase beside the resident parts (weights, the earlier batches' kept edge reads)."""
     e = ELEMENT_BYTES.get(shape.dtype, 4)
     tokens = batch * shape.rows_per_pair * seq
     get = lambda name: parts.get(name, (0, ""))[0]  # noqa: E731 - local shorthand
@@ -244,8 +254,12 @@ def _phases(parts: dict[str, tuple[int, str]], m: ModelSizes, shape: RunShape, b
     backward = sum(get(n) for n in ("activations", "logits", "node values", "estimates", "step sites"))
     folding = batch * shape.rows_per_pair * shape.nodes * 4  # |estimate| while the batch is added to the sums
     ranking = get("estimates") + get("node records") + folding
-    return {"corrupt forward": int(corrupt), "clean forward + backward": int(backward),
-            "patching": get("patching"), "ranking": int(ranking)}
+    out = {"corrupt forward": int(corrupt), "clean forward + backward": int(backward),
+           "patching": get("patching"), "ranking": int(ranking)}
+    if "edge reads" in parts:  # after the backward: the batch's reads taken from its step sites
+        per_batch, _ = _edge_reads(m, shape, batch, seq, get("step sites"))
+        out["keeping the edge reads"] = int(per_batch + get("node values"))
+    return out
 
 
 def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int]) -> MemoryEstimate:
@@ -258,7 +272,10 @@ def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int])
             if name in parts:
                 size, what = parts[name]
                 parts[name] = (math.ceil(size / shape.devices), f"{what} (1/{shape.devices} on each device)")
-    resident = parts["weights"][0] + parts.get("edge reads", (0, ""))[0]
+    resident = parts["weights"][0]
+    if "edge reads" in parts:  # the earlier batches' reads, up to KEPT_LIMIT in memory (the rest on disk)
+        per_batch, batches = _edge_reads(m, shape, batch, seq, parts.get("step sites", (0, ""))[0])
+        resident += min(per_batch * (batches - 1), KEPT_LIMIT)
     if "patching" in parts:
         rows = patch_rows(m, seq, batch * shape.rows_per_pair)
         e = ELEMENT_BYTES.get(shape.dtype, 4)

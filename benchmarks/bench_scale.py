@@ -276,6 +276,12 @@ def part_memory(model: Path) -> None:
     print(f"| plain forward + backward, batch 4 x 512, sdpa | {plain['peak'] / 1e9:.2f} GB | | 1 | "
           f"{plain['seconds']:.1f} s |")
     _row("atpdsl AtP, per_position heads + neurons (23.7M nodes), no edges, sdpa", {**base, "run": "atp"}, plain)
+    base = {**base, "attention": "eager"}  # the edges read the pattern: eager attention
+    plain = run_probe({**base, "run": "plain"})
+    print(f"| plain forward + backward, batch 4 x 512, eager | {plain['peak'] / 1e9:.2f} GB | | 1 | "
+          f"{plain['seconds']:.1f} s |")
+    _row("atpdsl AtP, per_position heads + neurons (23.7M nodes), with edges (default)",
+         {**base, "run": "atp", "edges": True}, plain)
 
 
 def part_grid(model: Path) -> None:

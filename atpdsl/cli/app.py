@@ -215,25 +215,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     from atpdsl.language.compiler import build_plan, check_file
 
     all_diags: list[Diagnostic] = []
-    oks: list[str] = []
+    oks: list[tuple[str, str]] = []  # lines after the diagnostics: memory warnings, then "ok"
     for spec in args.specs:
         result = check_file(spec, out_dir=args.out)
         all_diags.extend(result.diagnostics)
         if not result.ok:
             continue
         try:  # what `plan` and `run` refuse up front (the memory plan) is a check error too
-            build_plan(result)
+            plan = build_plan(result)
         except SpecError as refused:
             all_diags.extend(d for d in refused.diagnostics if d not in result.diagnostics)
             continue
-        oks.append(f"{spec}: ok ({len(result.pairs)} pairs)")
+        oks.extend((line, "yellow") for line in memory_warnings(plan))
+        oks.append((f"{spec}: ok ({len(result.pairs)} pairs)", "green"))
     if args.output_format == "json":
         print(render(all_diags, "json"))
     else:
         _print_diagnostics(all_diags, args.output_format, stderr=False)
-        for line in oks:
-            _console().print(_text(line, "green"))
+        for line, style in oks:
+            _console().print(_text(line, style))
     return EXIT_ERRORS if any(d.is_error for d in all_diags) else EXIT_OK
+
+
+def memory_warnings(plan) -> list[str]:
+    """The memory plan's warnings (W90x: `batch auto` without a budget, edges that make most of the peak), which
+    the checker's diagnostics do not hold: they come from compiling."""
+    return [w for w in plan.warnings if " W90" in w]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -246,6 +253,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     warnings = [d for d in result.diagnostics if not d.is_error]
     _print_diagnostics(warnings, args.output_format, stderr=True)
     plan = build_plan(result)
+    if args.output_format != "json":
+        for line in memory_warnings(plan):
+            _console(True).print(_text(line, "yellow"))
     if args.emit == "python":
         try:
             emit = importlib.import_module("atpdsl.engine.emit")

@@ -161,6 +161,21 @@ def resolve_attention(plan: Any) -> str:
     return "eager" if reads_pattern(kinds) or plan.method.name == "relp" else "sdpa"
 
 
+EDGE_KINDS = frozenset({"edge_reads", "edge_ig", "edges", "verify_edges"})
+
+EDGE_NOTICE = 10**9
+"""W902 says when the edges make half or more of an estimated peak of at least this many bytes (smaller runs fit
+almost anywhere)."""
+
+
+def _without_edges(plan: Any) -> Any:
+    """The plan without its edge steps, None when it has none."""
+    from dataclasses import replace
+
+    steps = tuple(s for s in plan.steps if s.kind not in EDGE_KINDS)
+    return None if len(steps) == len(plan.steps) else replace(plan, steps=steps)
+
+
 def _fits_text(est: MemoryEstimate, budget: int) -> str:
     top = sorted(est.parts, key=lambda p: -p.bytes)[:3]
     parts = ", ".join(f"{p.name} {format_bytes(p.bytes)}" for p in top)
@@ -191,15 +206,19 @@ def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, 
             diags.append(warning("W901", f"`batch auto` has no memory budget ({source}): batch 1", span,
                                  'give the model a `memory "…"` setting'))
     est = estimate(sizes, shape, batch, lengths)
+    bare = _without_edges(plan)  # what the edges add: the same run's estimate without them
+    edge_bytes = 0 if bare is None else est.peak - estimate(
+        sizes, shape_for(bare, info.config, lengths, attention=attention, devices=devices), batch, lengths).peak
     if budget is not None and est.peak * RESERVE > budget and not model.remote:
         hint = (f"batch {fit} fits (`batch {fit}` or `batch auto`)" if fit else
                 "no batch fits: score fewer nodes (per-position groups, layers) or use a smaller dtype")
-        # under plain AtP the step sites are the edges' alone; with corrections they are shared
-        edge_parts = ("edge reads", "step sites") if plan.method.name == "atp" else ("edge reads",)
-        edge_bytes = sum(p.bytes for p in est.parts if p.name in edge_parts)
-        if any(s.kind == "edge_reads" for s in plan.steps) and edge_bytes * 4 >= est.peak:
-            hint += f"; the edges take about {format_bytes(edge_bytes)} of it: `select edges none` computes none"
+        if edge_bytes * 4 >= est.peak:
+            hint += f"; the edges add about {format_bytes(edge_bytes)} to it: `select edges none` computes none"
         diags.append(error(MEMORY_CODE, _fits_text(est, budget), span, hint))
+    elif edge_bytes * 2 >= est.peak and est.peak >= EDGE_NOTICE:
+        diags.append(warning("W902", f"the edges' kept reads raise the run's estimated peak from "
+                             f"{format_bytes(est.peak - edge_bytes)} to {format_bytes(est.peak)} per device", span,
+                             "`select edges none` computes no edges (the nodes' scores are the same)"))
     summary = {"device": model.device, "budget": budget, "budget_source": source, "devices": devices,
                "attention": attention, "batch": batch, "largest_batch": fit, "tokens": est.tokens,
                "peak": est.peak, "phase": est.phase, "parts": [[p.name, p.bytes, p.what] for p in est.parts],

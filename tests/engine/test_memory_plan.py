@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,24 @@ def test_smollm2_per_position_512_tokens_with_edges_is_refused_up_front_naming_t
         compile_text(_per_position_512(smollm2_shaped), base_dir=".")
     [diag] = err.value.diagnostics
     assert diag.code == "E901" and "more than the budget of 8 GB" in diag.message
-    assert "select edges none" in diag.hints[0] and "the edges take about" in diag.hints[0], diag.hints
+    assert "select edges none" in diag.hints[0] and "the edges add about" in diag.hints[0], diag.hints
+
+
+def test_edges_that_make_most_of_the_peak_are_named_with_the_peak_without_them(smollm2_shaped, capsys):
+    """Where the run fits but the edges' reads make half or more of its estimate, the plan warns (W902) with the
+    estimate without them; `check` prints it too. Without edges there is nothing to say."""
+    from atpdsl.cli.app import main
+
+    text = _per_position_512(smollm2_shaped).replace('memory "8GB"', 'memory "20GB"')
+    plan = compile_text(text, base_dir=".")
+    [w902] = [w for w in plan.warnings if "W902" in w]
+    low, high = (float(x) for x in re.findall(r"from ([0-9.]+) GB to ([0-9.]+) GB", w902)[0])
+    assert low < high / 2 and abs(high * 1e9 - _memory(plan)["peak"]) < 0.05e9 and "select edges none" in w902
+    bare = compile_text(text + "select edges none\n", base_dir=".")
+    assert not [w for w in bare.warnings if "W902" in w] and _memory(bare)["peak"] < low * 1e9
+    spec = smollm2_shaped / "w902.atp"
+    spec.write_text(text)
+    assert main(["check", str(spec)]) == 0 and "W902" in capsys.readouterr().out
 
 
 def test_check_reports_what_plan_refuses_up_front(smollm2_shaped, tmp_path, capsys):
