@@ -36,7 +36,8 @@ def node_scores(state: RunState) -> ScoredNodes:
 
 
 def _array(x: torch.Tensor) -> np.ndarray:
-    """A float64 numpy copy (NodeScore numbers are Python floats, as `tolist` gave them)."""
+    """The tensor as a float64 numpy array: a view when it already is float64 on the CPU (a run's columns do not
+    change after ranking), else a copy. NodeScore numbers are read from it as Python floats."""
     return x.detach().to("cpu", torch.float64).numpy()
 
 
