@@ -102,3 +102,14 @@ def test_ci_runs_with_ci_true():
     script = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^export .*\bCI=true\b", script, flags=re.M)
     assert script.index("CI=true") < script.index("make test")
+
+
+@pytest.mark.parametrize("text, tier", [
+    ("../shared/models/stories260K", True), ("/home/u/shared", True), ("shared", True),
+    ("/tmp/noshared/atpdsl/tests", False), ("/data/myshared/x.atp", False), ("sharedness/", False),
+    (conftest._CHECKOUT + "shared/inside-the-checkout.txt", False),
+])
+def test_only_a_folder_named_shared_outside_the_checkout_is_a_signal(text, tier):
+    """A checkout under a folder whose name merely contains `shared` (or a path inside the checkout) puts no test
+    in the stories260K tier: such a clone once skipped 267 tests instead of 95."""
+    assert ("stories260K" in conftest._text_signals(text)) is tier
