@@ -322,7 +322,7 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
     """
     n_layers = n_layers_of(result)
     scores = result.by_name()
-    order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
+    order: dict[str, int] = {}  # positions by |score|, only for a result whose nodes carry no engine rank
     G = nx.DiGraph()
     G.graph.update(graph_attributes(result, outcome, plan))
     G.graph["n_layers"] = n_layers
@@ -334,7 +334,9 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
         score = scores.get(name)
         if score is None:
             raise KeyError(f"selected node {name!r} is not in the run's scores")
-        G.add_node(name, **_node_attributes(score, order[name], n_layers, outcome.aggregate))
+        if not score.rank and not order:
+            order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
+        G.add_node(name, **_node_attributes(score, score.rank or order[name], n_layers, outcome.aggregate))
         ids[score.node] = name
         if score.node.grouped:
             heads_of[score.node] = _heads_of(score)

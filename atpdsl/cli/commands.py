@@ -66,6 +66,8 @@ def print_summary(res: "Result", console: "Console") -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from atpdsl.outputs.table import shown_rows
+
     result, sel = res.result, res.selection
     console.print(
         f"[bold]Circuit[/]: {len(sel.selected)} node(s) by [bold]{escape(sel.rule)}[/] "
@@ -81,7 +83,7 @@ def print_summary(res: "Result", console: "Console") -> None:
     )
     for warning in (result.extras.get("warnings") or []) if isinstance(result.extras, dict) else []:
         console.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True)
-    rows = res.scores.rows
+    rows = shown_rows(result, sel, 10)  # the circuit's rows and the top 10, not every scored node's
     shown = [r for r in rows if r["in_circuit"]] or rows[: min(10, len(rows))]
     title = "circuit nodes" if any(r["in_circuit"] for r in rows) else "top nodes (none selected)"
     table = Table(title=title, title_justify="left")

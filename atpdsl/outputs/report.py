@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from atpdsl.circuit.graph import describe_edges
 from atpdsl.circuit.scores import SIGN_CONVENTION
+from atpdsl.outputs.table import shown_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from atpdsl.outputs.result import Result
@@ -122,9 +123,9 @@ def _summary(res: "Result") -> list[str]:
 
 
 def _nodes_section(res: "Result") -> list[str]:
-    scores = res.scores.rows
+    scores = shown_rows(res.result, res.selection, TOP_ROWS, verified=True)  # not every scored node's row
     selected = set(res.selection.selected)
-    shown = [r for i, r in enumerate(scores) if i < TOP_ROWS or r["in_circuit"] or r["verified_effect"] is not None]
+    shown = [r for r in scores if r["rank"] <= TOP_ROWS or r["in_circuit"] or r["verified_effect"] is not None]
     headers = ["rank", "node", "kind", "verified effect", "estimate", "score", "selection value", "decision"]
     rows = [[_e(r["rank"]), _e(r["node"]), _e(r["kind"]), _num(r["verified_effect"]), _num(r["estimate"]),
              _mag(r["score"]), _mag(r["selection_value"]), _e(r["decision"].replace("_", " "))] for r in shown]

@@ -6,8 +6,8 @@ import io
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from atpdsl.circuit.scores import RunResult
-from atpdsl.circuit.select import SelectionOutcome, ranked, selection_value
+from atpdsl.circuit.scores import NodeScore, RunResult
+from atpdsl.circuit.select import SelectionOutcome, ranked, selection_value, verified_nodes
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -16,6 +16,7 @@ __all__ = [
     "Table",
     "scores_table",
     "score_rows",
+    "shown_rows",
     "write_rows_csv",
     "edges_table",
     "pairs_table",
@@ -175,11 +176,13 @@ def scores_table(result: RunResult, selection: SelectionOutcome | Iterable[str] 
     return Table(SCORE_COLUMNS, score_rows(result, selection))
 
 
-def score_rows(result: RunResult, selection: SelectionOutcome | Iterable[str] = ()) -> Iterator[dict[str, Any]]:
-    """The scores table's rows one at a time (the CSV writer streams them: a run may score millions of nodes)."""
+def score_rows(result: RunResult, selection: SelectionOutcome | Iterable[str] = (),
+               nodes: Iterable[NodeScore] | None = None) -> Iterator[dict[str, Any]]:
+    """The scores table's rows one at a time (the CSV writer streams them: a run may score millions of nodes);
+    `nodes`: only these of the result's nodes (the summaries show a few)."""
     decision, aggregate = _decisions(result, selection)
     order: dict[str, int] = {}  # positions by |score|, built only when some node has no engine rank
-    for score in result.nodes:
+    for score in result.nodes if nodes is None else nodes:
         node = score.node
         if not score.rank and not order:
             order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
@@ -198,6 +201,18 @@ def score_rows(result: RunResult, selection: SelectionOutcome | Iterable[str] = 
             "selection_value": float(selection_value(score, aggregate)),
             "decision": decision.get(score.name, "not_selected"),
         }
+
+
+def shown_rows(result: RunResult, selection: SelectionOutcome, top: int, verified: bool = False
+               ) -> list[dict[str, Any]]:
+    """The rows a summary shows, in rank order, without making every node's row: the `top` best-ranked, the
+    circuit's nodes and (with `verified`) every verified node."""
+    by_name = result.by_name()
+    picked = {n.name: n for n in result.nodes[:top]}
+    picked.update((name, by_name[name]) for name in selection.selected if name in by_name)
+    if verified:
+        picked.update((n.name, n) for n in verified_nodes(result.nodes))
+    return list(score_rows(result, selection, ranked(list(picked.values()))))
 
 
 def write_rows_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, Any]], *,

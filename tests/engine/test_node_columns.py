@@ -118,3 +118,36 @@ def test_scores_csv_streams_the_same_text_the_table_writes(table, tmp_path):
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["node"] for r in rows] == [n.name for n in result.nodes]
     assert [r["in_circuit"] for r in rows[:5]] == ["true", "false", "false", "false", "true"]
+
+
+def test_selection_graph_and_summary_read_only_the_nodes_they_show():
+    """A run with 150k per-position nodes: selecting, drawing the graph and printing the summary make records only
+    for the nodes they show (making every node's record once took a 23.7M-node run from 27 s to 9 minutes and 19 GB)."""
+    from rich.console import Console
+
+    from atpdsl.circuit.graph import build_graph
+    from atpdsl.circuit.select import select
+    from atpdsl.cli.commands import print_summary
+    from atpdsl.outputs.result import Result
+    from atpdsl.plan import Selection
+
+    positions = ("named", list(range(500)))
+    big = build_table(arch_for_config(GQA), geometry(GQA), (NodeGroup("neurons", per_position=True),), positions)
+    made = []
+
+    def counted(column: int) -> NodeId:
+        made.append(column)
+        return big.node(column)
+
+    cols, order = _columns(big)
+    cols = NodeColumns(cols.estimate, cols.score, "atp", counted, big.attrs, big.column_of)
+    result = RunResult("m", "h", "atp", "logit_diff", ScoredNodes(cols, order), 1, 1.0, 0.0,
+                       provenance=(("n_layers", 3),))
+    assert big.size == 3 * 96 * 500
+    outcome = select(result, Selection("top", 20))
+    graph = build_graph(result, outcome)
+    out = io.StringIO()
+    print_summary(Result(None, result, graph, outcome), Console(file=out, width=120))
+    assert len(outcome.selected) == 20 and set(outcome.selected) <= set(graph)
+    assert "circuit nodes" in out.getvalue() and outcome.selected[0] in out.getvalue()
+    assert len(made) < 500, len(made)
