@@ -56,8 +56,9 @@ def corrupt_forward(state: RunState, step: Step, work: BatchWork) -> None:
     sites = corrupt_sites(state)
     with torch.no_grad():
         work.corrupt = run_trace(ctx.model, batch.corrupt, sites, last_pos=batch.reads.corrupt_pos)
-    if "sites_checked" not in state.parts:  # the first batch: every site has the shape its record promises
+    if "corrupt_checked" not in state.parts:  # the first batch: every site has the shape its record promises
         check_trace(ctx, work.corrupt, batch.corrupt, "corrupt")
+        state.parts["corrupt_checked"] = True
     check_values(ctx, batch, work.corrupt.acts, [s.key for s in sites], "corrupt run")
 
 
@@ -79,9 +80,9 @@ def clean_forward_backward(state: RunState, step: Step, work: BatchWork) -> None
                                    keep_graph=state.keep_graph)
     work.clean_rows = work.clean.metric
     work.corrupt_rows = metric_values(ctx.plan.metric, work.corrupt.last, batch.reads.corrupt())
-    if "sites_checked" not in state.parts:  # the first batch: the sites read only here have their shapes too
+    if "clean_checked" not in state.parts:  # the first batch: the sites read only here have their shapes too
         check_trace(ctx, work.clean, batch.clean, "clean")
-        state.parts["sites_checked"] = True
+        state.parts["clean_checked"] = True
     keys = [s.key for s in trace_sites(state)]
     if not stream:
         check_values(ctx, batch, work.clean.acts, keys, "clean run")

@@ -27,8 +27,8 @@ WHOLE_KINDS = ("attn", "mlp", "resid")  # one node per layer: no unit index
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """Nodes of one kind at one site: `units` x (`positions` or summed), in unit-major order. `layer`, `site_name`
-    and `group_size` (heads per KV group for grouped keys and values, else 0) name its nodes."""
+    """Nodes of one kind at one site: `units` x (`positions` or summed), in unit-major order. `group_size`: heads
+    per KV group for grouped keys and values, else 0 (the nodes' names and attributes say which heads)."""
 
     site: int  # index into NodeTable.sites
     kind: str
@@ -37,8 +37,6 @@ class Block:
     per_position: bool
     first: int  # column of the first node in the table
     n_positions: int  # 1 when summed
-    layer: int = 0
-    site_name: str = ""
     group_size: int = 0
 
     @property
@@ -71,8 +69,7 @@ class NodeList(Sequence[NodeId]):
         return self._table.node(column + len(self) if column < 0 else column)
 
     def __iter__(self) -> Iterator[NodeId]:
-        for block in self._table.blocks:
-            yield from (self._table.node(c) for c in range(block.first, block.first + block.size))
+        return (self._table.node(c) for c in range(len(self)))
 
 
 @dataclass(slots=True)
@@ -87,15 +84,17 @@ class NodeTable:
     _lookup: dict[tuple[int, str, bool], Block] = field(default_factory=dict)
     _position_index: dict[int | str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.positions is not None:
+            self._position_index.update({p: i for i, p in enumerate(self.positions[1])})
+
     def add(self, block: Block) -> None:
         """Append a block (its `first` must be the table's size)."""
         if block.first != self.size:
             raise EngineError("internal: a node block out of column order")
         self.blocks.append(block)
         self._starts.append(block.first)
-        self._lookup[(block.layer, block.kind, block.per_position)] = block
-        if block.per_position and not self._position_index and self.positions is not None:
-            self._position_index.update({p: i for i, p in enumerate(self.positions[1])})
+        self._lookup[(self.sites[block.site].layer, block.kind, block.per_position)] = block
 
     def blocks_at(self, site: int) -> list[Block]:
         return [b for b in self.blocks if b.site == site]
@@ -120,16 +119,17 @@ class NodeTable:
         unit, p = block.locate(column)
         index = None if block.kind in WHOLE_KINDS else unit
         position = self.positions[1][p] if p is not None and self.positions is not None else None
-        return NodeId(block.layer, NodeKind(block.kind), index, position, block.group_size > 0)
+        return NodeId(self.sites[block.site].layer, NodeKind(block.kind), index, position, block.group_size > 0)
 
     def attrs(self, column: int) -> tuple[tuple[str, str | int | float | bool], ...]:
         """The extra facts of one column's node: its site, and the heads of a KV group."""
         block = self.block_of(column)
+        site = ("site", self.sites[block.site].name)
         if not block.group_size:
-            return (("site", block.site_name),)
+            return (site,)
         unit, _ = block.locate(column)
         gs = block.group_size
-        return (("site", block.site_name), ("heads", ",".join(str(h) for h in range(unit * gs, (unit + 1) * gs))))
+        return (site, ("heads", ",".join(str(h) for h in range(unit * gs, (unit + 1) * gs))))
 
     def column_of(self, node: NodeId) -> int | None:
         """The column of a node, None when the table does not score it."""
@@ -202,7 +202,7 @@ def build_table(arch: Arch, geom: Geometry, groups: Sequence[NodeGroup],
                     continue
                 n_positions = len(positions[1]) if per_position and positions else 1
                 table.add(Block(si, kind, layout, tuple(sorted(units)), per_position, table.size, n_positions,
-                                site.layer, site.name, geom.group_size if grouped else 0))
+                                geom.group_size if grouped else 0))
     return table
 
 

@@ -144,8 +144,8 @@ def collect(roots: Iterable[tuple[str, str]], provided: set[str], omit: Iterable
 
 def _depth(module: str) -> tuple[int, str]:
     """Modules that others build on first (names, arch, plan, language), then the engine's."""
-    order = ("atpdsl.names", "atpdsl.arch", "atpdsl.plan", "atpdsl.language", "atpdsl.engine.metrics", "atpdsl.engine.data",
-             "atpdsl.engine.node_table", "atpdsl.engine.context")
+    order = ("atpdsl.names", "atpdsl.arch", "atpdsl.plan", "atpdsl.language", "atpdsl.engine.metrics",
+             "atpdsl.engine.data", "atpdsl.engine.node_table", "atpdsl.engine.context")
     for i, prefix in enumerate(order):
         if module.startswith(prefix):
             return i, module

@@ -24,7 +24,6 @@ PATTERN_MADE = 25
 projection), although its module hands it out after the output projection has run: its gradient comes earlier."""
 
 
-
 def _layout(layout: Layout) -> list[int]:
     return [layout.count, layout.width, layout.start, layout.stride, layout.offset]
 
@@ -65,8 +64,8 @@ def _pairs(prep: Prepared) -> list[dict]:
 def _blocks(prep: Prepared) -> list[dict]:
     """Node blocks as the engine's node table holds them (the program names nodes from them as the engine does)."""
     return [{"site": b.site, "kind": b.kind, "layout": _layout(b.layout), "units": _ints(b.units),
-             "per_position": b.per_position, "first": b.first, "n_positions": b.n_positions, "layer": b.layer,
-             "site_name": b.site_name, "group_size": b.group_size} for b in prep.state.ctx.table.blocks]
+             "per_position": b.per_position, "first": b.first, "n_positions": b.n_positions,
+             "group_size": b.group_size} for b in prep.state.ctx.table.blocks]
 
 
 def _made(site: TraceSite, patterns: set[str]) -> tuple[int, int]:

@@ -30,7 +30,7 @@ def node_table(plan: dict) -> NodeTable:
     table = NodeTable(sites=sites, blocks=[], positions=positions)
     for b in plan["blocks"]:
         table.add(Block(b["site"], b["kind"], Layout(*b["layout"]), tuple(b["units"]), b["per_position"], b["first"],
-                        b["n_positions"], b["layer"], b["site_name"], b["group_size"]))
+                        b["n_positions"], b["group_size"]))
     return table
 
 
