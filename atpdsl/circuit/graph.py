@@ -35,7 +35,7 @@ from atpdsl.names import NodeId, NodeKind, parse_node
 from atpdsl.plan import Plan
 from atpdsl.circuit.scores import SCHEMA_VERSION, SIGN_CONVENTION, NodeScore, RunResult
 from atpdsl.circuit.edge_graph import EDGE_SEMANTICS, add_attributed_edges, add_selected_edges, describe_edges
-from atpdsl.circuit.select import DEFAULT_EDGE_CUT, EdgeCut, SelectionOutcome, ranked, selection_value
+from atpdsl.circuit.select import DEFAULT_EDGE_CUT, EdgeCut, SelectionOutcome, rank_of, selection_value
 
 __all__ = [
     "EDGE_SEMANTICS",
@@ -322,7 +322,7 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
     """
     n_layers = n_layers_of(result)
     scores = result.by_name()
-    order: dict[str, int] = {}  # positions by |score|, only for a result whose nodes carry no engine rank
+    rank = rank_of(result.nodes)
     G = nx.DiGraph()
     G.graph.update(graph_attributes(result, outcome, plan))
     G.graph["n_layers"] = n_layers
@@ -334,9 +334,7 @@ def build_graph(result: RunResult, outcome: SelectionOutcome, plan: Plan | None 
         score = scores.get(name)
         if score is None:
             raise KeyError(f"selected node {name!r} is not in the run's scores")
-        if not score.rank and not order:
-            order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
-        G.add_node(name, **_node_attributes(score, score.rank or order[name], n_layers, outcome.aggregate))
+        G.add_node(name, **_node_attributes(score, rank(score), n_layers, outcome.aggregate))
         ids[score.node] = name
         if score.node.grouped:
             heads_of[score.node] = _heads_of(score)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import takewhile
-from typing import Sequence
+from typing import Callable, Sequence
 
 from atpdsl.errors import AtpError
 from atpdsl.plan import Selection
@@ -26,6 +26,8 @@ __all__ = [
     "select",
     "candidates",
     "ranked",
+    "rank_of",
+    "verified_nodes",
     "verified_magnitude",
     "selection_value",
     "describe",
@@ -119,6 +121,21 @@ def ranked(nodes: Sequence[NodeScore]) -> Sequence[NodeScore]:
     if isinstance(nodes, ScoredNodes):
         return nodes
     return sorted(nodes, key=lambda n: (-_magnitude(n.score), n.rank or math.inf, n.name))
+
+
+def rank_of(nodes: Sequence[NodeScore]) -> Callable[[NodeScore], int]:
+    """A node's rank: the engine's, or for nodes that carry none (a hand-built result) its position in `ranked`
+    order, worked out once and only when first needed."""
+    order: dict[str, int] = {}
+
+    def rank(node: NodeScore) -> int:
+        if node.rank:
+            return node.rank
+        if not order:
+            order.update((n.name, i + 1) for i, n in enumerate(ranked(nodes)))
+        return order[node.name]
+
+    return rank
 
 
 def verified_nodes(nodes: Sequence[NodeScore]) -> list[NodeScore]:

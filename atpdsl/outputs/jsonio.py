@@ -42,7 +42,7 @@ from atpdsl.plan import Plan
 from atpdsl.circuit.scores import SCHEMA_VERSION, SIGN_CONVENTION, EdgeScore, FalseNegativeBound, NodeScore, RunResult
 from atpdsl.circuit.select import DroppedNode, SelectionOutcome
 from atpdsl.outputs.streams import read_text, write_text
-from atpdsl.outputs.table import EDGE_COLUMNS, SCORE_COLUMNS, edges_table
+from atpdsl.outputs.table import EDGE_COLUMNS, SCORE_COLUMNS, edges_table, score_rows
 
 from atpdsl.outputs.result import Result
 
@@ -108,7 +108,7 @@ def document(res: "Result") -> dict[str, Any]:
     from atpdsl.circuit.graph import package_versions
 
     result, plan = res.result, res.plan
-    table = res.scores
+    nodes = list(result.nodes)  # each record made once: for its row and for its per-pair numbers
     bound = result.false_negatives
     plan_dict = plan.to_dict() if plan is not None else res.plan_dict
     revision = plan.model.revision if plan is not None else res.graph.graph.get("model_revision")
@@ -146,7 +146,7 @@ def document(res: "Result") -> dict[str, Any]:
         "versions": package_versions(),
         "scores": {
             "columns": [*SCORE_COLUMNS, *_EXTRA_SCORE_COLUMNS],
-            "rows": [_score_row(row, score) for row, score in zip(table.rows, result.nodes, strict=True)],
+            "rows": [_score_row(row, score) for row, score in zip(score_rows(result, res.selection, nodes), nodes)],
         },
         "edges": {"columns": list(EDGE_COLUMNS), "rows": edges_table(result, res.graph.edges).rows},
         "resolved_tokens": result.extras.get("resolved_tokens"),

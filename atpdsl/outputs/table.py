@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from atpdsl.circuit.scores import NodeScore, RunResult
-from atpdsl.circuit.select import SelectionOutcome, ranked, selection_value, verified_nodes
+from atpdsl.circuit.select import SelectionOutcome, rank_of, ranked, selection_value, verified_nodes
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -106,12 +106,8 @@ class Table:
 
         None becomes an empty cell, booleans `true`/`false`, floats their shortest exact repr.
         """
-        extra = extra or {}
         buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([*self.columns, *extra])
-        for row in self.rows:
-            writer.writerow([_cell(row.get(c)) for c in self.columns] + list(extra.values()))
+        _write_rows(buffer, self.columns, self.rows, extra or {})
         text = buffer.getvalue()
         if path is not None:
             from atpdsl.outputs.atomic import write_text
@@ -181,11 +177,9 @@ def score_rows(result: RunResult, selection: SelectionOutcome | Iterable[str] = 
     """The scores table's rows one at a time (the CSV writer streams them: a run may score millions of nodes);
     `nodes`: only these of the result's nodes (the summaries show a few)."""
     decision, aggregate = _decisions(result, selection)
-    order: dict[str, int] = {}  # positions by |score|, built only when some node has no engine rank
+    rank = rank_of(result.nodes)
     for score in result.nodes if nodes is None else nodes:
         node = score.node
-        if not score.rank and not order:
-            order = {n.name: i + 1 for i, n in enumerate(ranked(result.nodes))}
         yield {
             "node": score.name,
             "layer": node.layer,
@@ -195,7 +189,7 @@ def score_rows(result: RunResult, selection: SelectionOutcome | Iterable[str] = 
             "estimate": float(score.estimate),
             "score": float(score.score),
             "method": score.method,
-            "rank": int(score.rank or order[score.name]),
+            "rank": rank(score),
             "verified_effect": None if score.verified_effect is None else float(score.verified_effect),
             "in_circuit": decision.get(score.name) in ("kept", "added_verified"),
             "selection_value": float(selection_value(score, aggregate)),
@@ -220,16 +214,20 @@ def write_rows_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict
     """Write rows as CSV to `path` atomically, one row at a time (as Table.to_csv writes them)."""
     from atpdsl.outputs.atomic import export_path, replacing
 
-    extra = extra or {}
     with replacing(path) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=False)
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow([*columns, *extra])
-        for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns] + list(extra.values()))
+        _write_rows(text, columns, rows, extra or {})
         text.flush()
         text.detach()
     return export_path(path)
+
+
+def _write_rows(out: Any, columns: Sequence[str], rows: Iterable[dict[str, Any]], extra: dict[str, str]) -> None:
+    """The header and one line per row; `extra` adds constant columns at the end."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*columns, *extra])
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns] + list(extra.values()))
 
 
 def edges_table(result: RunResult, in_circuit: Iterable[tuple[str, str]] = ()) -> Table:
