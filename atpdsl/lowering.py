@@ -7,16 +7,17 @@ its engine implementation by a lazily imported path, so this module never needs 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from atpdsl import costs
 from atpdsl.arch import Geometry
 from atpdsl.plan import Diagnosis, EdgeSettings, MethodSpec, NodeGroup, Plan, Step, Verification
 
-__all__ = ["StepKind", "STEP_KINDS", "STREAMING_KINDS", "streams", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps", "computes_edges",
-           "graddrop_terms", "plan_total", "node_count", "steps_for", "workload_of", "workload_extra", "relower",
-           "replan", "same_program", "edges_allowed"]
+__all__ = ["StepKind", "STEP_KINDS", "STREAMING_KINDS", "streams", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps",
+           "computes_edges", "graddrop_terms", "plan_total", "node_count", "steps_for", "workload_of",
+           "workload_extra", "plan_workload", "vocab_size", "rows_per_pair", "relower", "replan", "same_program",
+           "edges_allowed"]
 
 NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
 """Node kinds whose change reaches the residual stream linearly (values through the clean pattern): the ones the
@@ -306,6 +307,27 @@ def workload_of(plan: Plan, geom: Geometry | None = None) -> costs.Workload | No
     pairs = max(1, min(plan.batch, len(plan.pairs) or plan.batch))
     return costs.Workload(geom, rows=pairs * int(shape["rows_per_pair"]), positions=int(shape["positions"]),
                           vocab=int(shape["vocab"]), device=str(plan.model.device))
+
+
+def vocab_size(config: Mapping | None) -> int | None:
+    """The vocabulary a model's config declares (a multimodal config keeps it under `text_config`)."""
+    config = config or {}
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(vocab) if vocab else None
+
+
+def rows_per_pair(plan: Plan) -> int:
+    """Model rows each pair takes: one per `sequence(...)` answer of the metric, at least one."""
+    return max(1, sum(1 for a in plan.metric.args if a.sequence))
+
+
+def plan_workload(plan: Plan, lengths: Sequence[int], config: Mapping | None) -> dict[str, int] | None:
+    """The plan's `workload` extra from each pair's token count and the model's config; None without a vocabulary
+    or pairs (the costs then stay at their large-model limits)."""
+    vocab = vocab_size(config)
+    if not vocab or not plan.pairs:
+        return None
+    return workload_extra(lengths, plan.batch, rows_per_pair(plan), vocab)
 
 
 def workload_extra(lengths: Sequence[int], batch: int, rows_per_pair: int, vocab: int) -> dict[str, int]:

@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from atpdsl.lowering import streams
+from atpdsl.lowering import rows_per_pair, streams
 from atpdsl.memory_sizes import (
     ELEMENT_BYTES, GATED, ModelSizes, forward_transient_per_token, format_bytes, model_sizes, parse_size,
     saved_per_token,
@@ -162,7 +162,7 @@ def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, 
     extra, patterns, kept = _step_sites(m, kinds, plan.nodes, arch.name in GATED)
     top = plan.verification.top if plan.verification is not None else 0
     patched = _nodes(plan.nodes, geom, positions) if plan.method.name == "exact" else top
-    rows = max(1, sum(1 for a in plan.metric.args if a.sequence))
+    rows = rows_per_pair(plan)
     keep = plan.write_per_pair or plan.method.aggregate == "per_pair" or "graddrop_term" in kinds
     return RunShape(dtype=plan.model.dtype, attention=attention,
                     site_widths=_site_widths(arch, geom, plan.nodes, geom.n_layers), extra_widths=tuple(extra),

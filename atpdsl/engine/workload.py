@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from atpdsl.lowering import workload_extra
+from atpdsl.lowering import plan_workload, vocab_size
 from atpdsl.plan import Plan
 
 __all__ = ["with_workload"]
@@ -25,19 +25,17 @@ def _lengths(plan: Plan, tokenizer) -> list[int]:
 
 def with_workload(plan: Plan, loaded) -> Plan:
     """The plan with a `workload` extra for the loaded model (the compiler's positions kept when it had them)."""
-    vocab = loaded.config.get("vocab_size") or (loaded.config.get("text_config") or {}).get("vocab_size")
-    extras = dict(plan.extras)
-    if not vocab or not plan.pairs:
+    vocab = vocab_size(loaded.config)
+    if vocab is None or not plan.pairs:
         return plan
-    shape = extras.get("workload")
+    shape = dict(plan.extras).get("workload")
     if shape:
-        shape = {**shape, "vocab": int(vocab)}
+        shape = {**shape, "vocab": vocab}
     else:
         try:
             lengths = _lengths(plan, loaded.tokenizer)
         except Exception:  # noqa: BLE001 - costs only: an unusual tokenizer leaves them at their large-model limits
             return plan
-        rows = sum(1 for a in plan.metric.args if a.sequence)
-        shape = workload_extra(lengths, plan.batch, rows, int(vocab))
+        shape = plan_workload(plan, lengths, loaded.config)
     kept = tuple((k, v) for k, v in plan.extras if k != "workload")
     return replace(plan, extras=kept + (("workload", shape),))

@@ -161,19 +161,19 @@ def resolve_attention(plan: Any) -> str:
     return "eager" if reads_pattern(kinds) or plan.method.name == "relp" else "sdpa"
 
 
-EDGE_KINDS = frozenset({"edge_reads", "edge_ig", "edges", "verify_edges"})
-
 EDGE_NOTICE = 10**9
 """W902 says when the edges make half or more of an estimated peak of at least this many bytes (smaller runs fit
 almost anywhere)."""
 
 
 def _without_edges(plan: Any) -> Any:
-    """The plan without its edge steps, None when it has none."""
+    """The plan lowered as if its edges were off (`select edges none`), None when that changes no step."""
     from dataclasses import replace
 
-    steps = tuple(s for s in plan.steps if s.kind not in EDGE_KINDS)
-    return None if len(steps) == len(plan.steps) else replace(plan, steps=steps)
+    from atpdsl.lowering import steps_for
+
+    steps = steps_for(plan, edges_ok=False)
+    return None if [s.kind for s in steps] == [s.kind for s in plan.steps] else replace(plan, steps=steps)
 
 
 def _fits_text(est: MemoryEstimate, budget: int) -> str:
@@ -263,6 +263,7 @@ def with_memory_plan(result: Any, plan: Any) -> Any:
         return plan
     extras = [(k, v) for k, v in plan.extras if k != "batches"]
     extras.append(("batches", math.ceil(len(plan.pairs) / batch)))
-    extras.append(("memory", summary))
-    warnings = plan.warnings + tuple(render_concise([d]) for d in diags)
+    said = tuple(render_concise([d]) for d in diags)
+    extras.append(("memory", {**summary, "warnings": list(said)}))  # `check` and `plan` print them from here
+    warnings = plan.warnings + said
     return replace(plan, batch=batch, extras=tuple(extras), warnings=warnings)

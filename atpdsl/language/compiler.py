@@ -19,7 +19,7 @@ from atpdsl.plan import (
     Diagnosis, ExportTarget, MethodSpec, ModelRef, NodeGroup, Plan, Selection,
     SourceRef, Verification,
 )
-from atpdsl.lowering import edges_allowed, lower_steps, node_count, steps_for, workload_extra
+from atpdsl.lowering import edges_allowed, lower_steps, node_count, plan_workload, steps_for, vocab_size
 from atpdsl.language.checker_memory import pair_lengths, with_memory_plan
 from atpdsl.memory import parse_size
 from atpdsl.registry import DIAGNOSE_SETTINGS, DTYPES, SWITCHES, VERIFY_BUDGET_DEFAULT
@@ -240,13 +240,11 @@ def _with_workload(result: CheckResult, plan: Plan) -> Plan:
     from dataclasses import replace
 
     config = result.model.config if result.model is not None else None
-    vocab = (config or {}).get("vocab_size") or ((config or {}).get("text_config") or {}).get("vocab_size")
-    if plan.geometry is None or not vocab or not plan.pairs:
+    if plan.geometry is None or vocab_size(config) is None or not plan.pairs:
         return plan
-    lengths, _ = pair_lengths(result)
-    rows = sum(1 for a in plan.metric.args if a.sequence)
+    shape = plan_workload(plan, pair_lengths(result)[0], config)
     extras = tuple((k, v) for k, v in plan.extras if k != "workload")
-    plan = replace(plan, extras=extras + (("workload", workload_extra(lengths, plan.batch, rows, int(vocab))),))
+    plan = replace(plan, extras=extras + (("workload", shape),))
     return replace(plan, steps=steps_for(plan))
 
 
