@@ -5,7 +5,7 @@ forward + backward, edge reads, rank and edges. This times `execute` of that pla
 plan without its edge steps (plain AtP), interleaved, in one process, on stories260K and on a random 30-layer,
 d=576 Llama-shaped model (SmolLM2-135M's shape), and prints the ratio of medians. Target: <= 1.25.
 
-    .venv/bin/python benchmarks/bench_default_run.py [--repeats 5] [--threads 1] [--pairs 16]
+    .venv/bin/python benchmarks/bench_default_run.py [--repeats 5] [--threads 1] [--pairs 16] [--steps]
 """
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ def _random_llama():
     return wrap_model(LlamaForCausalLM(cfg).eval(), tok), tm.TINY_PAIRS
 
 
+STEP_SECONDS: dict[str, list[float]] = {}
+"""Each step's seconds per run of the default plan (the engine's own timings), for `--steps`."""
+
+
 def _time(plan: Plan, loaded, repeats: int) -> tuple[float, float]:
     """Median seconds of execute() with and without the edge steps, interleaved after one warm-up each."""
     plan = complete_plan(plan, loaded)
@@ -64,8 +68,10 @@ def _time(plan: Plan, loaded, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         for target, out in ((plan, with_edges), (plain, without)):
             t0 = time.perf_counter()
-            execute(target, loaded=loaded)
+            res = execute(target, loaded=loaded)
             out.append(time.perf_counter() - t0)
+            for name, seconds in res.timings:
+                STEP_SECONDS.setdefault(("" if target is plan else "AtP alone: ") + name, []).append(seconds)
     return statistics.median(with_edges), statistics.median(without)
 
 
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--steps", action="store_true", help="also print each step's median time in both plans")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved repeats, medians")
@@ -86,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, loaded, rows in cases:
         # the complete_plan check needs the plan's own source; the random model is in memory
         plan = _plan(str(STORIES) if "stories" in name else "in-memory", rows, len(rows))
+        STEP_SECONDS.clear()
         full, plain = _time(plan, loaded, args.repeats)
         print(f"{name:40s} default run {full * 1e3:9.1f} ms   AtP alone {plain * 1e3:9.1f} ms   ratio {full / plain:.3f}")
+        if args.steps:
+            for step, seconds in STEP_SECONDS.items():
+                print(f"    {step:45s} {statistics.median(seconds) * 1e3:9.1f} ms")
     return 0
 
 

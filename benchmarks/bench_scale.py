@@ -1,6 +1,6 @@
 """Scale on a real deep model (SmolLM2-135M: 30 layers, GQA): time and peak memory of atpdsl's passes.
 
-    python benchmarks/bench_scale.py --part time|attention|memory|grid|all [--model /work/cache/smollm2]
+    python benchmarks/bench_scale.py --part time|attention|memory|grid|cli|all [--model /work/cache/smollm2]
                                      [--repeats 3] [--threads 1]
 
 - time: AtP (every head and neuron summed over positions, batch 4 x 128 tokens; the streamed clean backward)
@@ -12,6 +12,7 @@
   freed tensors go back) for one plain forward + backward of the batch, and for atpdsl's runs of it, with the
   memory plan's estimate beside each (atpdsl.memory).
 - grid: AtP time and peak memory as batch and prompt length grow.
+- cli: `atpdsl run` end to end on the 512-token per-position spec (no edges): wall time and peak resident memory.
 
 Token pairs are random ids (three positions changed), so every length is exact. Other jobs sharing the machine
 change the times but not the ratios measured in one run, nor the memory.
@@ -295,9 +296,31 @@ def part_grid(model: Path) -> None:
                   f" | {ours['peak'] / plain['peak']:.2f} |")
 
 
+def part_cli(model: Path) -> None:
+    """`atpdsl run` end to end (compile, run, select, graph, summary) on the 23.7M-node spec: per-position heads +
+    neurons, 4 pairs of 512 tokens, batch 4, `select edges none`; wall time and the child process's peak RSS."""
+    import resource
+    import tempfile
+
+    body = " ".join(["the"] * 509)
+    pairs = "".join(f'pair {{ clean "{body} girl said" corrupt "{body} boy said" answer " she" wrong " he" }}\n'
+                    for _ in range(4))
+    spec = (f'model "{model}"\n{pairs}metric logit_diff(answer, wrong)\n'
+            "nodes {\n heads per position\n neurons per position\n}\nbatch 4\nmethod atp\nselect edges none\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spec.atp").write_text(spec)
+        t0 = time.perf_counter()
+        command = [sys.executable, "-m", "atpdsl.cli.app", "run", "spec.atp", "--out", "out", "--threads", "1"]
+        done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(f"| `atpdsl run`, per_position heads + neurons, 512 tokens, batch 4, no edges | exit {done.returncode} | "
+          f"{seconds:.1f} s | {peak / 1e9:.2f} GB peak resident (whole process) |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", default="all", choices=["time", "attention", "memory", "grid", "all"])
+    ap.add_argument("--part", default="all", choices=["time", "attention", "memory", "grid", "cli", "all"])
     ap.add_argument("--model", type=Path, default=SMOLLM2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -316,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if part in ("time", "attention"):
             {"time": part_time, "attention": part_attention}[part](args.model, args.repeats)
         else:
-            {"memory": part_memory, "grid": part_grid}[part](args.model)
+            {"memory": part_memory, "grid": part_grid, "cli": part_cli}[part](args.model)
     return 0
 
 
