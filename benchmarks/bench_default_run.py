@@ -5,7 +5,11 @@ forward + backward, edge reads, rank and edges. This times `execute` of that pla
 plan without its edge steps (plain AtP), interleaved, in one process, on stories260K and on a random 30-layer,
 d=576 Llama-shaped model (SmolLM2-135M's shape), and prints the ratio of medians. Target: <= 1.25.
 
-    .venv/bin/python benchmarks/bench_default_run.py [--repeats 5] [--threads 1] [--pairs 16] [--steps]
+`--floor` also times the same pair of plans with `select threshold` above every score: no node is selected, so
+the edges read every site the default run reads (the clean pass's extra sites and the `edge reads` step) and
+compute nothing from them. Its ratio is what the edges cost before any edge score is computed.
+
+    .venv/bin/python benchmarks/bench_default_run.py [--repeats 5] [--threads 1] [--pairs 16] [--steps] [--floor]
 """
 from __future__ import annotations
 
@@ -28,13 +32,13 @@ STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 PRONOUN = ROOT.parent / "shared" / "data" / "stories260K-pronoun.jsonl"
 
 
-def _plan(source: str, pairs: list[dict], batch: int) -> Plan:
+def _plan(source: str, pairs: list[dict], batch: int, selection: Selection = Selection("top", 20)) -> Plan:
     pp = tuple(PromptPair(p["clean"], p["corrupt"], (("answer", p["answer"]), ("wrong", p["wrong"])), origin=f"p{i}")
                for i, p in enumerate(pairs))
     return Plan(spec_file="bench", spec_text="", spec_hash="bench", model=ModelRef(source), pairs=pp,
                 metric=MetricSpec("logit_diff", (MetricArg("answer"), MetricArg("wrong"))),
                 nodes=(NodeGroup("heads"), NodeGroup("mlp")), method=MethodSpec("atp"), batch=batch,
-                selection=Selection("top", 20))
+                selection=selection)
 
 
 def _random_llama():
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--steps", action="store_true", help="also print each step's median time in both plans")
+    ap.add_argument("--floor", action="store_true", help="also time the plans with no node selected (reads only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved repeats, medians")
@@ -92,13 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     cases.append(("random Llama L30 d576 (SmolLM2 shape)", loaded, (list(pairs) * args.pairs)[: args.pairs]))
     for name, loaded, rows in cases:
         # the complete_plan check needs the plan's own source; the random model is in memory
-        plan = _plan(str(STORIES) if "stories" in name else "in-memory", rows, len(rows))
-        STEP_SECONDS.clear()
-        full, plain = _time(plan, loaded, args.repeats)
-        print(f"{name:40s} default run {full * 1e3:9.1f} ms   AtP alone {plain * 1e3:9.1f} ms   ratio {full / plain:.3f}")
-        if args.steps:
-            for step, seconds in STEP_SECONDS.items():
-                print(f"    {step:45s} {statistics.median(seconds) * 1e3:9.1f} ms")
+        source = str(STORIES) if "stories" in name else "in-memory"
+        variants = [(name, "default run", _plan(source, rows, len(rows)))]
+        if args.floor:
+            nothing = _plan(source, rows, len(rows), Selection("threshold", 1e30))
+            assert not execute(complete_plan(nothing, loaded), loaded=loaded).edges  # nothing selected, no edge
+            variants.append(("  reads only (no node selected)", "with edges ", nothing))
+        for label, what, plan in variants:
+            STEP_SECONDS.clear()
+            full, plain = _time(plan, loaded, args.repeats)
+            print(f"{label:40s} {what} {full * 1e3:9.1f} ms   AtP alone {plain * 1e3:9.1f} ms   ratio {full / plain:.3f}")
+            if args.steps:
+                for step, seconds in STEP_SECONDS.items():
+                    print(f"    {step:45s} {statistics.median(seconds) * 1e3:9.1f} ms")
     return 0
 
 

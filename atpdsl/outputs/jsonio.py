@@ -1,5 +1,7 @@
 """The JSON result: everything a run produced, enough to rebuild the graph, tables and plots offline.
 
+It is written one score row at a time (atpdsl.outputs.json_chunks): a run may score tens of millions of nodes.
+
 Shape (schema_version 1; fields are added, never renamed):
     format            "atpdsl-result"
     schema_version    int (atpdsl.circuit.scores.SCHEMA_VERSION)
@@ -31,6 +33,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,7 +44,8 @@ from atpdsl.names import NodeNameError, parse_node
 from atpdsl.plan import Plan
 from atpdsl.circuit.scores import SCHEMA_VERSION, SIGN_CONVENTION, EdgeScore, FalseNegativeBound, NodeScore, RunResult
 from atpdsl.circuit.select import DroppedNode, SelectionOutcome
-from atpdsl.outputs.streams import read_text, write_text
+from atpdsl.outputs.json_chunks import Lazy, chunks
+from atpdsl.outputs.streams import read_text, text_sink
 from atpdsl.outputs.table import EDGE_COLUMNS, SCORE_COLUMNS, edges_table, score_rows
 
 from atpdsl.outputs.result import Result
@@ -60,19 +64,6 @@ __all__ = [
 
 FORMAT = "atpdsl-result"
 _EXTRA_SCORE_COLUMNS = ("per_pair", "per_pair_score", "verified_per_pair", "attrs")
-
-
-def _plain(value: Any) -> Any:
-    """JSON-able form of engine extras: arrays and tensors become lists, dataclasses dicts."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
 
 
 def _pairs_to_dict(pairs: Any) -> dict[str, Any]:
@@ -104,11 +95,30 @@ def _bound_document(bound: FalseNegativeBound) -> dict[str, Any]:
 
 
 def document(res: "Result") -> dict[str, Any]:
-    """The JSON document for a result (see the module docstring for its fields)."""
+    """The JSON document for a result (see the module docstring for its fields), every score row in memory."""
+    doc = _document(res)
+    doc["scores"] = {**doc["scores"], "rows": list(doc["scores"]["rows"].items)}
+    return doc
+
+
+def _rows(res: "Result") -> Iterator[dict[str, Any]]:
+    """Each node's row with its per-pair numbers, in rank order, made one at a time (each record once)."""
+    last: list[NodeScore] = []
+
+    def records() -> Iterator[NodeScore]:
+        for score in res.result.nodes:
+            last[:] = [score]
+            yield score
+
+    for row in score_rows(res.result, res.selection, records()):
+        yield _score_row(row, last[0])
+
+
+def _document(res: "Result") -> dict[str, Any]:
+    """The document with its score rows as a `Lazy` list (atpdsl.outputs.json_chunks)."""
     from atpdsl.circuit.graph import package_versions
 
     result, plan = res.result, res.plan
-    nodes = list(result.nodes)  # each record made once: for its row and for its per-pair numbers
     bound = result.false_negatives
     plan_dict = plan.to_dict() if plan is not None else res.plan_dict
     revision = plan.model.revision if plan is not None else res.graph.graph.get("model_revision")
@@ -146,7 +156,7 @@ def document(res: "Result") -> dict[str, Any]:
         "versions": package_versions(),
         "scores": {
             "columns": [*SCORE_COLUMNS, *_EXTRA_SCORE_COLUMNS],
-            "rows": [_score_row(row, score) for row, score in zip(score_rows(result, res.selection, nodes), nodes)],
+            "rows": Lazy(_rows(res)),
         },
         "edges": {"columns": list(EDGE_COLUMNS), "rows": edges_table(result, res.graph.edges).rows},
         "resolved_tokens": result.extras.get("resolved_tokens"),
@@ -161,32 +171,18 @@ _TOP_LEVEL_EXTRAS = ("resolved_tokens", "warnings")
 """Engine extras the JSON puts at the top level (what every pair's answers resolved to, the check's warnings)."""
 
 
-def _finite(value: Any, where: str, found: list[str]) -> Any:
-    """The value with NaN and infinities replaced by null (standard JSON has neither); `found` lists where."""
-    if isinstance(value, float) and not math.isfinite(value):
-        found.append(where)
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v, f"{where}.{k}", found) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
-    return value
-
-
-def dumps(res: "Result", *, indent: int | None = 1) -> str:
+def dumps(res: "Result") -> str:
     """The JSON document as text: standard JSON, so a NaN or infinity is written as null and its place
     listed under `non_finite` (a reader sees that a number was not a number instead of a silent gap)."""
-    found: list[str] = []
-    doc = json.loads(json.dumps(document(res), default=_plain))  # plain lists and dicts, NaN still in
-    doc = _finite(doc, "$", found)
-    if found:
-        doc["non_finite"] = found
-    return json.dumps(doc, indent=indent, allow_nan=False)
+    return "".join(chunks(_document(res)))
 
 
 def write_json(res: "Result", path: str | Path | IO[str]) -> None:
-    """Write the JSON result (atomically when given a path)."""
-    write_text(path, dumps(res))
+    """Write the JSON result (atomically when given a path), one score row at a time: the text is what `dumps`
+    gives, and the rows are never all in memory (a run may score tens of millions of nodes)."""
+    with text_sink(path) as out:
+        for piece in chunks(_document(res)):
+            out.write(piece)
 
 
 def export_json(res: "Result", path: str | Path) -> list[Path]:
@@ -222,7 +218,8 @@ def read_document(path: str | Path | IO[str]) -> dict[str, Any]:
 
 
 def _tuple_or_none(values: Any) -> tuple[float, ...] | None:
-    return None if values is None else tuple(float(v) for v in values)
+    """Per-pair numbers; null is a number the writer could not write (NaN or infinite: `non_finite`)."""
+    return None if values is None else tuple(math.nan if v is None else float(v) for v in values)
 
 
 def _number(row: dict[str, Any], key: str, optional: bool = False) -> float | None:

@@ -5,6 +5,7 @@ old file as it was. Open files are written as given and left open.
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import IO
 from atpdsl.outputs.atomic import replacing
 from atpdsl.outputs.atomic import write_text as _write_text
 
-__all__ = ["write_text", "read_text", "read_bytes", "binary_sink"]
+__all__ = ["write_text", "read_text", "read_bytes", "binary_sink", "text_sink"]
 
 
 def write_text(path: str | Path | IO[str], text: str) -> None:
@@ -42,3 +43,17 @@ def binary_sink(path: str | Path | IO[bytes]) -> Iterator[IO[bytes]]:
     else:
         with replacing(path) as f:
             yield f
+
+
+@contextmanager
+def text_sink(path: str | Path | IO[str]) -> Iterator[IO[str]]:
+    """An open UTF-8 text file to write to piece by piece: the given one (left open), or an atomic replacement of
+    the path (written only if the `with` block completes)."""
+    if hasattr(path, "write"):
+        yield path
+        return
+    with replacing(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        yield text
+        text.flush()
+        text.detach()

@@ -212,13 +212,11 @@ def shown_rows(result: RunResult, selection: SelectionOutcome, top: int, verifie
 def write_rows_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, Any]], *,
                    extra: dict[str, str] | None = None) -> Path:
     """Write rows as CSV to `path` atomically, one row at a time (as Table.to_csv writes them)."""
-    from atpdsl.outputs.atomic import export_path, replacing
+    from atpdsl.outputs.atomic import export_path
+    from atpdsl.outputs.streams import text_sink
 
-    with replacing(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=False)
+    with text_sink(path) as text:
         _write_rows(text, columns, rows, extra or {})
-        text.flush()
-        text.detach()
     return export_path(path)
 
 
