@@ -202,6 +202,9 @@ def _batch_scores(loaded: Loaded, pl: _Plan, passes: list[PassTargets], deltas: 
         G = sum(p.residual([pl.rows[j] for j in cols], live) for p in passes) / len(passes)  # [t, rows, S', d]
         g = G.flatten(2).permute(1, 2, 0).to(flat.dtype)  # [rows, S'*d, t]
         out[:, :first, torch.tensor(cols)] = (flat[:, :first] @ g).double()
+        if not any(fixes):  # the fixes read every row again; without them no later group reads this layer's split
+            for p in passes:
+                p.release_splits()
     for i, j in pl.qkv_links:
         grad = sum(_qkv_grad(p, pl.src.nodes[i], pl.rows[j]) for p in passes) / len(passes)
         out[:, i, j] = (own[i] * grad).sum((1, 2)).double()

@@ -126,6 +126,11 @@ class PassTargets(Places):
                 self._check_split(layer)
         return got
 
+    def release_splits(self) -> None:
+        """Drop the attention splits made so far (each holds float64 [rows, heads, S, S] pattern tensors: at long
+        prompts, every layer's together was gigabytes); the shares already taken from them stay."""
+        self._splits.clear()
+
     def _check_split(self, layer: int) -> None:
         """The heads' shares summed per KV group must equal the model's own gradient at the key and value
         projections (an attention variant the split does not model fails here, on the first batch)."""
