@@ -62,9 +62,10 @@ class RunShape:
     """What the run does, as memory sees it.
 
     `site_widths`: the width of every node site (one entry per site and layer); `extra_widths`: sites the
-    steps add (corrections, edges) with a gradient each; `nodes`: scored nodes; `kinds`: the plan's step kinds;
-    `patch_sites`: widths patched at once by the diagnostic; `kept_per_token`: bytes the edges keep per token and
-    batch beside the node deltas.
+    corrections add, whose values and gradients they hold; `edge_widths`: sites the edges read, whose gradients
+    they hold (their values are tensors the forward keeps for the backward anyway, in eager attention); `nodes`:
+    scored nodes; `kinds`: the plan's step kinds; `kept_per_token`: bytes the edges keep per token and batch
+    beside the node deltas.
     """
 
     dtype: str
@@ -77,6 +78,7 @@ class RunShape:
     pairs: int
     rows_per_pair: int = 1
     kept_per_token: int = 0
+    edge_widths: tuple[int, ...] = ()
     patched: int = 0  # nodes patched one by one per batch (verify top K, exact)
     devices: int = 1
     keep_pairs: bool = False  # per-pair rows kept (exports, aggregate per_pair) or a correction's own magnitudes
@@ -126,11 +128,14 @@ def _nodes(groups: Sequence, geom, positions: int) -> int:
     return summed + per_position * positions
 
 
-def _step_sites(m: ModelSizes, kinds: frozenset[str], groups: Sequence, gated: bool) -> tuple[list[int], int, int]:
-    """Widths of the sites the steps add per layer (values with gradients), patterns they read, and the bytes per
-    token the edges keep beside the node deltas (without the patterns)."""
+def _step_sites(m: ModelSizes, kinds: frozenset[str], groups: Sequence, gated: bool
+                ) -> tuple[list[int], int, list[int], int]:
+    """Widths of the sites the corrections add per layer (values with gradients), patterns they read, widths of
+    the sites the edges add (gradients: their values are the forward's own), and the bytes per token the edges
+    keep beside the node deltas (without the patterns)."""
     q, kv, d, layers = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.hidden, m.n_layers
     widths: list[int] = []
+    edges: list[int] = []
     patterns = 0
     kept = 0
     node_kinds = {g.kind for g in groups}
@@ -144,10 +149,9 @@ def _step_sites(m: ModelSizes, kinds: frozenset[str], groups: Sequence, gated: b
         widths += [4 * d] * layers
     if "edge_reads" in kinds or "edge_ig" in kinds:
         pieces = (2 if gated else 1) * m.mlp
-        widths += [q + 2 * kv + q + pieces + 4 * d] * layers
-        patterns += layers
+        edges += [q + 2 * kv + q + pieces + 4 * d] * layers
         kept = layers * ((2 * q + 4 * kv + q + pieces) * ELEMENT_BYTES["float32"] + 6 * d * 4)
-    return widths, patterns, kept
+    return widths, patterns, edges, kept
 
 
 def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, devices: int = 1) -> RunShape:
@@ -159,7 +163,7 @@ def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, 
     m = model_sizes(config, arch.name, arch.is_parallel(config))
     kinds = frozenset(s.kind for s in plan.steps)
     positions = lengths[0] if lengths and len(set(lengths)) == 1 else min(lengths, default=1)
-    extra, patterns, kept = _step_sites(m, kinds, plan.nodes, arch.name in GATED)
+    extra, patterns, edges, kept = _step_sites(m, kinds, plan.nodes, arch.name in GATED)
     top = plan.verification.top if plan.verification is not None else 0
     patched = _nodes(plan.nodes, geom, positions) if plan.method.name == "exact" else top
     rows = rows_per_pair(plan)
@@ -167,7 +171,7 @@ def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, 
     return RunShape(dtype=plan.model.dtype, attention=attention,
                     site_widths=_site_widths(arch, geom, plan.nodes, geom.n_layers), extra_widths=tuple(extra),
                     extra_patterns=patterns, nodes=_nodes(plan.nodes, geom, positions), kinds=kinds,
-                    pairs=len(plan.pairs), rows_per_pair=rows, kept_per_token=kept, patched=patched,
+                    pairs=len(plan.pairs), rows_per_pair=rows, kept_per_token=kept, edge_widths=tuple(edges), patched=patched,
                     devices=devices, keep_pairs=keep)
 
 
@@ -218,30 +222,30 @@ def _parts(m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, tu
                       "per-pair estimates and the running sums" if shape.keep_pairs else
                       "the batch's estimates and the running sums"),
     }
-    if extra or shape.extra_patterns:
+    edges = sum(shape.edge_widths)
+    if extra or shape.extra_patterns or edges:
         patterns = shape.extra_patterns * rows * m.n_heads * seq * seq * 2 * e
-        out["step sites"] = (tokens * extra * 2 * e + patterns, "values and gradients of the sites the AtP*"
-                                                                " corrections and the edges read")
+        out["step sites"] = (tokens * (2 * extra + edges) * e + patterns,
+                             "what the corrections read (values, gradients) and the edges (gradients)")
     if "edge_reads" in shape.kinds:
-        step_sites = out.get("step sites", (0, ""))[0]
-        per_batch, batches = _edge_reads(m, shape, batch, seq, step_sites)
-        out["edge reads"] = (min(per_batch * batches, KEPT_LIMIT + per_batch) - step_sites,  # the last batch's
-                             f"the edges' kept reads ({batches} batch(es); beyond 1 GiB on disk)")  # are shown above
+        per_batch, batches = _edge_reads(m, shape, batch, seq)
+        out["edge reads"] = (min(per_batch * batches, KEPT_LIMIT + per_batch),
+                             f"the edges' kept reads ({batches} batch(es); beyond 1 GiB on disk)")
     out["node records"] = (shape.nodes * NODE_BYTES, f"ranking {shape.nodes:,} scored nodes (after the backward)")
     if shape.patched or "diagnose" in shape.kinds or "verify_adaptive" in shape.kinds:
         out["patching"] = (0, "")  # sized by patch_rows from what is left (see estimate)
     return out
 
 
-def _edge_reads(m: ModelSizes, shape: RunShape, batch: int, seq: int, step_sites: int) -> tuple[int, int]:
-    """Bytes one batch's kept edge reads hold, and the number of batches. The reads keep the step sites' clean
-    values and gradients they were taken from (views, not copies) beside the copies they make: the node sites'
-    differences, the stacked norm inputs and gradients, every layer's pattern."""
+def _edge_reads(m: ModelSizes, shape: RunShape, batch: int, seq: int) -> tuple[int, int]:
+    """Bytes one batch's kept edge reads hold, and the number of batches: the clean values and gradients of the
+    sites they read (`kept_per_token`), the node sites' differences, the stacked norm inputs and gradients, every
+    layer's pattern."""
     e = ELEMENT_BYTES.get(shape.dtype, 4)
     rows = batch * shape.rows_per_pair
     patterns = m.n_layers * rows * m.n_heads * seq * seq * e
     copies = rows * seq * (sum(shape.site_widths) * max(4, e) + shape.kept_per_token) + patterns
-    return copies + step_sites, max(1, math.ceil(shape.pairs / max(batch, 1)))
+    return copies, max(1, math.ceil(shape.pairs / max(batch, 1)))
 
 
 def _phases(parts: dict[str, tuple[int, str]], m: ModelSizes, shape: RunShape, batch: int, seq: int) -> dict[str, int]:
@@ -257,9 +261,24 @@ def _phases(parts: dict[str, tuple[int, str]], m: ModelSizes, shape: RunShape, b
     out = {"corrupt forward": int(corrupt), "clean forward + backward": int(backward),
            "patching": get("patching"), "ranking": int(ranking)}
     if "edge reads" in parts:  # after the backward: the batch's reads taken from its step sites
-        per_batch, _ = _edge_reads(m, shape, batch, seq, get("step sites"))
+        per_batch, _ = _edge_reads(m, shape, batch, seq)
         out["keeping the edge reads"] = int(per_batch + get("node values"))
+        out["edge scores"] = int(per_batch + _edge_arithmetic(m, batch * shape.rows_per_pair, seq))
     return out
+
+
+EDGE_SOURCES = 21
+"""Edge sources the memory plan assumes: the selection's default 20 nodes and the embedding."""
+
+
+def _edge_arithmetic(m: ModelSizes, rows: int, seq: int) -> int:
+    """Bytes the edge step's arithmetic holds at once for one batch (atpdsl.engine.edge_products): a layer's
+    attention split in float64 (pattern, its gradient and two products), the sources' writes and their flattened
+    copy, and a layer's head inputs pulled back to the residual stream (q, k, v per head, a few temporaries)."""
+    split = 4 * rows * m.n_heads * seq * seq * 8
+    sources = 2 * rows * EDGE_SOURCES * seq * m.hidden * 4
+    targets = 4 * 3 * m.n_heads * rows * seq * m.hidden * 4
+    return split + sources + targets
 
 
 def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int]) -> MemoryEstimate:
@@ -274,7 +293,7 @@ def estimate(m: ModelSizes, shape: RunShape, batch: int, lengths: Sequence[int])
                 parts[name] = (math.ceil(size / shape.devices), f"{what} (1/{shape.devices} on each device)")
     resident = parts["weights"][0]
     if "edge reads" in parts:  # the earlier batches' reads, up to KEPT_LIMIT in memory (the rest on disk)
-        per_batch, batches = _edge_reads(m, shape, batch, seq, parts.get("step sites", (0, ""))[0])
+        per_batch, batches = _edge_reads(m, shape, batch, seq)
         resident += min(per_batch * (batches - 1), KEPT_LIMIT)
     if "patching" in parts:
         rows = patch_rows(m, seq, batch * shape.rows_per_pair)

@@ -129,6 +129,7 @@ def execute_steps(state: RunState) -> None:
         fold(state, work)
         if cp is not None:
             cp.save_batch(i, _record(work))
+        work = None  # else the last batch's traces (and its reads, when kept on disk) live through the run steps
     if cp is not None:
         cp.resumed_batches = min(resumed, len(batches))
     for step in state.steps:

@@ -166,14 +166,19 @@ EDGE_NOTICE = 10**9
 almost anywhere)."""
 
 
-def _without_edges(plan: Any) -> Any:
-    """The plan lowered as if its edges were off (`select edges none`), None when that changes no step."""
+def _without_edges(plan: Any, attention: str) -> Any:
+    """The plan lowered as if its edges were off (`select edges none`), with the attention that would then run
+    (`attention`: the spec's setting; `auto` picks sdpa when nothing else reads the pattern); None when that
+    changes no step."""
     from dataclasses import replace
 
     from atpdsl.lowering import steps_for
 
     steps = steps_for(plan, edges_ok=False)
-    return None if [s.kind for s in steps] == [s.kind for s in plan.steps] else replace(plan, steps=steps)
+    if [s.kind for s in steps] == [s.kind for s in plan.steps]:
+        return None
+    bare = replace(plan, steps=steps, model=replace(plan.model, attention=attention))
+    return replace(bare, model=replace(bare.model, attention=resolve_attention(bare)))
 
 
 def _fits_text(est: MemoryEstimate, budget: int) -> str:
@@ -206,9 +211,10 @@ def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, 
             diags.append(warning("W901", f"`batch auto` has no memory budget ({source}): batch 1", span,
                                  'give the model a `memory "…"` setting'))
     est = estimate(sizes, shape, batch, lengths)
-    bare = _without_edges(plan)  # what the edges add: the same run's estimate without them
+    bare = _without_edges(plan, _setting(result, "attention") or "auto")  # the same run without edges
     edge_bytes = 0 if bare is None else est.peak - estimate(
-        sizes, shape_for(bare, info.config, lengths, attention=attention, devices=devices), batch, lengths).peak
+        sizes, shape_for(bare, info.config, lengths, attention=bare.model.attention, devices=devices), batch,
+        lengths).peak
     if budget is not None and est.peak * RESERVE > budget and not model.remote:
         hint = (f"batch {fit} fits (`batch {fit}` or `batch auto`)" if fit else
                 "no batch fits: score fewer nodes (per-position groups, layers) or use a smaller dtype")
