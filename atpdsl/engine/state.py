@@ -71,9 +71,10 @@ class SpillList:
         self.bytes_in_memory = 0
         self.folder: Path | None = None
 
-    def append(self, item: Any) -> None:
+    def append(self, item: Any, in_memory: bool = False) -> None:
+        """Keep `item`: in memory while under the limit (or when `in_memory`), else in the temporary folder."""
         size = item.nbytes
-        if self.bytes_in_memory + size <= self.limit:
+        if in_memory or self.bytes_in_memory + size <= self.limit:
             self.items.append(item)
             self.bytes_in_memory += size
             return

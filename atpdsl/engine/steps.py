@@ -41,8 +41,9 @@ def preparation(kind: str) -> Callable | None:
     return _resolve(record.prepare) if record.prepare else None
 
 
-def fold(state: RunState, work: BatchWork) -> None:
-    """Add a finished batch to the run: its per-pair numbers, ranking magnitudes, metric rows, sums and kept items."""
+def fold(state: RunState, work: BatchWork, last: bool = False) -> None:
+    """Add a finished batch to the run: its per-pair numbers, ranking magnitudes, metric rows, sums and kept items
+    (the `last` batch's stay in memory: the run steps read them next, so writing them to disk would only cost)."""
     if work.est is None:
         raise EngineError("a batch finished without estimates: the plan has no scoring step")
     est = work.est
@@ -54,7 +55,7 @@ def fold(state: RunState, work: BatchWork) -> None:
     for name, value in work.sums.items():
         state.sums[name] = value.clone() if name not in state.sums else state.sums[name] + value
     for name, item in work.kept.items():
-        state.kept.setdefault(name, SpillList()).append(item)
+        state.kept.setdefault(name, SpillList()).append(item, in_memory=last)
 
 
 def _record(work: BatchWork) -> dict:
@@ -126,7 +127,7 @@ def execute_steps(state: RunState) -> None:
         finally:
             if work is not None and work.clean is not None:
                 work.clean.live.clear()  # frees the clean graph kept for the corrections
-        fold(state, work)
+        fold(state, work, last=i == len(batches) - 1)
         if cp is not None:
             cp.save_batch(i, _record(work))
         work = None  # else the last batch's traces (and its reads, when kept on disk) live through the run steps
