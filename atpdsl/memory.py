@@ -171,8 +171,8 @@ def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, 
     return RunShape(dtype=plan.model.dtype, attention=attention,
                     site_widths=_site_widths(arch, geom, plan.nodes, geom.n_layers), extra_widths=tuple(extra),
                     extra_patterns=patterns, nodes=_nodes(plan.nodes, geom, positions), kinds=kinds,
-                    pairs=len(plan.pairs), rows_per_pair=rows, kept_per_token=kept, edge_widths=tuple(edges), patched=patched,
-                    devices=devices, keep_pairs=keep)
+                    pairs=len(plan.pairs), rows_per_pair=rows, kept_per_token=kept, edge_widths=tuple(edges),
+                    patched=patched, devices=devices, keep_pairs=keep)
 
 
 def reads_pattern(kinds: Sequence[str] | frozenset[str]) -> bool:

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, what, plan in variants:
             STEP_SECONDS.clear()
             full, plain = _time(plan, loaded, args.repeats)
-            print(f"{label:40s} {what} {full * 1e3:9.1f} ms   AtP alone {plain * 1e3:9.1f} ms   ratio {full / plain:.3f}")
+            print(f"{label:40s} {what} {full * 1e3:9.1f} ms   AtP alone {plain * 1e3:9.1f} ms   "
+                  f"ratio {full / plain:.3f}")
             if args.steps:
                 for step, seconds in STEP_SECONDS.items():
                     print(f"    {step:45s} {statistics.median(seconds) * 1e3:9.1f} ms")
