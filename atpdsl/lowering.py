@@ -16,7 +16,7 @@ from atpdsl.plan import Diagnosis, EdgeSettings, MethodSpec, NodeGroup, Plan, St
 
 __all__ = ["StepKind", "STEP_KINDS", "STREAMING_KINDS", "streams", "NORM_FIX_KINDS", "QK_KINDS", "lower_steps",
            "computes_edges", "graddrop_terms", "plan_total", "node_count", "steps_for", "workload_of",
-           "workload_extra", "plan_workload", "vocab_size", "rows_per_pair", "relower", "replan", "same_program",
+           "workload_extra", "plan_workload", "vocab_size", "rows_per_pair", "edge_sources", "relower", "replan", "same_program",
            "edges_allowed"]
 
 NORM_FIX_KINDS = frozenset({"heads", "values", "neurons", "attn", "mlp", "resid"})
@@ -339,7 +339,7 @@ def workload_extra(lengths: Sequence[int], batch: int, rows_per_pair: int, vocab
             "vocab": max(1, vocab)}
 
 
-def _edge_sources(plan: Plan) -> int:
+def edge_sources(plan: Plan) -> int:
     """How many nodes the edges are computed among: the selection's K (`select top K`), else 20 (the default
     selection; a threshold's count is only known after ranking), at most the engine's limit of 200."""
     sel = plan.selection
@@ -356,7 +356,7 @@ def steps_for(plan: Plan, geom: Geometry | None = None, edges_ok: bool | None = 
                        nodes=node_count(plan.nodes, geom), verification=plan.verification,
                        diagnosis=plan.diagnosis, metric_kind=plan.metric.kind, eval_metric=plan.eval_metric is not None,
                        edges_ok=edges_ok, edge_settings=plan.edges, workload=workload_of(plan, geom),
-                       edge_sources=_edge_sources(plan))
+                       edge_sources=edge_sources(plan))
 
 
 def relower(plan: Plan, geom: Geometry | None = None) -> Plan:

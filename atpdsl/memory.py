@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from atpdsl.lowering import rows_per_pair, streams
+from atpdsl.lowering import edge_sources, rows_per_pair, streams
 from atpdsl.memory_sizes import (
     ELEMENT_BYTES, GATED, ModelSizes, forward_transient_per_token, format_bytes, model_sizes, parse_size,
     saved_per_token,
@@ -79,6 +79,7 @@ class RunShape:
     rows_per_pair: int = 1
     kept_per_token: int = 0
     edge_widths: tuple[int, ...] = ()
+    edge_sources: int = 0  # nodes the edges are computed among (lowering.edge_sources), the embedding aside
     patched: int = 0  # nodes patched one by one per batch (verify top K, exact)
     devices: int = 1
     keep_pairs: bool = False  # per-pair rows kept (exports, aggregate per_pair) or a correction's own magnitudes
@@ -172,7 +173,7 @@ def shape_for(plan, config: Mapping, lengths: Sequence[int], *, attention: str, 
                     site_widths=_site_widths(arch, geom, plan.nodes, geom.n_layers), extra_widths=tuple(extra),
                     extra_patterns=patterns, nodes=_nodes(plan.nodes, geom, positions), kinds=kinds,
                     pairs=len(plan.pairs), rows_per_pair=rows, kept_per_token=kept, edge_widths=tuple(edges),
-                    patched=patched, devices=devices, keep_pairs=keep)
+                    edge_sources=edge_sources(plan), patched=patched, devices=devices, keep_pairs=keep)
 
 
 def reads_pattern(kinds: Sequence[str] | frozenset[str]) -> bool:
@@ -263,20 +264,18 @@ def _phases(parts: dict[str, tuple[int, str]], m: ModelSizes, shape: RunShape, b
     if "edge reads" in parts:  # after the backward: the batch's reads taken from its step sites
         per_batch, _ = _edge_reads(m, shape, batch, seq)
         out["keeping the edge reads"] = int(per_batch + get("node values"))
-        out["edge scores"] = int(per_batch + _edge_arithmetic(m, batch * shape.rows_per_pair, seq))
+        out["edge scores"] = int(per_batch + _edge_arithmetic(m, batch * shape.rows_per_pair, seq,
+                                                               shape.edge_sources + 1))
     return out
 
 
-EDGE_SOURCES = 21
-"""Edge sources the memory plan assumes: the selection's default 20 nodes and the embedding."""
-
-
-def _edge_arithmetic(m: ModelSizes, rows: int, seq: int) -> int:
+def _edge_arithmetic(m: ModelSizes, rows: int, seq: int, sources: int) -> int:
     """Bytes the edge step's arithmetic holds at once for one batch (atpdsl.engine.edge_products): a layer's
-    attention split in float64 (pattern, its gradient and two products), the sources' writes and their flattened
-    copy, and a layer's head inputs pulled back to the residual stream (q, k, v per head, a few temporaries)."""
+    attention split in float64 (pattern, its gradient and two products), the `sources`' writes and their
+    flattened copy, and a layer's head inputs pulled back to the residual stream (q, k, v per head, a few
+    temporaries)."""
     split = 4 * rows * m.n_heads * seq * seq * 8
-    sources = 2 * rows * EDGE_SOURCES * seq * m.hidden * 4
+    sources = 2 * rows * sources * seq * m.hidden * 4
     targets = 4 * 3 * m.n_heads * rows * seq * m.hidden * 4
     return split + sources + targets
 

@@ -188,10 +188,12 @@ def _fits_text(est: MemoryEstimate, budget: int) -> str:
             f"{est.phase}), more than the budget of {format_bytes(budget)}")
 
 
-def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, Any] | None, int,
-                                                                       list[Diagnostic]]:
+def memory_summary(result: Any, plan: Any, batch_auto: bool, spoken_attention: str
+                   ) -> tuple[dict[str, Any] | None, int, list[Diagnostic]]:
     """The memory plan as plain data for the plan's extras, the batch to run (`batch auto` resolved), and an
-    error when the estimate does not fit the budget. None when the model's config is not on disk."""
+    error when the estimate does not fit the budget. None when the model's config is not on disk.
+    `spoken_attention`: the spec's attention setting before it was resolved (what `select edges none` would run
+    with is resolved from it)."""
     info = result.model
     if info is None or info.config is None or info.arch is None or not plan.pairs:
         return None, plan.batch, []
@@ -211,7 +213,7 @@ def memory_summary(result: Any, plan: Any, batch_auto: bool) -> tuple[dict[str, 
             diags.append(warning("W901", f"`batch auto` has no memory budget ({source}): batch 1", span,
                                  'give the model a `memory "…"` setting'))
     est = estimate(sizes, shape, batch, lengths)
-    bare = _without_edges(plan, _setting(result, "attention") or "auto")  # the same run without edges
+    bare = _without_edges(plan, spoken_attention)  # the same run without edges
     edge_bytes = 0 if bare is None else est.peak - estimate(
         sizes, shape_for(bare, info.config, lengths, attention=bare.model.attention, devices=devices), batch,
         lengths).peak
@@ -257,8 +259,9 @@ def with_memory_plan(result: Any, plan: Any) -> Any:
 
     batch_auto = any(isinstance(s.value, n.Ident) for s in result.spec.of(n.Batch)[:1])
 
+    spoken = plan.model.attention
     plan = replace(plan, model=replace(plan.model, attention=resolve_attention(plan)))
-    summary, batch, diags = memory_summary(result, plan, batch_auto)
+    summary, batch, diags = memory_summary(result, plan, batch_auto, spoken)
     errors = [d for d in diags if d.is_error]
     if errors:
         raise SpecError(errors, render_concise(errors))

@@ -29,6 +29,7 @@ Shape (schema_version 1; fields are added, never renamed):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import types
@@ -103,15 +104,9 @@ def document(res: "Result") -> dict[str, Any]:
 
 def _rows(res: "Result") -> Iterator[dict[str, Any]]:
     """Each node's row with its per-pair numbers, in rank order, made one at a time (each record once)."""
-    last: list[NodeScore] = []
-
-    def records() -> Iterator[NodeScore]:
-        for score in res.result.nodes:
-            last[:] = [score]
-            yield score
-
-    for row in score_rows(res.result, res.selection, records()):
-        yield _score_row(row, last[0])
+    records, again = itertools.tee(res.result.nodes)  # in step: tee holds at most one record
+    for row, score in zip(score_rows(res.result, res.selection, records), again):
+        yield _score_row(row, score)
 
 
 def _document(res: "Result") -> dict[str, Any]:
